@@ -1,0 +1,9 @@
+"""Models behind the CausalLM contract (``rizzearch.models.base``) and the registry.
+
+Importing this package registers every model family; ``build_model(name, **overrides)`` builds one.
+"""
+
+from rizzearch.models.base import CausalLM, build_model, generate, model_names
+from rizzearch.models.gpt import GPT, GPTConfig
+
+__all__ = ["CausalLM", "GPT", "GPTConfig", "build_model", "generate", "model_names"]

@@ -1,0 +1,415 @@
+"""The CausalLM contract, the model registry, ``generate()`` and parameter/FLOP counts.
+
+Contract (DESIGN.md). Every model is a plain ``nn.Module`` with a frozen dataclass ``config`` and
+
+- ``forward(tokens[B, T], state=None, attention_mask=None) -> (logits[B, T, V], state)`` for any T;
+  ``state`` carries everything needed to continue (recurrent states, conv buffers, KV cache).
+- ``init_state(batch_size, device=None, dtype=None) -> state`` (the state before any token).
+- ``step(token[B], state, attention_mask=None) -> (logits[B, V], state)``.
+- Invariant, tested for every registered model: one ``forward`` over a sequence equals a chunked
+  prefill followed by token-by-token ``step``, for batch > 1, to fp32 tolerance.
+- ``attention_mask[B, T]`` (1 = real token, 0 = padding): padded positions leave the state
+  unchanged, so left-padded batches decode exactly like unpadded rows.
+
+A *state* is a nested structure (dict / list / tuple) of tensors whose first dimension is the
+batch. That single rule lets ``generate()`` reorder beams (``select_state``) and lets padding be
+applied generically (``where_state``) for every model.
+
+Models return logits only; losses live in ``rizzearch.objectives``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from rizzearch.errors import ConfigError, ShapeError
+
+State = Any  # nested dict / list / tuple of tensors, batch on dim 0
+
+
+# ----------------------------------------------------------------------------------------------
+# State helpers
+
+
+def map_state(fn: Callable[[Tensor], Tensor], state: State) -> State:
+    """Apply ``fn`` to every tensor of a nested state, keeping the structure."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: map_state(fn, v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_state(fn, v) for v in state)
+    if state is None or isinstance(state, (int, float, str, bool)):
+        return state
+    raise TypeError(f"unsupported state element of type {type(state).__name__}")
+
+
+def zip_state(fn: Callable[[Tensor, Tensor], Tensor], a: State, b: State) -> State:
+    """Combine two states of identical structure tensor by tensor."""
+    if isinstance(a, Tensor):
+        return fn(a, b)
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            raise ShapeError(f"state keys differ: {sorted(a)} vs {sorted(b)}")
+        return {k: zip_state(fn, a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            raise ShapeError(f"state lists differ in length: {len(a)} vs {len(b)}")
+        return type(a)(zip_state(fn, x, y) for x, y in zip(a, b))
+    return a
+
+
+def select_state(state: State, index: Tensor) -> State:
+    """Rows ``index`` of every tensor in the state (beam reordering, batch expansion)."""
+    return map_state(lambda t: t.index_select(0, index.to(t.device)), state)
+
+
+def where_state(keep_new: Tensor, new: State, old: State) -> State:
+    """Per batch row, take ``new`` where ``keep_new[b]`` is true, else ``old`` (padding)."""
+
+    def pick(n: Tensor, o: Tensor) -> Tensor:
+        m = keep_new.to(n.device).view(-1, *([1] * (n.dim() - 1)))
+        return torch.where(m, n, o)
+
+    return zip_state(pick, new, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# The contract
+
+
+class CausalLM(nn.Module):
+    """Base class for every rizzearch language model (see the module docstring for the contract).
+
+    Subclasses set ``self.config`` (a frozen dataclass with a ``vocab_size`` field) and implement
+    ``forward`` and ``init_state``; ``step`` defaults to a one-token ``forward``.
+    """
+
+    config: Any
+
+    def forward(self, tokens: Tensor, state: State = None, attention_mask: Tensor | None = None):
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        raise NotImplementedError
+
+    def step(self, token: Tensor, state: State, attention_mask: Tensor | None = None):
+        """One token per row: ``token[B] -> (logits[B, V], state)``."""
+        if token.dim() != 1:
+            raise ShapeError(f"step: token must have shape (B,), got {tuple(token.shape)}")
+        mask = None if attention_mask is None else attention_mask.view(-1, 1)
+        logits, state = self(token[:, None], state, attention_mask=mask)
+        return logits[:, 0], state
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            for m in self.modules():
+                if isinstance(m, nn.Embedding):
+                    n -= m.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at context ``seq_len``.
+
+        Default: 6 x the parameters that take part in matmuls (everything but the embedding
+        lookup; a tied LM head counts once because its matmul is real). Models with a
+        sequence-length dependent term (attention) override this.
+        """
+        n = self.num_params(non_embedding=True)
+        emb = [m for m in self.modules() if isinstance(m, nn.Embedding)]
+        head = getattr(self, "lm_head", None)
+        if head is not None and emb and head.weight is emb[0].weight:
+            n += head.weight.numel()
+        return 6.0 * n
+
+    def _check_tokens(self, tokens: Tensor, attention_mask: Tensor | None) -> None:
+        if tokens.dim() != 2:
+            raise ShapeError(f"tokens: expected shape (B, T), got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ShapeError(f"tokens: expected an integer tensor, got {tokens.dtype}")
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ShapeError(
+                f"attention_mask: expected shape {tuple(tokens.shape)} (same as tokens), got {tuple(attention_mask.shape)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, tuple[type, type]] = {}
+_TINY: dict[str, dict] = {}
+
+
+def register_model(name: str, config_cls: type, tiny: dict | None = None):
+    """Class decorator: make a CausalLM buildable by name (``build_model(name, **overrides)``).
+
+    ``tiny`` holds overrides for a laptop-sized instance (2 layers, d=64) used by the contract
+    tests and the smoke runs of every command.
+    """
+
+    def deco(cls):
+        _REGISTRY[name] = (cls, config_cls)
+        _TINY[name] = dict(tiny or {})
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def tiny_overrides(name: str) -> dict:
+    """The registered tiny-config overrides of model ``name``."""
+    get_model_class(name)
+    return dict(_TINY[name])
+
+
+def model_names() -> list[str]:
+    """Names of all registered models (what the contract tests iterate over)."""
+    import rizzearch.models  # noqa: F401  (importing the package registers every model)
+
+    return sorted(_REGISTRY)
+
+
+def get_model_class(name: str) -> tuple[type, type]:
+    import rizzearch.models  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a value from the CLI/YAML (often a string) to the field's annotated type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing, **vars(typing)})  # noqa: S307 (annotations only)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        for c in choices:
+            if value == c or str(value) == str(c):
+                return c
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(annotation)
+        item_t = inner[0] if inner else Any
+        out = [_coerce(v, item_t, key) if item_t is not Any else v for v in value]
+        return tuple(out) if origin is tuple else out
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key}: expected a bool, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an int, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        return int(f)
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a float, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def config_from_dict(config_cls: type, values: dict | None, where: str = "model config"):
+    """Build a frozen config dataclass from a dict, converting types and naming unknown keys."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown} for {config_cls.__name__}; valid keys: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(config_cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def build_model(name: str, **overrides) -> CausalLM:
+    """Build a registered model with its default config updated by ``overrides``.
+
+    >>> model = build_model("gpt", n_layer=2, d_model=64, vocab_size=256)
+    """
+    cls, config_cls = get_model_class(name)
+    return cls(config_from_dict(config_cls, overrides, where=f"model config for {name!r}"))
+
+
+def config_to_dict(config) -> dict:
+    """A JSON-serialisable dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
+    """Top-k then nucleus (top-p) filtering; removed entries become -inf. logits: (B, V)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass *before* it already reaches top_p (the top token is always kept)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: CausalLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 0.0,
+    eos_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue ``prompt[B, T]`` by ``max_new_tokens`` tokens; returns only the new tokens (B, N).
+
+    - ``temperature == 0`` and ``num_beams == 1``: greedy decoding (deterministic).
+    - ``temperature > 0``: sampling from softmax(logits / temperature) after top-k / top-p filtering,
+      drawn from ``generator`` (seed it for reproducible samples).
+    - ``num_beams > 1``: beam search over summed log-probs, scores divided by
+      ``length ** length_penalty`` when ranking finished beams (0 = no normalisation).
+    - ``attention_mask`` marks left padding of ``prompt`` (1 = token, 0 = pad).
+    - After ``eos_id`` a row keeps emitting ``eos_id``.
+
+    The prompt is consumed by one ``forward`` (prefill), then the model ``step``s one token at a
+    time, so recurrent models decode with constant memory per token.
+    """
+    if prompt.dim() != 2:
+        raise ShapeError(f"prompt: expected shape (B, T), got {tuple(prompt.shape)}")
+    if prompt.shape[1] == 0:
+        raise ShapeError("prompt: needs at least one token")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_beams < 1:
+        raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model(prompt, None, attention_mask=attention_mask)
+        last = logits[:, -1].float()  # (B, V)
+        if num_beams > 1:
+            return _beam_search(model, last, state, max_new_tokens, num_beams, length_penalty, eos_id)
+        B = prompt.shape[0]
+        out = prompt.new_empty(B, max_new_tokens)
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        for i in range(max_new_tokens):
+            if temperature and temperature > 0:
+                filtered = _filter_logits(last / temperature, top_k, top_p)
+                nxt = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = last.argmax(-1)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            out[:, i] = nxt
+            if i + 1 < max_new_tokens:
+                last, state = model.step(nxt, state)
+                last = last.float()
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, last: Tensor, state: State, n_new: int, W: int, length_penalty: float, eos_id):
+    B, V = last.shape
+    device = last.device
+    if n_new == 0:
+        return torch.empty(B, 0, dtype=torch.long, device=device)
+    logp = last.log_softmax(-1)  # (B, V)
+    W0 = min(W, V)
+    scores, tok = logp.topk(W0, dim=-1)  # (B, W0)
+    if W0 < W:  # fewer tokens than beams: pad with dead beams
+        scores = torch.cat([scores, scores.new_full((B, W - W0), float("-inf"))], 1)
+        tok = torch.cat([tok, tok[:, :1].expand(B, W - W0)], 1)
+    seqs = tok[:, :, None]  # (B, W, 1)
+    state = select_state(state, torch.arange(B, device=device).repeat_interleave(W))  # (B*W, ...)
+    finished = (tok == eos_id) if eos_id is not None else torch.zeros_like(tok, dtype=torch.bool)
+    lengths = torch.ones(B, W, device=device)
+    for _ in range(n_new - 1):
+        step_logits, state = model.step(seqs[:, :, -1].reshape(B * W), state)
+        logp = step_logits.float().log_softmax(-1).view(B, W, V)  # (B, W, V)
+        if eos_id is not None:
+            # a finished beam continues only with eos at no cost
+            frozen = torch.full_like(logp, float("-inf"))
+            frozen[..., eos_id] = 0.0
+            logp = torch.where(finished[..., None], frozen, logp)
+        cand = (scores[..., None] + logp).view(B, W * V)  # (B, W*V)
+        scores, flat = cand.topk(W, dim=-1)  # (B, W)
+        beam, tok = flat // V, flat % V
+        seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[2])), tok[..., None]], 2)
+        lengths = lengths.gather(1, beam) + (~finished.gather(1, beam)).float()
+        finished = finished.gather(1, beam) | ((tok == eos_id) if eos_id is not None else False)
+        rows = (torch.arange(B, device=device)[:, None] * W + beam).reshape(-1)
+        state = select_state(state, rows)
+    ranked = scores / lengths.pow(length_penalty) if length_penalty else scores
+    best = ranked.argmax(-1)  # (B,)
+    return seqs[torch.arange(B, device=device), best]
+
+
+def count_parameters_table(models: Iterable[tuple[str, nn.Module]]) -> str:
+    """A small Markdown table of parameter counts (used by studies that match model sizes)."""
+    rows = ["| model | parameters |", "|---|---:|"]
+    for name, m in models:
+        rows.append(f"| {name} | {sum(p.numel() for p in m.parameters()):,} |")
+    return "\n".join(rows)
+
+
+def perplexity(loss_nats: float) -> float:
+    return math.exp(min(loss_nats, 50.0))

@@ -1,0 +1,135 @@
+"""The CausalLM contract, checked for every registered model (DESIGN.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rizzearch.errors import ShapeError
+from rizzearch.models import build_model, generate, model_names
+from rizzearch.models.base import select_state, tiny_overrides
+from rizzearch.testing import assert_close
+
+V = 97
+B, T = 3, 37
+
+
+def make(name: str):
+    torch.manual_seed(0)
+    m = build_model(name, **{**tiny_overrides(name), "vocab_size": V}).eval()
+    # randomise every parameter a little so zero-initialised paths are exercised too
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(params=model_names())
+def model(request):
+    return make(request.param)
+
+
+def test_forward_equals_prefill_then_step(model):
+    x = torch.randint(0, V, (B, T))
+    full, _ = model(x)
+    assert full.shape == (B, T, V)
+    parts = []
+    logits, state = model(x[:, :7])  # prefill
+    parts.append(logits)
+    logits, state = model(x[:, 7:20], state)  # a second chunk
+    parts.append(logits)
+    for t in range(20, T):  # then token by token
+        logits, state = model.step(x[:, t], state)
+        parts.append(logits[:, None])
+    assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4, name="prefill+step logits")
+
+
+def test_init_state_is_the_empty_prefix(model):
+    x = torch.randint(0, V, (B, 11))
+    a, _ = model(x)
+    b, _ = model(x, model.init_state(B))
+    assert_close(b, a, atol=1e-5, rtol=1e-5, name="logits with init_state")
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 64, 131])
+def test_any_length(model, length):
+    x = torch.randint(0, V, (2, length))
+    logits, _ = model(x)
+    assert logits.shape == (2, length, V)
+    assert torch.isfinite(logits).all()
+
+
+def test_left_padding_leaves_state_unchanged(model):
+    x = torch.randint(0, V, (B, 19))
+    pad = 6
+    padded = torch.cat([torch.randint(0, V, (B, pad)), x], 1)
+    mask = torch.cat([torch.zeros(B, pad, dtype=torch.long), torch.ones(B, 19, dtype=torch.long)], 1)
+    ref, ref_state = model(x)
+    got, state = model(padded, attention_mask=mask)
+    assert_close(got[:, pad:], ref, atol=1e-4, rtol=1e-4, name="logits after padding")
+    nxt = torch.randint(0, V, (B,))
+    a, _ = model.step(nxt, ref_state)
+    b, _ = model.step(nxt, state)
+    assert_close(b, a, atol=1e-4, rtol=1e-4, name="next-step logits after padding")
+
+
+def test_mixed_padding_in_batch(model):
+    """Rows with different pad lengths decode like their unpadded selves."""
+    rows = [torch.randint(0, V, (n,)) for n in (9, 14, 5)]
+    L = max(len(r) for r in rows)
+    padded = torch.stack([torch.cat([torch.zeros(L - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(L - len(r)), torch.ones(len(r))]) for r in rows]).long()
+    got = generate(model, padded, 6, attention_mask=mask)
+    for i, r in enumerate(rows):
+        want = generate(model, r[None], 6)
+        assert torch.equal(got[i], want[0]), f"row {i}: padded generation differs"
+
+
+def test_greedy_generation_is_deterministic(model):
+    prompt = torch.randint(0, V, (2, 5))
+    a = generate(model, prompt, 12)
+    b = generate(model, prompt, 12)
+    assert a.shape == (2, 12)
+    assert torch.equal(a, b)
+    # greedy == argmax of the full forward over the generated sequence
+    seq = torch.cat([prompt, a], 1)
+    logits, _ = model(seq)
+    assert torch.equal(logits[:, 4:-1].argmax(-1), a)
+
+
+def test_beam_search_one_beam_is_greedy_and_beams_score_higher(model):
+    prompt = torch.randint(0, V, (2, 4))
+    greedy = generate(model, prompt, 6)
+    beam = generate(model, prompt, 6, num_beams=4)
+
+    def seq_logp(cont):
+        seq = torch.cat([prompt, cont], 1)
+        lp = model(seq)[0].log_softmax(-1)[:, 3:-1]
+        return lp.gather(-1, cont[..., None])[..., 0].sum(-1)
+
+    assert (seq_logp(beam) >= seq_logp(greedy) - 1e-4).all()
+
+
+def test_sampling_is_seeded(model):
+    prompt = torch.randint(0, V, (2, 4))
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = generate(model, prompt, 8, temperature=1.0, top_k=10, top_p=0.9, generator=g())
+    b = generate(model, prompt, 8, temperature=1.0, top_k=10, top_p=0.9, generator=g())
+    assert torch.equal(a, b)
+
+
+def test_state_reorders_by_batch_index(model):
+    x = torch.randint(0, V, (B, 9))
+    _, state = model(x)
+    idx = torch.tensor([2, 0, 1])
+    nxt = torch.randint(0, V, (B,))
+    a, _ = model.step(nxt[idx], select_state(state, idx))
+    b, _ = model.step(nxt, state)
+    assert_close(a, b[idx], name="reordered step logits")
+
+
+def test_bad_input_is_named(model):
+    with pytest.raises(ShapeError, match="tokens"):
+        model(torch.randint(0, V, (5,)))
+    with pytest.raises(ShapeError, match="attention_mask"):
+        model(torch.randint(0, V, (2, 5)), attention_mask=torch.ones(2, 4))
