@@ -71,7 +71,7 @@ def run_command(command: str, args: list[str]):
     fn = _load(COMMANDS[command][0])
     parser = ArgumentParser(prog=f"rizz {command}", description=(fn.__doc__ or "").strip().split("\n\n")[0], exit_on_error=True)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below.")
-    parser.add_function_arguments(fn, fail_untyped=False)
+    parser.add_function_arguments(fn, fail_untyped=False, as_group=False)
     cfg = parser.parse_args(args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Objectives: pure functions over logits / log-probs and targets returning ``(loss, metrics)``."""

@@ -1,0 +1,34 @@
+"""Run folders: every command writes its outputs (config, metrics, checkpoints, reports) into one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rizzearch.errors import ConfigError
+
+
+def make_run_dir(out: str | None, command: str, *, allow_existing: bool = True) -> Path:
+    """Create the run folder (``runs/<command>-<timestamp>`` by default) and save the resolved config.
+
+    The config of the running CLI command is written to ``config.yaml``; an older one is kept as
+    ``config.<n>.yaml`` rather than overwritten.
+    """
+    from rizzearch.cli import RESOLVED_CONFIG
+
+    path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder")
+    if path.exists() and not allow_existing and any(path.iterdir()):
+        raise ConfigError(f"{path}: run folder already exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    resolved = RESOLVED_CONFIG.get()
+    if resolved:
+        target = path / "config.yaml"
+        if target.exists():
+            n = 1
+            while (path / f"config.{n}.yaml").exists():
+                n += 1
+            target.rename(path / f"config.{n}.yaml")
+        target.write_text(resolved)
+    return path

@@ -1,0 +1,200 @@
+"""Checkpoints: weights in safetensors, everything else in a ``weights_only`` torch file.
+
+Layout of a run folder::
+
+    RUN/config.yaml              resolved config of the command that made it
+    RUN/metrics.jsonl            one JSON object per log/eval step
+    RUN/tokenizer.json           the tokenizer the model was trained with
+    RUN/checkpoints/latest.json  {"name": "step_00000200"}
+    RUN/checkpoints/step_00000200/
+        model.safetensors        weights
+        model.json               {"model": name, "config": {...}, "tokenizer": fingerprint, ...}
+        train_state.pt           optimizer, RNG states, data position, step (weights_only=True)
+
+Every write goes to a temporary name first and is renamed into place, so a crash mid-write never
+leaves a half checkpoint under a real name, and ``latest.json`` only ever names complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rizzearch.errors import CheckpointError
+from rizzearch.models.base import build_model, config_to_dict
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "model.json"
+STATE_FILE = "train_state.pt"
+LATEST = "latest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_meta(model, **extra) -> dict:
+    """What is needed to rebuild ``model``: registry name and config, plus ``extra`` fields."""
+    name = getattr(model, "registry_name", None)
+    if name is None:
+        raise CheckpointError(f"{type(model).__name__} is not a registered model; cannot checkpoint it by name")
+    return {"model": name, "config": config_to_dict(model.config), **extra}
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": np.random.get_state()[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    internal = state["python"]
+    gauss = internal[-1]
+    random.setstate((state["python_version"], tuple(internal[:-1]), None if gauss == -1 else gauss))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: dict | None, keep: int = 2) -> Path:
+    """Write ``ckpt_root/step_XXXXXXXX`` atomically and point ``latest.json`` at it."""
+    from safetensors.torch import save_model
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / MODEL_FILE))
+    (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(ckpt_root / LATEST, json.dumps({"name": name, "step": step}))
+    # keep the newest `keep` complete checkpoints
+    if keep > 0:
+        done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder, its ``checkpoints`` folder, or one ``step_*`` folder -> the checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint path not found")
+    if (p / META_FILE).is_file() or (p / MODEL_FILE).exists():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = root / LATEST
+    if latest.is_file():
+        try:
+            name = json.loads(latest.read_text())["name"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{latest}: corrupted ({e})") from e
+        if (root / name).is_dir():
+            return root / name
+        raise CheckpointError(f"{latest}: names {name}, which does not exist")
+    steps = sorted(q for q in root.glob("step_*") if q.is_dir())
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{p}: no checkpoint found (expected {META_FILE} or checkpoints/{LATEST})")
+
+
+def read_meta(ckpt: Path) -> dict:
+    f = ckpt / META_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (not a rizzearch checkpoint?)")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: corrupted JSON (line {e.lineno}: {e.msg})") from e
+    for key in ("model", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{f}: missing field {key!r}")
+    return meta
+
+
+def load_weights(model, ckpt: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    f = ckpt / MODEL_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: weights file missing")
+    try:
+        missing, unexpected = load_model(model, str(f), strict=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: corrupted or truncated weights file ({e})") from e
+    if missing or unexpected:
+        raise CheckpointError(f"{f}: weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def load_train_state(ckpt: Path) -> dict:
+    f = ckpt / STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: training state missing (checkpoint saved without optimizer state?)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/corrupt zip files
+        raise CheckpointError(f"{f}: corrupted or truncated training state ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True):
+    """Rebuild a model (and its tokenizer) from a checkpoint -> ``(model, tokenizer | None, meta)``.
+
+    ``path`` may be a run folder (its latest checkpoint is used) or a checkpoint folder. The
+    tokenizer is looked up next to the checkpoint, then in the run folder; when found, its
+    vocabulary must match the checkpoint's (else ``CheckpointError``).
+    """
+    from rizzearch.data.tokenizer import Tokenizer, tokenizer_fingerprint
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        model = build_model(meta["model"], **meta["config"])
+    except Exception as e:
+        raise CheckpointError(f"{ckpt / META_FILE}: cannot rebuild model {meta['model']!r} ({e})") from e
+    load_weights(model, ckpt)
+    model.to(device)
+    tok = None
+    if tokenizer:
+        for cand in (ckpt / "tokenizer.json", ckpt.parent.parent / "tokenizer.json"):
+            if cand.is_file():
+                tok = Tokenizer.load(cand)
+                check_tokenizer(tok, meta, str(cand))
+                break
+    return model, tok, meta
+
+
+def check_tokenizer(tok, meta: dict, where: str) -> None:
+    """Raise CheckpointError when a tokenizer does not belong to a checkpoint."""
+    from rizzearch.data.tokenizer import tokenizer_fingerprint
+
+    vocab = meta["config"].get("vocab_size")
+    if vocab is not None and tok.vocab_size > vocab:
+        raise CheckpointError(f"{where}: tokenizer has {tok.vocab_size} tokens but the checkpoint's model has vocab_size {vocab}")
+    fp = meta.get("tokenizer")
+    if fp is not None and fp != tokenizer_fingerprint(tok):
+        raise CheckpointError(f"{where}: tokenizer does not match the one the checkpoint was trained with (fingerprint {tokenizer_fingerprint(tok)} != {fp})")

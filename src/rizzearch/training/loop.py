@@ -1,0 +1,360 @@
+"""The one training loop. Recipes (pretraining, goldfish, alignment, studies) only choose the data
+and the loss; everything else lives here:
+
+AdamW (no decay on 1-D parameters), linear warmup + cosine decay, gradient accumulation, gradient
+clipping, periodic evaluation (loss, perplexity, bits per byte), a tqdm progress bar with tokens/s,
+a JSONL metrics log, atomic checkpoints (model + optimizer + RNG + data position) with bit-for-bit
+``resume``, a hard stop on a non-finite loss, and DDP under torchrun.
+
+Batching: ``train_data.next_batch()`` returns one *global* batch of ``batch_size`` rows. Each rank
+keeps its contiguous slice and splits it into micro-batches of ``micro_batch_size`` rows; the loss
+of each micro-batch is scaled by 1 / (number of micro-batches) so the gradient equals the
+gradient of the mean loss over the global batch, whatever the accumulation and world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from rizzearch.errors import ConfigError, RizzError
+from rizzearch.training import checkpoint as ckpt_io
+from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
+
+LossFn = Callable[[torch.nn.Module, dict], "tuple[Tensor, dict]"]
+
+
+class NonFiniteLossError(RizzError):
+    """The loss (or gradient norm) became NaN/inf; the run stops and keeps its last checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the training loop.
+
+    Args:
+        steps: number of optimizer steps.
+        batch_size: rows per optimizer step, summed over gradient accumulation and ranks.
+        micro_batch_size: rows per forward/backward on one rank (None: batch_size / world size).
+        lr: peak learning rate.
+        min_lr_ratio: final learning rate of the cosine decay as a fraction of lr.
+        warmup_steps: linear warmup steps from 0 to lr.
+        weight_decay: AdamW weight decay on matrices (never on 1-D parameters such as norms and biases).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: clip the global gradient norm to this value (0 disables).
+        eval_every: evaluate every this many steps (0: only at the end).
+        log_every: write a metrics row every this many steps.
+        ckpt_every: write a checkpoint every this many steps (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        seed: seed for model-side randomness (dropout) and the data order.
+        device: cpu, cuda, or cuda:N.
+        dtype: autocast dtype for forward/backward (weights and optimizer stay fp32).
+        max_seconds: stop early (after a full step) when this much wall time has passed (None: no limit).
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    micro_batch_size: int | None = None
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+    stopped_early: bool = False
+
+    @property
+    def final_eval(self) -> dict:
+        return self.evals[-1] if self.evals else {}
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine to ``min_lr_ratio * lr``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def _to_float(v) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, Tensor) else float(v)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -> dict:
+    """Token-weighted mean of ``loss_fn`` over ``eval_data.batches()`` (+ ppl and bits/byte)."""
+    was = model.training
+    model.eval()
+    total, count, extra = 0.0, 0, {}
+    try:
+        for batch in eval_data.batches():
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(cfg, device):
+                loss, metrics = loss_fn(model, batch)
+            n = int(metrics.get("tokens", batch["input_ids"].numel() if "input_ids" in batch else 1))
+            total += float(loss) * n
+            count += n
+            for k, v in metrics.items():
+                if k not in ("loss", "tokens"):
+                    extra.setdefault(k, []).append(_to_float(v))
+    finally:
+        model.train(was)
+    val = total / max(count, 1)
+    out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
+    bpt = getattr(eval_data, "bytes_per_token", None)
+    if bpt:
+        out["val_bpb"] = val / math.log(2) / bpt
+    out.update({f"val_{k}": sum(v) / len(v) for k, v in extra.items()})
+    return out
+
+
+def _load_history(path: Path, upto: int) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("step", 0) <= upto:
+                    rows.append(row)
+    return rows
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    train_data,
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    eval_data=None,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    resume: bool = False,
+    meta: dict | None = None,
+    progress: bool = True,
+    save_checkpoints: bool = True,
+) -> TrainResult:
+    """Train ``model`` for ``config.steps`` optimizer steps; see the module docstring.
+
+    Args:
+        model: a registered CausalLM (or any module when ``save_checkpoints`` is False).
+        loss_fn: ``loss_fn(model, batch) -> (loss, metrics)``; metrics may include ``tokens``.
+        train_data: a BatchSource (``next_batch``, ``state_dict``, ``load_state_dict``).
+        config: loop settings.
+        run_dir: run folder (metrics.jsonl and checkpoints/ are written here).
+        eval_data: optional EvalSource (``batches()``, optional ``bytes_per_token``).
+        eval_fn: optional extra evaluation ``fn(model) -> dict`` run at every evaluation.
+        resume: continue from the latest checkpoint in ``run_dir`` (bit-for-bit on CPU).
+        meta: extra fields stored in each checkpoint's model.json (e.g. tokenizer fingerprint).
+        progress: show a tqdm progress bar (rank 0 only).
+        save_checkpoints: write checkpoints (at ckpt_every and at the end).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config
+    info: DistInfo = init_distributed(cfg.device)
+    device = device_for(cfg.device, info)
+    run = Path(run_dir)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run / "checkpoints"
+    metrics_path = run / "metrics.jsonl"
+
+    micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
+    if cfg.batch_size % (micro * info.world_size):
+        raise ConfigError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({micro}) x world size ({info.world_size})"
+        )
+    accum = cfg.batch_size // (micro * info.world_size)
+
+    model.to(device)
+    ckpt_meta = ckpt_io.model_meta(model, **(meta or {})) if save_checkpoints else {}
+    optimizer = make_optimizer(model, cfg)
+    start_step = 0
+    history: list[dict] = []
+    torch.manual_seed(cfg.seed + info.rank)
+
+    if resume:
+        ckpt = ckpt_io.resolve_checkpoint(run)
+        ckpt_io.load_weights(model, ckpt)
+        state = ckpt_io.load_train_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        train_data.load_state_dict(state["data"])
+        ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+        start_step = int(state["step"])
+        history = _load_history(metrics_path, start_step)
+        if info.is_main:  # drop log rows written after the checkpoint; they will be re-done identically
+            ckpt_io.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    ddp_model = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "val_loss" in r])
+    log_file = open(metrics_path, "a") if info.is_main else None
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    window_tokens, window_t = 0, time.perf_counter()
+    tokens_seen = 0
+    last_ckpt = None
+
+    def log(row: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+    def do_eval(step: int) -> None:
+        row: dict = {"step": step}
+        if eval_data is not None:
+            row.update(evaluate_loss(model, loss_fn, eval_data, cfg, device))
+        if eval_fn is not None:
+            row.update(eval_fn(model))
+        if len(row) > 1:
+            result.evals.append(row)
+            log(row)
+            if "val_loss" in row:
+                bar.set_postfix(loss=f"{result.final_loss:.4f}", val=f"{row['val_loss']:.4f}")
+
+    def do_checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        if not save_checkpoints:
+            return
+        rng = ckpt_io.rng_state()
+        if info.enabled:
+            gathered: list = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+        if info.is_main:
+            state = {"optimizer": optimizer.state_dict(), "data": train_data.state_dict(), "rng": rng, "step": step, "config": asdict(cfg)}
+            last_ckpt = ckpt_io.save_checkpoint(ckpt_root, step, model, ckpt_meta, state, keep=cfg.keep_checkpoints)
+        barrier(info)
+
+    try:
+        model.train()
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = train_data.next_batch()
+            rows = next(iter(batch.values())).shape[0]
+            if rows != cfg.batch_size:
+                raise ConfigError(f"data source returned {rows} rows, train.batch_size is {cfg.batch_size}")
+            per_rank = rows // info.world_size
+            mine = {k: v[info.rank * per_rank : (info.rank + 1) * per_rank].to(device) for k, v in batch.items()}
+            sums: dict[str, float] = {}
+            bad = False
+            for i in range(accum):
+                mb = {k: v[i * micro : (i + 1) * micro] for k, v in mine.items()}
+                sync = contextlib.nullcontext() if (i == accum - 1 or not info.enabled) else ddp_model.no_sync()
+                with sync:
+                    with _autocast(cfg, device):
+                        loss, metrics = loss_fn(ddp_model, mb)
+                    if not torch.isfinite(loss):
+                        bad = True
+                    (loss / accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + _to_float(v)
+                n_tok = int(mb["input_ids"].numel()) if "input_ids" in mb else micro
+                window_tokens += n_tok
+                tokens_seen += n_tok
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            bad = bad or not bool(torch.isfinite(grad_norm))
+            if any_true(bad, info, device):
+                where = f"last good checkpoint {last_ckpt} is untouched" if last_ckpt else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss or gradient norm is not finite (loss {float(loss):.4g}, grad norm {float(grad_norm):.4g}); "
+                    f"stopped before the optimizer step; {where}. Lower train.lr or check the data."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            result.steps = done
+            bar.update(1)
+
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                avg = {k: v / accum for k, v in sums.items() if k != "tokens"}
+                loss_mean = float(all_reduce_mean(torch.tensor(avg.get("loss", float(loss.detach())), device=device), info))
+                now = time.perf_counter()
+                tps = window_tokens * info.world_size / max(now - window_t, 1e-9)
+                row = {"step": done, **avg, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "elapsed_s": now - t0}
+                window_tokens, window_t = 0, now
+                result.history.append(row)
+                log(row)
+                bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{tps:,.0f}")
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                do_eval(done)
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+                do_checkpoint(done)
+            if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds and done < cfg.steps:
+                result.stopped_early = any_true(True, info, device)
+                break
+        if result.steps > start_step or not result.evals:
+            do_eval(result.steps)
+        do_checkpoint(result.steps)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    result.checkpoint = last_ckpt
+    result.seconds = time.perf_counter() - t0
+    result.tokens = tokens_seen * info.world_size
+    return result

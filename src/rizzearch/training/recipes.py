@@ -1,0 +1,209 @@
+"""Thin recipes behind ``rizz train``, ``rizz generate`` and ``rizz eval``.
+
+A recipe only chooses data and loss; the loop in ``training/loop.py`` does the rest. The function
+signatures below are the CLI and YAML schema (see ``rizzearch.cli``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rizzearch.data.batches import EvalWindows, RandomWindows
+from rizzearch.data.text import TextDataset, prepare_text, read_source, split_text
+from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_fingerprint, train_bpe
+from rizzearch.errors import CheckpointError, ConfigError
+from rizzearch.models.base import build_model, generate
+from rizzearch.objectives.lm import lm_loss
+from rizzearch.runs import make_run_dir
+from rizzearch.training import checkpoint as ckpt_io
+from rizzearch.training.loop import TrainConfig, TrainResult
+from rizzearch.training.loop import train as train_loop
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Text data for pretraining.
+
+    Args:
+        source: a bundled corpus name (e.g. tinyshakespeare, wikitext-2-valid) or a UTF-8 text file.
+        tokenizer: "bpe" (train a byte-level BPE on the training split), "byte" (one token per byte),
+            or the path of an existing tokenizer.json.
+        vocab_size: BPE vocabulary size (ignored for "byte" and for a given tokenizer.json).
+        seq_len: training context length in tokens.
+        val_fraction: fraction of the text (at its end) held out for validation.
+        eval_batches: validation batches per evaluation (None: the whole validation split).
+    """
+
+    source: str = "tinyshakespeare"
+    tokenizer: str = "bpe"
+    vocab_size: int = 1024
+    seq_len: int = 128
+    val_fraction: float = 0.1
+    eval_batches: int | None = 20
+
+
+def build_tokenizer(data: DataConfig, run: Path) -> Tokenizer:
+    """The run's tokenizer: reuse run/tokenizer.json, load a given file, or build one."""
+    existing = run / "tokenizer.json"
+    if existing.is_file():
+        return Tokenizer.load(existing)
+    if data.tokenizer == "byte":
+        tok = byte_tokenizer()
+    elif data.tokenizer == "bpe":
+        text, _ = read_source(data.source)
+        train_text, _ = split_text(text, data.val_fraction)
+        tok = train_bpe([train_text], data.vocab_size)
+    elif data.tokenizer.endswith(".json"):
+        tok = Tokenizer.load(data.tokenizer)
+    else:
+        raise ConfigError(f"data.tokenizer: expected 'bpe', 'byte' or a tokenizer.json path, got {data.tokenizer!r}")
+    tok.save(existing)
+    return tok
+
+
+def build_objective(objective: str, **options):
+    """``loss_fn(model, batch)`` for a named objective."""
+    if objective == "lm":
+        return lm_loss
+    raise ConfigError(f"objective: unknown objective {objective!r}; choose one of: lm")
+
+
+def train(
+    model: str = "gpt",
+    model_config: dict | None = None,
+    data: DataConfig = DataConfig(),
+    train: TrainConfig = TrainConfig(),
+    objective: str = "lm",
+    out: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Pretrain a registered model (gpt, xlstm, rwkv) on a text corpus.
+
+    Writes everything into one run folder: config.yaml, tokenizer.json, data/ (token shards),
+    metrics.jsonl and checkpoints/. Resume an interrupted run with ``--resume true --out RUN``.
+
+    Args:
+        model: registered model name: gpt, xlstm or rwkv.
+        model_config: overrides of the model's config dataclass (e.g. --model_config.d_model 128);
+            vocab_size defaults to the tokenizer's.
+        data: text corpus, tokenizer and context length.
+        train: training loop settings (steps, batch size, learning rate, ...).
+        objective: training objective: lm (next-token cross-entropy).
+        out: run folder (default: runs/train-<timestamp>).
+        resume: continue from the latest checkpoint in ``out``.
+        progress: show a progress bar.
+    """
+    run = make_run_dir(out, "train")
+    ckpt_root = run / "checkpoints"
+    if not resume and ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
+        raise ConfigError(f"{run}: already has checkpoints; pass --resume true to continue it, or choose another --out (nothing was overwritten)")
+    overrides = dict(model_config or {})
+    if resume:
+        ckpt = ckpt_io.resolve_checkpoint(run)
+        meta = ckpt_io.read_meta(ckpt)
+        if meta["model"] != model:
+            raise CheckpointError(f"{ckpt}: checkpoint is a {meta['model']!r} model, not {model!r}")
+    tok = build_tokenizer(data, run)
+    if "vocab_size" in overrides and int(overrides["vocab_size"]) < tok.vocab_size:
+        raise ConfigError(f"model_config.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    overrides.setdefault("vocab_size", tok.vocab_size)
+    net = build_model(model, **overrides)
+    if resume:
+        ckpt_io.check_tokenizer(tok, meta, str(run / "tokenizer.json"))
+        if meta["config"] != ckpt_io.model_meta(net)["config"]:
+            raise CheckpointError(f"{ckpt}: model config differs from the requested one; resume with the same model_config")
+    ds = prepare_text(data.source, run / "data", tok, data.val_fraction)
+    train_src = RandomWindows(ds.train, train.batch_size, data.seq_len, seed=train.seed)
+    eval_src = EvalWindows(ds.val or ds.train, train.batch_size, data.seq_len, data.eval_batches, bytes_per_token=ds.bytes_per_token) if ds.meta["val"]["tokens"] > data.seq_len else None
+    loss_fn = build_objective(objective)
+    print(f"model {model}: {net.num_params():,} parameters; tokenizer vocab {tok.vocab_size}; "
+          f"{ds.meta['train']['tokens']:,} train / {ds.meta['val']['tokens']:,} val tokens; run folder {run}")
+    result = train_loop(net, loss_fn, train_src, train, run, eval_data=eval_src, resume=resume,
+                        meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective}, progress=progress)
+    ev = result.final_eval
+    summary = f"step {result.steps}: train loss {result.final_loss:.4f}"
+    if "val_loss" in ev:
+        summary += f", val loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, {ev.get('val_bpb', float('nan')):.3f} bits/byte)"
+    print(summary + f"; {result.seconds:.1f}s, checkpoint {result.checkpoint}")
+    return result
+
+
+def generate_text(
+    checkpoint: str,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    num_beams: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+) -> str:
+    """Generate text from a checkpoint and print it.
+
+    Args:
+        checkpoint: run folder or checkpoint folder.
+        prompt: text to continue.
+        max_new_tokens: tokens to generate.
+        temperature: 0 for greedy decoding, > 0 to sample.
+        top_k: sample only among the k most likely tokens (None: all).
+        top_p: nucleus sampling mass (None: off).
+        num_beams: beam search width (1: no beam search).
+        seed: sampling seed.
+        device: cpu or cuda.
+    """
+    model, tok, _ = ckpt_io.load_checkpoint(checkpoint, device=device)
+    if tok is None:
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
+    ids = tok.encode(prompt) or [tok.eot_id]
+    x = torch.tensor([ids], device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, generator=g)
+    text = tok.decode(ids + out[0].tolist())
+    print(text)
+    return text
+
+
+def evaluate(
+    checkpoint: str,
+    source: str = "tinyshakespeare",
+    split: str = "val",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    val_fraction: float = 0.1,
+    device: str = "cpu",
+) -> dict:
+    """Loss, perplexity and bits per byte of a checkpoint on a text corpus; prints JSON.
+
+    Args:
+        checkpoint: run folder or checkpoint folder.
+        source: bundled corpus name or text file.
+        split: "val" (the held-out end of the text, as in training), or "all".
+        seq_len: evaluation context length.
+        batch_size: windows per batch.
+        max_batches: stop after this many batches (None: all).
+        val_fraction: the validation fraction used to split (as in training).
+        device: cpu or cuda.
+    """
+    import tempfile
+
+    model, tok, meta = ckpt_io.load_checkpoint(checkpoint, device=device)
+    if tok is None:
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = prepare_text(source, tmp, tok, val_fraction if split == "val" else 0.0)
+        tokens = ds.val if split == "val" else ds.train
+        ev = EvalWindows([torch.from_numpy(t.astype("int64")) for t in tokens], batch_size, seq_len, max_batches, bytes_per_token=ds.bytes_per_token if split == "val" else ds.meta["train"]["bytes"] / max(ds.meta["train"]["tokens"], 1))
+        from rizzearch.training.loop import evaluate_loss
+
+        out = evaluate_loss(model, lm_loss, ev, TrainConfig(), torch.device(device))
+    out = {"checkpoint": str(ckpt_io.resolve_checkpoint(checkpoint)), "source": source, "split": split, **out}
+    print(json.dumps(out, indent=2))
+    return out
