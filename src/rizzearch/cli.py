@@ -64,14 +64,20 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def run_command(command: str, args: list[str]):
-    """Parse ``args`` against the command's signature, print the resolved config, call it."""
+def build_parser(command: str):
+    """The jsonargparse parser of one command (its function's signature) -> (parser, function)."""
     from jsonargparse import ArgumentParser
 
     fn = _load(COMMANDS[command][0])
     parser = ArgumentParser(prog=f"rizz {command}", description=(fn.__doc__ or "").strip().split("\n\n")[0], exit_on_error=True)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below.")
     parser.add_function_arguments(fn, fail_untyped=False, as_group=False)
+    return parser, fn
+
+
+def run_command(command: str, args: list[str]):
+    """Parse ``args`` against the command's signature, print the resolved config, call it."""
+    parser, fn = build_parser(command)
     cfg = parser.parse_args(args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)

@@ -321,7 +321,7 @@ def train(
             if any_true(bad, info, device):
                 where = f"last good checkpoint {last_ckpt} is untouched" if last_ckpt else "no checkpoint was written"
                 raise NonFiniteLossError(
-                    f"step {step + 1}: loss or gradient norm is not finite (loss {float(loss):.4g}, grad norm {float(grad_norm):.4g}); "
+                    f"step {step + 1}: loss or gradient norm is not finite (loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
                     f"stopped before the optimizer step; {where}. Lower train.lr or check the data."
                 )
             optimizer.step()

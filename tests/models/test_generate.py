@@ -1,0 +1,77 @@
+"""generate(): filtering, greedy, sampling and beam search on a model with known probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rizzearch.errors import ConfigError, ShapeError
+from rizzearch.models.base import CausalLM, _filter_logits, generate
+
+
+class BigramLM(CausalLM):
+    """logits[t] depend only on token[t]: a fixed transition table (state = last token)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = nn.Parameter(table.log())
+        self.config = type("C", (), {"vocab_size": table.shape[0]})()
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return {"last": torch.zeros(batch_size, dtype=torch.long)}
+
+    def forward(self, tokens, state=None, attention_mask=None):
+        return self.table[tokens], {"last": tokens[:, -1]}
+
+
+def test_filter_top_k_and_top_p_by_hand():
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
+    k2 = _filter_logits(logits, top_k=2, top_p=None)
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    # top_p = 0.7: 0.5 < 0.7 so token 1 is needed; mass before token 2 is 0.8 >= 0.7 -> dropped
+    p = _filter_logits(logits, top_k=None, top_p=0.7)
+    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+    # the top token always survives
+    assert torch.isfinite(_filter_logits(logits, None, 0.01)[0, 0])
+
+
+def test_beam_search_finds_the_better_sequence():
+    # from token 0: greedy picks 1 (0.6) but 1 -> anything is flat (1/4 each);
+    # 2 (0.4) -> 3 with 0.97: P(0,2,3) = 0.388 > P(0,1,x) = 0.15
+    t = torch.full((4, 4), 0.25)
+    t[0] = torch.tensor([0.0, 0.6, 0.4, 0.0]) + 1e-9
+    t[2] = torch.tensor([0.01, 0.01, 0.01, 0.97])
+    m = BigramLM(t / t.sum(-1, keepdim=True))
+    prompt = torch.tensor([[0]])
+    assert generate(m, prompt, 2)[0, 0].item() == 1
+    assert generate(m, prompt, 2, num_beams=2)[0].tolist() == [2, 3]
+
+
+def test_eos_stops_rows():
+    t = torch.full((3, 3), 1e-6)
+    t[0, 2] = 1.0  # 0 -> eos(2)
+    t[1, 1] = 1.0
+    t[2, 0] = 1.0
+    m = BigramLM(t / t.sum(-1, keepdim=True))
+    out = generate(m, torch.tensor([[0], [1]]), 4, eos_id=2)
+    assert out[0].tolist() == [2, 2, 2, 2]
+    assert out[1].tolist() == [1, 1, 1, 1]
+
+
+def test_sampling_follows_the_distribution():
+    t = torch.tensor([[0.7, 0.3], [0.7, 0.3]])
+    m = BigramLM(t)
+    g = torch.Generator().manual_seed(0)
+    out = generate(m, torch.zeros(4000, 1, dtype=torch.long), 1, temperature=1.0, generator=g)
+    assert abs(out.float().mean().item() - 0.3) < 0.03
+
+
+def test_bad_arguments():
+    m = BigramLM(torch.full((2, 2), 0.5))
+    with pytest.raises(ShapeError):
+        generate(m, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ConfigError):
+        generate(m, torch.zeros(1, 1, dtype=torch.long), 2, num_beams=0)
