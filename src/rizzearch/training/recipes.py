@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from rizzearch.data.text import TextDataset, prepare_text, read_source, split_te
 from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_fingerprint, train_bpe
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import build_model, generate
+from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
 from rizzearch.objectives.lm import lm_loss
 from rizzearch.runs import make_run_dir
 from rizzearch.training import checkpoint as ckpt_io
@@ -70,7 +71,10 @@ def build_objective(objective: str, **options):
     """``loss_fn(model, batch)`` for a named objective."""
     if objective == "lm":
         return lm_loss
-    raise ConfigError(f"objective: unknown objective {objective!r}; choose one of: lm")
+    if objective == "goldfish":
+        # options: goldfish (GoldfishConfig), protected_ids (special tokens never dropped)
+        return GoldfishLoss(options.get("goldfish") or GoldfishConfig(), options.get("protected_ids", ()))
+    raise ConfigError(f"objective: unknown objective {objective!r}; choose one of: lm, goldfish")
 
 
 def train(
@@ -79,6 +83,7 @@ def train(
     data: DataConfig = DataConfig(),
     train: TrainConfig = TrainConfig(),
     objective: str = "lm",
+    goldfish: GoldfishConfig = GoldfishConfig(),
     out: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -94,7 +99,10 @@ def train(
             vocab_size defaults to the tokenizer's.
         data: text corpus, tokenizer and context length.
         train: training loop settings (steps, batch size, learning rate, ...).
-        objective: training objective: lm (next-token cross-entropy).
+        objective: training objective: lm (next-token cross-entropy) or goldfish (cross-entropy
+            on all but about 1 in k tokens, Hans et al. 2024; settings under --goldfish.*).
+        goldfish: goldfish loss settings (k, h, strategy, seed, protected_ids), used when
+            objective is goldfish; the tokenizer's special tokens are always protected.
         out: run folder (default: runs/train-<timestamp>).
         resume: continue from the latest checkpoint in ``out``.
         progress: show a progress bar.
@@ -121,11 +129,12 @@ def train(
     ds = prepare_text(data.source, run / "data", tok, data.val_fraction)
     train_src = RandomWindows(ds.train, train.batch_size, data.seq_len, seed=train.seed)
     eval_src = EvalWindows(ds.val or ds.train, train.batch_size, data.seq_len, data.eval_batches, bytes_per_token=ds.bytes_per_token) if ds.meta["val"]["tokens"] > data.seq_len else None
-    loss_fn = build_objective(objective)
+    loss_fn = build_objective(objective, goldfish=goldfish, protected_ids=tok.special_ids)
     print(f"model {model}: {net.num_params():,} parameters; tokenizer vocab {tok.vocab_size}; "
           f"{ds.meta['train']['tokens']:,} train / {ds.meta['val']['tokens']:,} val tokens; run folder {run}")
     result = train_loop(net, loss_fn, train_src, train, run, eval_data=eval_src, resume=resume,
-                        meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective}, progress=progress)
+                        meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective,
+                              **({"goldfish": asdict(goldfish)} if objective == "goldfish" else {})}, progress=progress)
     ev = result.final_eval
     summary = f"step {result.steps}: train loss {result.final_loss:.4f}"
     if "val_loss" in ev:
