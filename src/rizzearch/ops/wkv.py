@@ -1,0 +1,303 @@
+"""The RWKV-4 WKV operator: a reference loop (the spec) and a fast chunked form, state in and out.
+
+Peng et al. 2023, "RWKV: Reinventing RNNs for the Transformer Era", eq. (14): for each channel,
+with decay ``w = exp(time_decay) > 0`` and bonus ``u = time_first``,
+
+    wkv_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t)
+          / (sum_{i<t} e^{-(t-1-i) w + k_i}       + e^{u + k_t})
+
+computed as an RNN (the paper's recurrent form) over the un-normalised numerator ``A`` and
+denominator ``B``: ``A_t = e^{-w} A_{t-1} + e^{k_t} v_t`` (same for ``B`` with ``v = 1``). The
+exponentials overflow, so the state is kept as ``(a, b, p)`` with ``A = a e^p``, ``B = b e^p``:
+``p`` is the running max exponent (the paper's numerically stable form, with ``q = max(p, u + k)``
+for the output and ``q' = max(p - w, k)`` for the update). The state is always float32, whatever
+the activation dtype, and ``p`` starts at -1e38 (empty prefix) like the official and HF code.
+
+Sign convention: HF transformers and the official code store ``time_decay`` and apply
+``-exp(time_decay)`` in log space, i.e. the per-step decay factor is ``exp(-exp(time_decay))``;
+this module does the same, so HF/official weights load unchanged.
+
+Forms (one math, compared in ``tests/ops/test_wkv.py`` for outputs, final states and every
+gradient, including the initial state's):
+
+- ``wkv_ref``: the plain loop over T above, differentiated by autograd. The spec.
+- ``wkv_chunked``: the fast form. The max exponents ``p_t`` have a closed form,
+  ``p_t = max_{i<=t}(k_i - (t-i) w)``, i.e. a cumulative max of ``k_i + i w`` (computed in float64
+  so ``i w`` loses nothing, without gradient: ``p`` only fixes the scale). Given ``p``, the scaled
+  state obeys a *linear* recurrence ``h_t = f_t h_{t-1} + x_t`` with ``0 <= f_t <= 1``, which is
+  evaluated chunk-wise (a short loop inside chunks of ~sqrt(T) steps, vectorised over chunks, then
+  a short loop over chunk carries), so the sequential depth is ~2 sqrt(T) instead of T and autograd
+  sees ~100 ops instead of ~20 T. Gradients reach the initial ``(a, b, p)`` and flow into the final
+  ``p`` exactly as in the loop (the final scale is re-attached with a factor ``e^{p_hat - p} = 1``).
+- ``T == 1`` (decoding) always runs one step of the loop: it is the cheapest form.
+
+``wkv`` dispatches: the fast form is chosen at import (override with the environment variable
+``RIZZ_WKV_FORM=reference|chunked`` or ``set_wkv_form``/``wkv(..., form=...)`` in tests); devices
+without float64 (MPS) fall back to the reference.
+
+An optional ``mask[B, T]`` (False = padding) makes padded steps leave the state untouched (no
+decay, no contribution); their outputs are finite but meaningless.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from rizzearch.errors import ConfigError, ShapeError
+
+WKVState = tuple[Tensor, Tensor, Tensor]  # (numerator a, denominator b, max exponent p), each (B, C) fp32
+
+EMPTY_MAX = -1e38  # p of the empty prefix (e^p == 0 in float32)
+
+FORMS = ("reference", "chunked")
+
+
+def init_wkv_state(batch_size: int, channels: int, device=None) -> WKVState:
+    """The state before any token: ``a = b = 0``, ``p = -1e38``; float32, each (B, C)."""
+    z = torch.zeros(batch_size, channels, dtype=torch.float32, device=device)
+    return z, z.clone(), torch.full_like(z, EMPTY_MAX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state, mask) -> None:
+    if k.dim() != 3:
+        raise ShapeError(f"wkv: k must have shape (B, T, C), got {tuple(k.shape)}")
+    B, T, C = k.shape
+    if tuple(v.shape) != (B, T, C):
+        raise ShapeError(f"wkv: v must have the shape of k {(B, T, C)}, got {tuple(v.shape)}")
+    for name, p in (("time_decay", time_decay), ("time_first", time_first)):
+        if tuple(p.shape) != (C,):
+            raise ShapeError(f"wkv: {name} must have shape ({C},) (one value per channel of k), got {tuple(p.shape)}")
+    if not (k.is_floating_point() and v.is_floating_point()):
+        raise ShapeError(f"wkv: k and v must be floating point, got {k.dtype} and {v.dtype}")
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 3:
+            raise ShapeError("wkv: state must be a tuple (numerator, denominator, max exponent) of (B, C) tensors")
+        for name, s in zip(("numerator", "denominator", "max exponent"), state):
+            if tuple(s.shape) != (B, C):
+                raise ShapeError(f"wkv: state {name} must have shape {(B, C)}, got {tuple(s.shape)} (state from another batch or model?)")
+    if mask is not None and tuple(mask.shape) != (B, T):
+        raise ShapeError(f"wkv: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for every activation dtype (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _state32(state, B: int, C: int, device, dtype=torch.float32) -> WKVState:
+    if state is None:
+        return tuple(s.to(dtype) for s in init_wkv_state(B, C, device))  # type: ignore[return-value]
+    return tuple(s.to(dtype) for s in state)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference form: the loop (the spec)
+
+
+def wkv_step(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state: WKVState, mask: Tensor | None = None):
+    """One step of the stable recurrence. k, v: (B, C) -> (out (B, C) fp32, new state).
+
+    Output (eq. 14 at one t): ``q = max(p, u + k)``,
+    ``out = (e^{p-q} a + e^{u+k-q} v) / (e^{p-q} b + e^{u+k-q})``.
+    Update: ``q' = max(p - w, k)``, ``a' = e^{p-w-q'} a + e^{k-q'} v``, ``b' = e^{p-w-q'} b + e^{k-q'}``,
+    ``p' = q'``. Rows with ``mask == False`` keep their state.
+    """
+    a, b, p = state
+    acc = _acc(k.dtype)
+    k, v = k.to(acc), v.to(acc)
+    neg_w = -torch.exp(time_decay.to(acc))
+    u = time_first.to(acc)
+    ww = u + k
+    q = torch.maximum(p, ww)
+    e1 = torch.exp(p - q)
+    e2 = torch.exp(ww - q)
+    out = (e1 * a + e2 * v) / (e1 * b + e2)
+    ww = p + neg_w
+    q = torch.maximum(ww, k)
+    e1 = torch.exp(ww - q)
+    e2 = torch.exp(k - q)
+    new = (e1 * a + e2 * v, e1 * b + e2, q)
+    if mask is not None:
+        m = mask.view(-1, 1).to(torch.bool)
+        new = tuple(torch.where(m, n, o) for n, o in zip(new, (a, b, p)))
+    return out, new
+
+
+def wkv_ref(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None, mask: Tensor | None = None):
+    """Reference: ``wkv_step`` in a Python loop over T. Returns (out (B, T, C) in v's dtype, state)."""
+    _check(time_decay, time_first, k, v, state, mask)
+    B, T, C = k.shape
+    st = _state32(state, B, C, k.device, _acc(k.dtype))
+    outs = []
+    for t in range(T):
+        y, st = wkv_step(time_decay, time_first, k[:, t], v[:, t], st, None if mask is None else mask[:, t])
+        outs.append(y)
+    out = torch.stack(outs, 1) if outs else k.new_zeros(B, 0, C)
+    return out.to(v.dtype), st
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast form: closed-form max exponents + chunked linear scan
+
+
+def linear_scan(f: Tensor, x: Tensor, h0: Tensor, chunk: int | None = None) -> Tensor:
+    """All states of ``h_t = f_t * h_{t-1} + x_t`` along dim 1. f, x: (B, T, ...); h0: (B, ...).
+
+    Chunked: a loop of ``L`` steps inside chunks (vectorised over the ``N`` chunks), the in-chunk
+    products ``cumprod(f)``, then a loop of ``N`` steps over chunk carries; ``L ~ N ~ sqrt(T)``.
+    Stable for ``0 <= f <= 1`` (products only shrink). Returns (B, T, ...).
+    """
+    B, T = x.shape[:2]
+    L = chunk or max(1, math.isqrt(T - 1) + 1)
+    N = -(-T // L)
+    pad = N * L - T
+    if pad:  # padded steps carry the state through unchanged (f = 1, x = 0)
+        f = torch.cat([f, f.new_ones(B, pad, *f.shape[2:])], 1)
+        x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], 1)
+    rest = x.shape[2:]
+    f = f.reshape(B, N, L, *f.shape[2:])  # (B, N, L, ...) broadcastable against x
+    x = x.reshape(B, N, L, *rest)
+    local = [x[:, :, 0]]
+    for s in range(1, L):  # scan inside every chunk at once, from a zero state
+        local.append(torch.addcmul(x[:, :, s], f[:, :, s], local[-1]))
+    hl = torch.stack(local, 2)  # (B, N, L, ...)
+    fc = torch.cumprod(f, 2)  # (B, N, L, ...) decay from the chunk start to each step
+    carries = []
+    h = h0
+    for n in range(N):  # carry the state across chunks
+        carries.append(h)
+        h = torch.addcmul(hl[:, n, -1], fc[:, n, -1], h)
+    carry = torch.stack(carries, 1)  # (B, N, ...)
+    out = torch.addcmul(hl, fc, carry[:, :, None])  # (B, N, L, ...)
+    return out.reshape(B, N * L, *rest)[:, :T]
+
+
+def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None, mask: Tensor | None = None, chunk: int | None = None):
+    """Fast form (see module docstring). Same arguments and results as ``wkv_ref``."""
+    _check(time_decay, time_first, k, v, state, mask)
+    B, T, C = k.shape
+    acc = _acc(k.dtype)
+    a0, b0, p0 = _state32(state, B, C, k.device, acc)
+    if T == 0:
+        return v.new_zeros(B, 0, C), (a0, b0, p0)
+    p0 = p0.clamp_min(EMPTY_MAX)  # -inf behaves like -1e38 but keeps differences finite
+    kf, vf = k.to(acc), v.to(acc)
+    w = torch.exp(time_decay.to(acc))  # (C,)
+    u = time_first.to(acc)
+    live = None if mask is None else mask.to(torch.bool)[..., None]  # (B, T, 1)
+
+    # Max exponents p_t = max(p0 - n_t w, max_{i<=t, live} k_i - (n_t - n_i) w), n_t = live steps in 0..t.
+    with torch.no_grad():
+        wd = w.double()
+        steps = (
+            torch.arange(1, T + 1, device=k.device, dtype=torch.float64)[None, :, None]
+            if live is None
+            else live.double().cumsum(1)
+        )  # (1 or B, T, 1)
+        r = kf.double() + (steps - 1) * wd  # (B, T, C): k_i + (n_i - 1) w
+        if live is not None:
+            r = r.masked_fill(~live, float("-inf"))
+        best, idx = r.cummax(1)
+        from_init = (p0.double() - wd)[:, None] > best  # (B, T, C) the initial state holds the max
+        p_hat = (torch.where(from_init, (p0.double() - wd)[:, None], best) - (steps - 1) * wd).to(acc)  # (B, T, C)
+    p_prev = torch.cat([p0[:, None], p_hat[:, :-1]], 1)  # (B, T, C); p0 keeps its gradient
+
+    # Scaled state a_t = A_t e^{-p_t}:  a_t = f_t a_{t-1} + g_t v_t  with f = e^{p_{t-1} - w - p_t}, g = e^{k_t - p_t}.
+    decay = w if live is None else w * live  # (C,) or (B, T, C): padded steps do not decay
+    f = torch.exp(p_prev - decay - p_hat)  # (B, T, C)
+    g = torch.exp((kf if live is None else kf.masked_fill(~live, float("-inf"))) - p_hat)  # padded steps add nothing
+    h = linear_scan(f[:, :, None], torch.stack([g * vf, g], 2), torch.stack([a0, b0], 1))  # (B, T, 2, C)
+
+    # Outputs from the state before each step, stabilised by q = max(p_{t-1}, u + k_t) (no gradient needed).
+    h_prev = torch.cat([torch.stack([a0, b0], 1)[:, None], h[:, :-1]], 1)  # (B, T, 2, C)
+    uk = u + kf
+    q = torch.maximum(p_prev, uk).detach()
+    e1 = torch.exp(p_prev - q)
+    e2 = torch.exp(uk - q)
+    out = (e1 * h_prev[:, :, 0] + e2 * vf) / (e1 * h_prev[:, :, 1] + e2)
+
+    # Final state: re-attach the differentiable max exponent (p_T = k_i* - (n_T - n_i*) w, or p0 - n_T w).
+    last_idx = idx[:, -1:]  # (B, 1, C) position of the largest k_i + (n_i - 1) w
+    n_T = steps[:, -1:].to(acc)  # (1 or B, 1, 1) live steps in the whole input
+    n_i = steps.to(acc).expand(B, T, C).gather(1, last_idx)  # (B, 1, C)
+    p_tok = kf.gather(1, last_idx) - (n_T - n_i) * w  # (B, 1, C)
+    p_ini = p0[:, None] - n_T * w
+    p_fin = torch.where(from_init[:, -1:], p_ini, p_tok)[:, 0]  # (B, C)
+    scale = torch.exp(p_hat[:, -1] - p_fin)  # == 1 in value; carries d/dp_fin
+    a_T, b_T = h[:, -1, 0] * scale, h[:, -1, 1] * scale
+    return out.to(v.dtype), (a_T, b_T, p_fin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def _default_form() -> str:
+    form = os.environ.get("RIZZ_WKV_FORM", "chunked")
+    if form not in FORMS:
+        raise ConfigError(f"RIZZ_WKV_FORM: expected one of {list(FORMS)}, got {form!r}")
+    return form
+
+
+_FORM = _default_form()
+
+
+def set_wkv_form(form: str) -> None:
+    """Choose the form ``wkv`` uses for T > 1 ("reference" or "chunked")."""
+    global _FORM
+    if form not in FORMS:
+        raise ConfigError(f"wkv form: expected one of {list(FORMS)}, got {form!r}")
+    _FORM = form
+
+
+def get_wkv_form() -> str:
+    return _FORM
+
+
+@contextmanager
+def wkv_form(form: str):
+    """Temporarily use another form (tests, benchmarks)."""
+    old = _FORM
+    set_wkv_form(form)
+    try:
+        yield
+    finally:
+        set_wkv_form(old)
+
+
+def wkv(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None, mask: Tensor | None = None, *, form: str | None = None):
+    """WKV over a sequence (eq. 14), continuing from ``state``.
+
+    Args:
+        time_decay: (C,) log of the decay rate ``w`` (per-step factor ``exp(-exp(time_decay))``).
+        time_first: (C,) bonus ``u`` for the current token.
+        k, v: (B, T, C), any float dtype; any T >= 0.
+        state: ``(numerator, denominator, max exponent)``, each (B, C), or None for the empty prefix.
+        mask: optional (B, T) bool, False = padding (the state skips that step).
+        form: force "reference" or "chunked" (default: chosen at import).
+
+    Returns:
+        ``(out, state)``: out (B, T, C) in v's dtype; the final state in float32.
+    """
+    _check(time_decay, time_first, k, v, state, mask)
+    B, T, C = k.shape
+    if T == 1:
+        st = _state32(state, B, C, k.device, _acc(k.dtype))
+        y, st = wkv_step(time_decay, time_first, k[:, 0], v[:, 0], st, None if mask is None else mask[:, 0])
+        return y[:, None].to(v.dtype), st
+    name = form or _FORM
+    if name not in FORMS:
+        raise ConfigError(f"wkv form: expected one of {list(FORMS)}, got {name!r}")
+    if name == "chunked" and k.device.type == "mps":  # no float64 there
+        name = "reference"
+    fn = wkv_chunked if name == "chunked" else wkv_ref
+    return fn(time_decay, time_first, k, v, state, mask)
