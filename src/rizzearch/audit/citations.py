@@ -1,0 +1,319 @@
+"""Citation extraction and existence checks.
+
+Three kinds of citation are read from an answer, in the forms lawyers write them:
+
+* case citations, by ``eyecite`` (``347 U.S. 483``; ``Brown v. Board of Education, 347 U.S. 483 (1954)``);
+* Constitution citations, by our own parser (``U.S. Const. art. I, § 3, cl. 3``, ``U.S. Const. amend. XIX``,
+  ``U.S. Const. amend. XIV, § 1``, ``U.S. Const. pmbl.``);
+* internal passage ids of our corpus (``[scotus/347us483/c02]``, ``ruleqa/012``, ``const/amend5/cl2``).
+
+Existence (``check_existence``) is decided against the corpus first: a case citation whose
+volume/reporter/page is one of our opinions exists (and its stated case name and year must agree
+with that opinion, else the citation is ``nonexistent`` as written); a citation that names one of
+our cases with another volume/page is ``nonexistent``; anything else is checked against
+``reporters-db`` (the reporter must be known and the year inside the reporter's publication
+dates; U.S. Reports volumes must be consistent with the year) and is then ``unverifiable``
+(plausible, but we hold no text to check support against) or ``nonexistent``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from rizzearch.rag.corpus import Passage
+from rizzearch.rag.text import content_set, from_roman
+
+EXISTS, NONEXISTENT, UNVERIFIABLE = "exists", "nonexistent", "unverifiable"
+
+
+@dataclass
+class Citation:
+    """One citation found in a text.
+
+    Args:
+        kind: ``case``, ``constitution`` or ``internal``.
+        text: the matched text.
+        start: character offset where the citation starts (its case name included, if any).
+        end: character offset just past the citation (year parenthetical included, if any).
+        normalized: canonical form (``347 U.S. 483``, ``U.S. Const. art. I, § 3, cl. 3``, ``ruleqa/012``).
+        case_name: the case name written before a case citation, if any.
+        year: the year written after a case citation, if any.
+        volume: reporter volume (case citations).
+        reporter: reporter abbreviation as normalized by eyecite (case citations).
+        page: first page (case citations).
+        path: Constitution location, e.g. ``["art", 1, "s", 3, "cl", 3]`` or ``["amend", 19]``.
+    """
+
+    kind: str
+    text: str
+    start: int
+    end: int
+    normalized: str
+    case_name: str | None = None
+    year: int | None = None
+    volume: int | None = None
+    reporter: str | None = None
+    page: int | None = None
+    path: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+_NUM = r"([IVXLC]+|\d+)"
+_CONST = re.compile(
+    r"U\.\s?S\.\s?Const(?:\.|itution)?,?\s+"
+    r"(?:(?P<pmbl>pmbl\.?|preamble)"
+    r"|(?P<art>art(?:icle)?\.?)\s*" + _NUM.replace("(", "(?P<an>", 1) +
+    r"|(?P<am>amend(?:ment)?\.?)\s*" + _NUM.replace("(", "(?P<mn>", 1) + r")"
+    r"(?:,?\s*(?:§|sec(?:tion)?\.?)\s*(?P<sec>\d+))?"
+    r"(?:,?\s*cl(?:ause)?\.?\s*(?P<cl>\d+))?",
+    re.IGNORECASE,
+)
+_INTERNAL = re.compile(r"\b((?:const|scotus|ruleqa)/[a-z0-9]+(?:/[a-z0-9]+)*)\b")
+_YEAR_AFTER = re.compile(r"^\s*\((?:[^()]*?\s)?(\d{4})\)")
+_CASE_BEFORE = re.compile(
+    r"((?:[A-Z][\w.'&-]*|of|the|and|for|ex|rel\.|de|la|in|on|to)(?:[\s,]+(?:[A-Z][\w.'&-]*|of|the|and|for|ex|rel\.|de|la|in|on|to))*"
+    r"\s+v\.\s+(?:[A-Z0-9][\w.'&-]*|of|the|and|for|ex|rel\.|de|la|in|on|to)(?:[\s,]+(?:[A-Z0-9][\w.'&-]*|of|the|and|for|ex|rel\.|de|la|in|on|to))*?)"
+    r",?\s*$"
+)
+_LEAD_WORDS = {"See", "In", "Under", "As", "Also", "Cf", "Cf.", "But", "And", "The", "per", "Per", "Held", "According", "to"}
+
+
+def _case_name_before(text: str, start: int) -> tuple[str | None, int]:
+    window = text[max(0, start - 160):start]
+    m = _CASE_BEFORE.search(window)
+    if not m:
+        return None, start
+    name = m.group(1).strip().rstrip(",")
+    base = max(0, start - 160) + m.start(1)
+    toks = name.split()
+    while toks and (toks[0] in _LEAD_WORDS or toks[0].islower()):
+        base += len(toks[0]) + 1
+        toks = toks[1:]
+        name = " ".join(toks)
+    return (name or None), base
+
+
+def _eyecite_cases(text: str) -> list[Citation]:
+    from eyecite import get_citations
+    from eyecite.models import FullCaseCitation
+
+    out = []
+    for c in get_citations(text):
+        if not isinstance(c, FullCaseCitation):
+            continue
+        g = c.groups
+        try:
+            vol, page = int(g.get("volume")), int(g.get("page"))
+        except (TypeError, ValueError):
+            continue
+        reporter = c.corrected_reporter() if hasattr(c, "corrected_reporter") else g.get("reporter")
+        s, e = c.span()
+        y = _YEAR_AFTER.match(text[e:])
+        year = int(y.group(1)) if y else None
+        end = e + (y.end() if y else 0)
+        name, start = _case_name_before(text, s)
+        out.append(Citation("case", text[start:end], start, end, f"{vol} {reporter} {page}", name, year, vol, reporter, page))
+    return out
+
+
+def _const_cites(text: str) -> list[Citation]:
+    out = []
+    for m in _CONST.finditer(text):
+        if m.group("pmbl"):
+            path, norm = ["pmbl"], "U.S. Const. pmbl."
+        else:
+            raw = m.group("an") or m.group("mn")
+            n = int(raw) if raw.isdigit() else from_roman(raw)
+            if n is None:
+                continue
+            kind = "art" if m.group("art") else "amend"
+            from rizzearch.rag.text import roman
+
+            path, norm = [kind, n], f"U.S. Const. {kind}. {roman(n)}"
+            if m.group("sec"):
+                path += ["s", int(m.group("sec"))]
+                norm += f", § {int(m.group('sec'))}"
+            if m.group("cl"):
+                path += ["cl", int(m.group("cl"))]
+                norm += f", cl. {int(m.group('cl'))}"
+        out.append(Citation("constitution", m.group(0), m.start(), m.end(), norm, path=path))
+    return out
+
+
+def extract_citations(text: str) -> list[Citation]:
+    """All case, Constitution and internal-id citations in ``text``, in order of appearance."""
+    if not text:
+        return []
+    cites = _const_cites(text)
+    taken = [(c.start, c.end) for c in cites]
+    for c in _eyecite_cases(text):
+        if not any(a <= c.start < b or a < c.end <= b for a, b in taken):
+            cites.append(c)
+    for m in _INTERNAL.finditer(text):
+        cites.append(Citation("internal", m.group(1), m.start(1), m.end(1), m.group(1)))
+    cites.sort(key=lambda c: (c.start, c.end))
+    return cites
+
+
+# --------------------------------------------------------------------------------------------
+# Existence
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Authorities:
+    """What the corpus holds, keyed for citation look-ups."""
+
+    passages: list[Passage]
+    by_id: dict
+    by_cite: dict  # "347 U.S. 483" -> doc
+    by_doc: dict  # doc -> [Passage]
+    case_names: dict  # doc -> case name
+    const_docs: dict  # tuple path -> [Passage]
+    us_years: list  # sorted (volume, year) points of our U.S. Reports opinions
+    idf: tuple | None = None  # (idf table, default idf), filled lazily by the labeller
+
+
+def _const_key(p: Passage) -> list[tuple]:
+    m = p.meta
+    if p.id == "const/preamble":
+        return [("pmbl",)]
+    if "amendment" in m:
+        base = ("amend", m["amendment"])
+        keys = [base]
+        if "section" in m:
+            keys.append(base + ("s", m["section"]))
+        if "clause" in m:
+            keys += [base + ("cl", m["clause"]), base + ("s", m["clause"])]  # lone-level amendments: § == cl.
+        return keys
+    base = ("art", m["article"])
+    keys = [base]
+    if "section" in m:
+        keys.append(base + ("s", m["section"]))
+        if "clause" in m:
+            keys.append(base + ("s", m["section"], "cl", m["clause"]))
+    elif "clause" in m:
+        keys.append(base + ("cl", m["clause"]))
+    return keys
+
+
+def build_authorities(passages: list[Passage]) -> Authorities:
+    by_doc: dict[str, list[Passage]] = {}
+    by_cite, names, const = {}, {}, {}
+    for p in passages:
+        by_doc.setdefault(p.doc, []).append(p)
+        if p.source == "scotus":
+            by_cite[p.meta["cite"]] = p.doc
+            names[p.doc] = p.meta["case_name"]
+        elif p.source == "constitution":
+            for k in _const_key(p):
+                const.setdefault(k, []).append(p)
+    pts = sorted({(int(c.split()[0]), by_doc[d][0].meta.get("year")) for c, d in by_cite.items()
+                  if c.split()[1] == "U.S." and by_doc[d][0].meta.get("year")})
+    return Authorities(passages, {p.id: p for p in passages}, by_cite, by_doc, names, const, pts)
+
+
+@lru_cache(maxsize=1)
+def default_authorities() -> Authorities:
+    from rizzearch.rag.corpus import load_corpus
+
+    return build_authorities(load_corpus())
+
+
+_NAME_STOP = {"v", "of", "the", "and", "for", "co", "inc", "corp", "united", "state", "states", "ex", "rel", "in", "re", "board"}
+
+
+def _names_agree(a: str, b: str) -> bool:
+    ta = {w for w in content_set(a) if w not in _NAME_STOP}
+    tb = {w for w in content_set(b) if w not in _NAME_STOP}
+    if not ta or not tb:
+        return content_set(a) & content_set(b) != set()
+    return bool(ta & tb)
+
+
+def _expected_us_year(auth: Authorities, vol: int) -> float | None:
+    pts = auth.us_years
+    if len(pts) < 2 or not (pts[0][0] <= vol <= pts[-1][0]):
+        return None
+    for (v0, y0), (v1, y1) in zip(pts, pts[1:]):
+        if v0 <= vol <= v1:
+            return y0 if v1 == v0 else y0 + (y1 - y0) * (vol - v0) / (v1 - v0)
+    return None
+
+
+def _reporter_check(c: Citation) -> tuple[str, str]:
+    import datetime
+
+    from reporters_db import REPORTERS
+
+    reps = None
+    for key, entries in REPORTERS.items():
+        for e in entries:
+            if c.reporter in e["editions"]:
+                reps = e["editions"][c.reporter]
+                break
+            if c.reporter in e.get("variations", {}) and e["variations"][c.reporter] in e["editions"]:
+                reps = e["editions"][e["variations"][c.reporter]]
+                break
+        if reps:
+            break
+    if reps is None:
+        return NONEXISTENT, f"reporter {c.reporter!r} is not in reporters-db"
+    this_year = datetime.date.today().year
+    start, end = reps.get("start"), reps.get("end")
+    if c.year is not None:
+        if c.year > this_year:
+            return NONEXISTENT, f"year {c.year} is in the future"
+        if start and c.year < start.year or end and c.year > end.year:
+            return NONEXISTENT, f"{c.reporter} was not published in {c.year} (reporters-db: {start and start.year}-{end and end.year or 'present'})"
+    return UNVERIFIABLE, f"{c.reporter} is a real reporter (reporters-db) but {c.normalized} is not in our corpus"
+
+
+def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, str, list[str]]:
+    """``(verdict, detail, passage_ids)``: verdict is ``exists``, ``nonexistent`` or ``unverifiable``."""
+    auth = auth or default_authorities()
+    if c.kind == "internal":
+        if c.normalized in auth.by_id:
+            return EXISTS, "passage id in the corpus", [c.normalized]
+        docs = [d for d in auth.by_doc if d == c.normalized or d.startswith(c.normalized + "/")]
+        if docs:
+            return EXISTS, "document id in the corpus", [p.id for d in docs for p in auth.by_doc[d]]
+        return NONEXISTENT, f"no passage {c.normalized!r} in the corpus", []
+    if c.kind == "constitution":
+        key = tuple(c.path)
+        ps = auth.const_docs.get(key)
+        if ps:
+            return EXISTS, "provision of the U.S. Constitution", [p.id for p in ps]
+        if key and key[0] == "amend" and (key[1] < 1 or key[1] > 27):
+            return NONEXISTENT, f"the Constitution has 27 amendments, not {key[1]}", []
+        return NONEXISTENT, f"{c.normalized} does not exist in the Constitution", []
+    # case citation
+    doc = auth.by_cite.get(f"{c.volume} {c.reporter} {c.page}")
+    if doc:
+        real = auth.case_names[doc]
+        if c.case_name and not _names_agree(c.case_name, real):
+            return NONEXISTENT, f"{c.normalized} is {real}, not {c.case_name}", []
+        year = auth.by_doc[doc][0].meta.get("year")
+        if c.year and year and abs(c.year - year) > 1:
+            return NONEXISTENT, f"{real} was decided in {year}, not {c.year}", []
+        return EXISTS, f"{real} is in the corpus", [p.id for p in auth.by_doc[doc]]
+    if c.case_name:
+        for d, name in auth.case_names.items():
+            if _names_agree(c.case_name, name) and content_set(c.case_name) >= {w for w in content_set(name) if w not in _NAME_STOP}:
+                real = auth.by_doc[d][0].meta["cite"]
+                return NONEXISTENT, f"{name} is reported at {real}, not {c.normalized}", []
+    if c.reporter == "U.S." and c.volume is not None:
+        if c.volume > 610:
+            return NONEXISTENT, f"the United States Reports have no volume {c.volume}", []
+        exp = _expected_us_year(auth, c.volume)
+        if c.year is not None and exp is not None and abs(exp - c.year) > 4:
+            return NONEXISTENT, f"volume {c.volume} of the U.S. Reports is from about {round(exp)}, not {c.year}", []
+    return _reporter_check(c)

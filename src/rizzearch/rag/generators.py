@@ -1,0 +1,386 @@
+"""Generators: whatever turns a question (and retrieved passages) into an answer with citations.
+
+The protocol is one method, ``generate(request) -> str``. A request carries the question, the
+passages (empty for closed-book), and the chat ``messages`` a language model would see, so the same
+request serves both LLMs and the deterministic baselines:
+
+* ``EndpointGenerator``: any OpenAI-compatible ``/chat/completions`` server (llama.cpp, vLLM, Ollama,
+  a hosted API). Base URL and model from arguments or ``RIZZ_LLM_BASE_URL`` / ``OPENAI_BASE_URL`` and
+  ``RIZZ_LLM_MODEL`` / ``OPENAI_MODEL``; the key (optional) from ``RIZZ_LLM_API_KEY`` / ``OPENAI_API_KEY``.
+  Timeouts, retries with exponential backoff on connection errors, 429 and 5xx; ``EndpointError``
+  naming the URL and what went wrong otherwise (including malformed responses).
+* ``CheckpointGenerator``: any model of our registry from a training checkpoint (greedy decoding with
+  ``rizzearch.models.base.generate``).
+* ``ExtractiveGenerator``: deterministic; answers with the passage sentence that best covers the
+  question (IDF-weighted word overlap) and cites that passage.
+* ``MemoryGenerator``: the deterministic stand-in for a closed-book LM: the extractive answerer run over a
+  lossy *parametric memory* (a seeded subset of the corpus, famous authorities more likely kept) that
+  never abstains and recalls citations imperfectly. See ``docs/legal_rag.md`` for why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from rizzearch.errors import ConfigError, RizzError
+from rizzearch.rag.corpus import Passage
+from rizzearch.rag.text import content_set, content_tokens, idf_table, split_sentences, weighted_recall
+
+SYSTEM_PROMPT = (
+    "You are a careful legal research assistant. Answer the question in one or two sentences. "
+    "Support every proposition with a citation to the sources, written in legal form (for example "
+    "Brown v. Board of Education, 347 U.S. 483 (1954) or U.S. Const. amend. XIV, § 1) or as the source id "
+    "in brackets (for example [ruleqa/001]). If the sources do not answer the question, or the question "
+    "rests on a false premise, say so instead of guessing."
+)
+CLOSED_BOOK_PROMPT = (
+    "You are a legal research assistant. Answer the question in one or two sentences and cite the cases "
+    "or constitutional provisions you rely on in legal citation form."
+)
+
+
+class EndpointError(RizzError):
+    """The chat endpoint is unreachable, timed out, refused the request or answered something malformed."""
+
+
+@dataclass
+class GenerationRequest:
+    """What a generator sees.
+
+    Args:
+        question: the user's question.
+        passages: retrieved passages, best first (empty for closed-book).
+        messages: OpenAI-style chat messages built from the two above.
+    """
+
+    question: str
+    passages: list[Passage] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Anything with a ``name`` and ``generate(request) -> str``."""
+
+    name: str
+
+    def generate(self, request: GenerationRequest) -> str: ...
+
+
+def build_messages(question: str, passages: list[Passage], closed_book: bool = False) -> list[dict]:
+    """Chat messages: the instructions, the numbered sources with their citations, the question."""
+    if closed_book:
+        return [{"role": "system", "content": CLOSED_BOOK_PROMPT}, {"role": "user", "content": question}]
+    src = "\n\n".join(f"[{p.id}] {p.ref}\n{p.text}" for p in passages)
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"Sources:\n{src}\n\nQuestion: {question}"}]
+
+
+def messages_to_text(messages: list[dict]) -> str:
+    """A plain-text rendering of chat messages for models without a chat template."""
+    parts = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(parts) + "\n\nAssistant:"
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI-compatible endpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v:
+            return v
+    return None
+
+
+class EndpointGenerator:
+    """Client for an OpenAI-compatible chat completions endpoint.
+
+    Args:
+        base_url: server root including ``/v1`` (``http://127.0.0.1:8080/v1``); default from
+            ``RIZZ_LLM_BASE_URL`` or ``OPENAI_BASE_URL``.
+        model: model name sent in the request; default ``RIZZ_LLM_MODEL`` / ``OPENAI_MODEL`` or ``default``.
+        api_key: bearer token (optional); default ``RIZZ_LLM_API_KEY`` / ``OPENAI_API_KEY``.
+        timeout: seconds per HTTP request.
+        retries: extra attempts after a connection error, timeout, 429 or 5xx.
+        backoff: first wait between attempts in seconds (doubled each time).
+        temperature: sampling temperature sent to the server.
+        max_tokens: completion length limit sent to the server.
+    """
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 2, backoff: float = 0.5, temperature: float = 0.0,
+                 max_tokens: int = 512):
+        base_url = base_url or _env("RIZZ_LLM_BASE_URL", "OPENAI_BASE_URL")
+        if not base_url:
+            raise ConfigError("no endpoint: pass base_url (e.g. http://127.0.0.1:8080/v1) or set RIZZ_LLM_BASE_URL")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if retries < 0 or timeout <= 0:
+            raise ConfigError(f"need retries >= 0 and timeout > 0, got retries={retries}, timeout={timeout}")
+        base = base_url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.model = model or _env("RIZZ_LLM_MODEL", "OPENAI_MODEL") or "default"
+        self.api_key = api_key or _env("RIZZ_LLM_API_KEY", "OPENAI_API_KEY")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.name = f"endpoint:{self.model}"
+
+    def chat(self, messages: list[dict], temperature: float | None = None, seed: int | None = None) -> str:
+        """Send ``messages``; return the assistant's text. EndpointError on any failure."""
+        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature if temperature is None else temperature}
+        if seed is not None:
+            body["seed"] = seed
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:200].decode(errors="replace")
+                last = f"HTTP {e.code} {e.reason}: {detail}"
+                if e.code == 429 or e.code >= 500:
+                    continue
+                raise EndpointError(f"{self.url}: {last}") from e
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"unreachable ({reason})" if not isinstance(reason, (socket.timeout, TimeoutError)) else f"timed out after {self.timeout}s"
+                continue
+            return self._parse(raw)
+        raise EndpointError(f"{self.url}: {last} (after {self.retries + 1} attempt(s))")
+
+    def _parse(self, raw: bytes) -> str:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EndpointError(f"{self.url}: malformed response, not JSON ({e}): {raw[:120]!r}") from e
+        if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+            raise EndpointError(f"{self.url}: server error: {str(obj['error'])[:200]}")
+        try:
+            content = obj["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise EndpointError(f"{self.url}: malformed response, no choices[0].message.content ({e!r}): {str(obj)[:120]}") from e
+        if content is None:
+            return ""
+        if not isinstance(content, str):
+            raise EndpointError(f"{self.url}: malformed response, choices[0].message.content is {type(content).__name__}, not a string")
+        return content.strip()
+
+    def generate(self, request: GenerationRequest) -> str:
+        return self.chat(request.messages)
+
+
+# --------------------------------------------------------------------------------------------
+# A model of our registry
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointGenerator:
+    """Greedy answers from a checkpoint of any registered model (gpt, xlstm, rwkv).
+
+    Args:
+        path: a run folder or checkpoint folder (``rizzearch.training.checkpoint.load_checkpoint``).
+        max_new_tokens: answer length limit in tokens.
+        max_context: prompt tokens kept (the last ones) so the prompt fits the model.
+        device: torch device.
+    """
+
+    def __init__(self, path: str, max_new_tokens: int = 64, max_context: int = 512, device: str = "cpu"):
+        from rizzearch.training.checkpoint import load_checkpoint
+
+        self.model, self.tokenizer, self.meta = load_checkpoint(path, device=device)
+        if self.tokenizer is None:
+            raise ConfigError(f"{path}: checkpoint has no tokenizer.json next to it; the generator needs one")
+        self.max_new_tokens, self.max_context, self.device = max_new_tokens, max_context, device
+        self.name = f"checkpoint:{self.meta.get('model', '?')}"
+
+    def generate(self, request: GenerationRequest) -> str:
+        import torch
+
+        from rizzearch.models.base import generate
+
+        ids = self.tokenizer.encode(messages_to_text(request.messages))[-self.max_context:]
+        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        out = generate(self.model, prompt, self.max_new_tokens, eos_id=self.tokenizer.eot_id)  # (1, N)
+        toks = out[0].tolist()
+        if self.tokenizer.eot_id in toks:
+            toks = toks[: toks.index(self.tokenizer.eot_id)]
+        return self.tokenizer.decode(toks).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic baselines
+# --------------------------------------------------------------------------------------------
+
+
+def _cite_for(p: Passage) -> str:
+    return f"[{p.id}]" if p.source == "rule_qa" else f"({p.ref})"
+
+
+class ExtractiveGenerator:
+    """Answer with the sentence of the given passages that best covers the question.
+
+    Score of a sentence = IDF-weighted share of the question's content words it contains (plus the
+    passage title's words, at half weight), minus ``rank_penalty`` per retrieval rank. When a passage
+    title covers the question well (a rule_qa item asking exactly this), the whole passage is the
+    answer. Every answer cites its passage. It never abstains: deciding *not* to answer is the job of
+    the verified system.
+
+    Args:
+        idf: token -> inverse document frequency (default: computed from the passages of each request).
+        max_chars: longest answer span kept.
+        rank_penalty: score subtracted per retrieval rank, so ties go to the better-ranked passage.
+    """
+
+    name = "extractive"
+
+    def __init__(self, idf: dict | None = None, max_chars: int = 600, rank_penalty: float = 0.02):
+        self.idf = idf
+        self.default_idf = max(idf.values()) if idf else 1.0
+        self.max_chars, self.rank_penalty = max_chars, rank_penalty
+        self._cache: dict[str, tuple[str, list]] = {}
+
+    def _sentences(self, p: Passage) -> list[tuple[str, set[str]]]:
+        got = self._cache.get(p.id)
+        if got is None or got[0] != p.text:
+            got = (p.text, [(s, content_set(s)) for s in split_sentences(p.text) if len(s) >= 12])
+            self._cache[p.id] = got
+        return got[1]
+
+    def candidates(self, question: str, passages: list[Passage]) -> list[tuple[float, str, Passage]]:
+        """All (score, span, passage), best first (stable order for ties).
+
+        score = coverage of the question's words (IDF-weighted) + 0.1 x precision (share of the
+        sentence's words that are question words, so shorter on-topic sentences win ties)
+        - rank_penalty x retrieval rank.
+        """
+        idf = self.idf or idf_table(p.text for p in passages)
+        dflt = self.default_idf if self.idf else (max(idf.values()) if idf else 1.0)
+        q = set(content_tokens(question))
+        out = []
+        for rank, p in enumerate(passages):
+            pen = rank * self.rank_penalty
+            if p.source == "rule_qa":
+                title_cov = weighted_recall(q, content_set(p.title), idf, dflt)
+                if title_cov >= 0.6:
+                    out.append((title_cov + 1.0 - pen, p.text[: self.max_chars], p))
+                    continue
+            for s, toks in self._sentences(p):
+                cov = weighted_recall(q, toks, idf, dflt)
+                prec = len(q & toks) / max(1, len(toks))
+                out.append((cov + 0.1 * prec - pen, s[: self.max_chars], p))
+        out.sort(key=lambda x: -x[0])
+        return out
+
+    def generate(self, request: GenerationRequest) -> str:
+        cands = self.candidates(request.question, request.passages)
+        if not cands:
+            return "I cannot find anything on this question in the sources."
+        _, span, p = cands[0]
+        return _answer(span, p)
+
+
+def _answer(span: str, p: Passage) -> str:
+    span = span.strip()
+    if span.endswith((".", "?", "!")):
+        span = span[:-1]
+    return f"{span} {_cite_for(p)}."
+
+
+def _unit(key: str, seed: int) -> float:
+    """A deterministic uniform number in [0, 1) from a string and a seed."""
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+class MemoryGenerator:
+    """A closed-book stand-in: answers from a lossy parametric memory, never abstains, misremembers cites.
+
+    The memory is a seeded subset of the corpus: an authority is memorised with probability
+    ``memory_fraction * (1 + log(1 + k))`` where ``k`` is how many other corpus documents mention it by
+    name (famous cases are remembered), capped at ``max_keep``; the Constitution with probability
+    ``constitution_fraction``. The question is answered by the extractive scorer over *all* memorised
+    passages (there is no retrieval step to narrow it down), and the citation of the recalled source is
+    written from memory: with probability ``cite_noise`` (per authority) the volume, page or year is
+    misremembered, as closed-book LMs do.
+
+    Args:
+        passages: the corpus the "model" was trained on.
+        seed: seed of the memory and citation noise.
+        memory_fraction: base probability of memorising an authority.
+        constitution_fraction: probability of memorising a Constitution clause.
+        cite_noise: probability of misremembering a case citation.
+        max_keep: highest memorisation probability.
+    """
+
+    name = "parametric-memory"
+
+    def __init__(self, passages: list[Passage], seed: int = 0, memory_fraction: float = 0.3,
+                 constitution_fraction: float = 0.6, cite_noise: float = 0.35, max_keep: float = 0.9):
+        self.seed, self.cite_noise = seed, cite_noise
+        names = {}
+        for p in passages:
+            if p.source == "scotus":
+                names[p.doc] = p.meta["case_name"]
+        fame = {d: 0 for d in names}
+        texts = {}
+        for p in passages:
+            texts.setdefault(p.doc, []).append(p.text.lower())
+        for d, name in names.items():
+            party = name.split(" v. ")[0].lower()
+            if len(party) < 5 or party in ("united states", "state", "people"):
+                party = name.lower()
+            fame[d] = sum(1 for other, ts in texts.items() if other != d and any(party in t for t in ts))
+        keep_doc = {}
+        for d in {p.doc for p in passages}:
+            if d in names:
+                prob = min(max_keep, memory_fraction * (1.0 + math.log1p(fame[d])))
+            elif d.startswith("const/"):
+                prob = constitution_fraction
+            else:
+                prob = memory_fraction
+            keep_doc[d] = _unit(d, seed) < prob
+        self.memory = [p for p in passages if keep_doc[p.doc]]
+        self.remembered_docs = sorted(d for d, k in keep_doc.items() if k)
+        self.extractor = ExtractiveGenerator(idf=idf_table(p.text for p in passages), rank_penalty=0.0)
+
+    def _recall_ref(self, p: Passage) -> str:
+        if p.source != "scotus" or _unit("cite:" + p.doc, self.seed) >= self.cite_noise:
+            return _cite_for(p)
+        vol, _, page = p.meta["cite"].split()
+        u = _unit("how:" + p.doc, self.seed)
+        year = p.meta.get("year")
+        if u < 0.4:
+            page = str(int(page) + 1 + int(_unit("d:" + p.doc, self.seed) * 40))
+        elif u < 0.7:
+            vol = str(int(vol) + 1 + int(_unit("d:" + p.doc, self.seed) * 3))
+        elif year:
+            year = year + 2 + int(_unit("d:" + p.doc, self.seed) * 5)
+        return f"({p.meta['case_name']}, {vol} U.S. {page}" + (f" ({year})" if year else "") + ")"
+
+    def generate(self, request: GenerationRequest) -> str:
+        cands = self.extractor.candidates(request.question, self.memory)
+        if not cands:
+            return "The Supreme Court has addressed this question in several cases."
+        _, span, p = cands[0]
+        span = span.strip().rstrip(".?!")
+        return f"{span} {self._recall_ref(p)}."

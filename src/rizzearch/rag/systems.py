@@ -1,0 +1,298 @@
+"""The three systems the audit compares: closed-book, naive RAG, verified RAG.
+
+* ``ClosedBook``: the generator sees only the question (no retrieval).
+* ``NaiveRAG``: retrieve ``k`` passages (hybrid BM25 + dense), generate with citations, return whatever
+  came out.
+* ``VerifiedRAG``: retrieve, keep only passages consistent with the entities the question names (its
+  cases, Justices, amendments), generate from those, then check every citation of the answer (it must
+  exist in the index and its passage must support the sentence it is cited for, the audit's own
+  support scorer) and that the answer plus its sources cover the question. If anything fails it
+  abstains, naming what it could not verify. This is the "verify before answering" design whose
+  trade-off (fewer hallucinations, more refusals) the audit measures.
+
+Every answer carries its provenance: passages with scores and ranks, the prompt, the generator, the
+latency, and a ``status`` (``answered``, ``abstained``, ``non_legal``, ``error``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from rizzearch.errors import DataError
+from rizzearch.rag.corpus import Passage
+from rizzearch.rag.generators import GenerationRequest, Generator, build_messages
+from rizzearch.rag.index import Hit, Index
+from rizzearch.rag.text import ORDINALS, content_set, content_tokens, from_roman, weighted_recall, words
+
+SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
+
+LEGAL_TERMS = frozenset(
+    """law laws legal court courts judge judges justice justices constitution constitutional amendment amendments article
+    clause statute statutes statutory code usc u.s.c rule rules federal jurisdiction venue supreme opinion opinions
+    dissent dissented majority holding held case cases precedent plaintiff defendant appellant appellee petitioner
+    respondent trial jury evidence hearsay testimony witness counsel attorney lawyer congress senate senator house
+    representative president vice veto treaty impeachment tax taxes due process equal protection rights right
+    liability contract contracts tort torts patent patents copyright trademark trademarks fair use class action
+    certiorari appeal appeals appellate decided decision ruling overruled overrule remand standing doctrine test
+    prong factor factors elements element claim claims conviction sentence criminal civil prosecution habeas
+    search seizure warrant speech religion press assembly vote voting election elections citizen citizenship
+    state states government powers power commerce""".split()
+)
+
+
+@dataclass
+class Answer:
+    """A system's answer and its provenance.
+
+    Args:
+        system: ``closed_book``, ``naive_rag`` or ``verified_rag``.
+        question: the question asked.
+        text: the answer with inline citations (an abstention message when abstaining).
+        status: ``answered``, ``abstained``, ``non_legal`` or ``error``.
+        passages: retrieved passages (id, ref, score, ranks, text), best first.
+        generator: name of the generator used.
+        prompt: the chat messages sent to the generator.
+        checks: what the verifier checked (verified RAG only).
+        latency_s: wall-clock seconds to answer.
+        error: the error message when ``status == "error"``.
+    """
+
+    system: str
+    question: str
+    text: str
+    status: str = "answered"
+    passages: list[dict] = field(default_factory=list)
+    generator: str = ""
+    prompt: list[dict] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    latency_s: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_question(question) -> str:
+    """The question stripped; DataError if it is not a non-empty string."""
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"question must be a non-empty string, got {question!r}")
+    if len(question) > 4000:
+        raise DataError(f"question is {len(question)} characters long; keep it under 4000")
+    return question.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Entities a question names (used by the verifier and the non-legal check)
+# --------------------------------------------------------------------------------------------
+
+_NAME_STOP = {"v", "of", "the", "and", "for", "co", "inc", "corp", "united", "state", "states", "ex", "rel", "in", "re"}
+_JUSTICE = re.compile(r"\b(?:Chief\s+)?(?:Justice|Judge)\s+((?:[A-Z][a-zA-Z'\-]+\s+){0,2}[A-Z][a-zA-Z'\-]+)")
+_ORD_AMEND = re.compile(r"\b(" + "|".join(o.replace("-", "[- ]") for o in ORDINALS[1:][::-1]) + r")\s+amendment\b", re.I)
+_NUM_AMEND = re.compile(r"\bamendment\s+(\d{1,2}|[IVXL]+)\b|\bamend\.\s*([IVXL]+|\d{1,2})\b", re.I)
+_CASE_IN_Q = re.compile(r"\b([A-Z][\w.'&-]*(?:\s+(?:[A-Z][\w.'&-]*|of|the|and|for|ex|rel\.))*\s+v\.\s+[A-Z][\w.'&-]*(?:\s+(?:[A-Z][\w.'&-]*|of|the|and|for|ex|rel\.))*)")
+
+
+@dataclass(frozen=True)
+class Entity:
+    kind: str  # case | unknown_case | justice | amendment
+    key: str  # doc id, surname, amendment number, or the case name written
+    surface: str
+
+
+def _distinctive(name: str) -> set[str]:
+    return {w for w in content_set(name) if w not in _NAME_STOP and not w.isdigit()}
+
+
+class EntityFinder:
+    """Finds cases (of the corpus, or unknown ones), Justices and amendments named in a question."""
+
+    def __init__(self, passages: list[Passage]):
+        self.cases: dict[str, tuple[str, set[str]]] = {}
+        for p in passages:
+            if p.source == "scotus" and p.doc not in self.cases:
+                self.cases[p.doc] = (p.meta["case_name"], _distinctive(p.meta["case_name"]))
+
+    def find(self, question: str) -> list[Entity]:
+        ents: list[Entity] = []
+        q = content_set(question)
+        matched_names = []
+        for doc, (name, toks) in sorted(self.cases.items()):
+            if toks and toks <= q:
+                ents.append(Entity("case", doc, name))
+                matched_names.append(toks)
+        for m in _CASE_IN_Q.finditer(question):
+            toks = _distinctive(m.group(1))
+            if toks and not any(t <= toks or toks <= t for t in matched_names):
+                ents.append(Entity("unknown_case", m.group(1), m.group(1)))
+        for m in _JUSTICE.finditer(question):
+            surname = m.group(1).split()[-1]
+            ents.append(Entity("justice", surname.lower(), m.group(0)))
+        for m in _ORD_AMEND.finditer(question):
+            n = ORDINALS.index(m.group(1).lower().replace(" ", "-"))
+            ents.append(Entity("amendment", str(n), m.group(0)))
+        for m in _NUM_AMEND.finditer(question):
+            raw = m.group(1) or m.group(2)
+            n = int(raw) if raw.isdigit() else from_roman(raw)
+            if n:
+                ents.append(Entity("amendment", str(n), m.group(0)))
+        return ents
+
+
+def entity_in(e: Entity, p: Passage) -> bool:
+    """Whether passage ``p`` is about / mentions entity ``e``."""
+    text = p.text.lower()
+    if e.kind == "case":
+        return p.doc == e.key
+    if e.kind == "unknown_case":
+        return _distinctive(e.key) <= (content_set(p.text) | content_set(p.title))
+    if e.kind == "justice":
+        return re.search(rf"\b{re.escape(e.key)}\b", text) is not None
+    if e.kind == "amendment":
+        n = int(e.key)
+        if p.meta.get("amendment") == n:
+            return True
+        return 0 < n < len(ORDINALS) and f"{ORDINALS[n]} amendment" in text.replace("-", "-")
+    return False
+
+
+def is_legal_question(question: str, entities: list[Entity]) -> bool:
+    """A question is legal if it names a case/Justice/amendment or uses legal vocabulary."""
+    if entities:
+        return True
+    toks = set(words(question))
+    return bool(toks & LEGAL_TERMS) or bool(re.search(r"§|\bU\.\s?S\.|\bv\.\s", question))
+
+
+NON_LEGAL_TEXT = "This does not look like a legal question, so I will not answer it from the legal sources."
+
+
+# --------------------------------------------------------------------------------------------
+# Systems
+# --------------------------------------------------------------------------------------------
+
+
+class System:
+    name = "system"
+
+    def answer(self, question: str) -> Answer:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ClosedBook(System):
+    """No retrieval: the generator answers from what it knows."""
+
+    name = "closed_book"
+
+    def __init__(self, generator: Generator, entity_finder: EntityFinder | None = None):
+        self.generator = generator
+        self.entities = entity_finder
+
+    def answer(self, question: str) -> Answer:
+        question = check_question(question)
+        t0 = time.perf_counter()
+        msgs = build_messages(question, [], closed_book=True)
+        text = self.generator.generate(GenerationRequest(question, [], msgs))
+        return Answer(self.name, question, text, "answered", [], self.generator.name, msgs,
+                      latency_s=time.perf_counter() - t0)
+
+
+class NaiveRAG(System):
+    """Retrieve ``k`` passages, generate with citations, return the result as is."""
+
+    name = "naive_rag"
+
+    def __init__(self, index: Index, generator: Generator, k: int = 4, mode: str = "hybrid"):
+        self.index, self.generator, self.k, self.mode = index, generator, k, mode
+        self.entities = EntityFinder(index.passages)
+
+    def retrieve(self, question: str) -> list[Hit]:
+        return self.index.search(question, self.k, self.mode)
+
+    def answer(self, question: str) -> Answer:
+        question = check_question(question)
+        t0 = time.perf_counter()
+        if not is_legal_question(question, self.entities.find(question)):
+            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", generator=self.generator.name,
+                          latency_s=time.perf_counter() - t0)
+        hits = self.retrieve(question)
+        msgs = build_messages(question, [h.passage for h in hits])
+        text = self.generator.generate(GenerationRequest(question, [h.passage for h in hits], msgs))
+        return Answer(self.name, question, text, "answered", [h.to_dict() for h in hits], self.generator.name, msgs,
+                      latency_s=time.perf_counter() - t0)
+
+
+class VerifiedRAG(NaiveRAG):
+    """Naive RAG plus entity filtering, citation existence/support checks and a coverage check; abstains on failure.
+
+    Args:
+        index: the retrieval index.
+        generator: the generator under test.
+        k: passages retrieved.
+        mode: retrieval mode.
+        support_threshold: minimum support score of every cited proposition (audit scorer).
+        min_coverage: minimum IDF-weighted share of the question's words found in the answer and its sources.
+    """
+
+    name = "verified_rag"
+
+    def __init__(self, index: Index, generator: Generator, k: int = 4, mode: str = "hybrid",
+                 support_threshold: float = 0.6, min_coverage: float = 0.6):
+        super().__init__(index, generator, k, mode)
+        self.support_threshold, self.min_coverage = support_threshold, min_coverage
+        from rizzearch.audit.citations import build_authorities
+
+        self.auth = build_authorities(index.passages)
+
+    def _abstain(self, question, reason, hits, msgs, t0, checks) -> Answer:
+        text = f"I cannot answer this reliably from the sources I found: {reason}."
+        return Answer(self.name, question, text, "abstained", [h.to_dict() for h in hits], self.generator.name, msgs,
+                      {**checks, "reason": reason}, time.perf_counter() - t0)
+
+    def answer(self, question: str) -> Answer:
+        from rizzearch.audit.citations import EXISTS, check_existence
+        from rizzearch.audit.labels import _idf, propositions, support_score
+
+        question = check_question(question)
+        t0 = time.perf_counter()
+        ents = self.entities.find(question)
+        if not is_legal_question(question, ents):
+            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", generator=self.generator.name,
+                          latency_s=time.perf_counter() - t0)
+        hits = self.retrieve(question)
+        checks: dict = {"entities": [e.surface for e in ents]}
+        kept = [h for h in hits if all(entity_in(e, h.passage) for e in ents)]
+        if not kept:
+            missing = [e.surface for e in ents if not any(entity_in(e, h.passage) for h in hits)] or [e.surface for e in ents]
+            return self._abstain(question, "no retrieved source mentions " + " together with ".join(missing), hits, [], t0, checks)
+        msgs = build_messages(question, [h.passage for h in kept])
+        text = self.generator.generate(GenerationRequest(question, [h.passage for h in kept], msgs))
+        props = [p for p in propositions(text) if p["citations"]]
+        if not props:
+            return self._abstain(question, "the draft answer cites no source", kept, msgs, t0, checks)
+        cited: list[str] = []
+        scores = []
+        for prop in props:
+            for c in prop["citations"]:
+                verdict, detail, pids = check_existence(c, self.auth)
+                if verdict != EXISTS:
+                    return self._abstain(question, f"the cited authority {c.normalized} could not be found ({detail})", kept, msgs, t0, checks)
+                sc = support_score(prop["claim"], pids, self.auth)
+                scores.append(round(sc, 4))
+                if sc < self.support_threshold:
+                    return self._abstain(question, f"{c.normalized} does not support the statement it is cited for", kept, msgs, t0,
+                                         {**checks, "support": scores})
+                cited += pids
+        idf, dflt = _idf(self.auth)
+        have = set().union(*(content_set(p["claim"]) for p in props))
+        for pid in cited[:20]:
+            p = self.auth.by_id.get(pid)
+            if p is not None:
+                have |= content_set(p.title)
+        cov = weighted_recall(set(content_tokens(question)), have, idf, dflt)
+        checks.update(support=scores, coverage=round(cov, 4))
+        if cov < self.min_coverage:
+            return self._abstain(question, "the sources found do not clearly address the question", kept, msgs, t0, checks)
+        return Answer(self.name, question, text, "answered", [h.to_dict() for h in kept], self.generator.name, msgs, checks,
+                      time.perf_counter() - t0)
