@@ -1,7 +1,7 @@
 """GPT: the transformer baseline every study compares against.
 
 Pre-norm decoder-only transformer (Radford et al. 2019) with rotary position embeddings
-(Su et al. 2021, RoFormer), RMSNorm, a GELU MLP, and causal attention through
+(Su et al. 2021, RoFormer, eq. 34: consecutive pairs rotated as complex numbers), RMSNorm, a GELU MLP, and causal attention through
 ``torch.nn.functional.scaled_dot_product_attention`` (``rizzearch.ops.attention``).
 
 Deviations from GPT-2: RoPE instead of learned positions (so any T works with no maximum
@@ -65,18 +65,17 @@ class GPTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for integer ``positions[B, T]`` -> two (B, 1, T, head_dim/2) tensors."""
+def rope_angles(positions: Tensor, head_dim: int, base: float) -> Tensor:
+    """Unit complex rotations e^{i p theta_j} for integer ``positions[B, T]`` -> (B, 1, T, head_dim/2)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
-    return angles.cos()[:, None], angles.sin()[:, None]
+    return torch.polar(torch.ones_like(angles), angles)[:, None]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) by the position angle. x: (B, H, T, Dh)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x.dtype)
+def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2j], x[2j+1]) of x (B, H, T, Dh) by the complex ``rot``."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, Dh/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -87,10 +86,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope_base = cfg.rope_base
 
-    def forward(self, x, cos, sin, cache_k, cache_v, key_valid, query_start):
+    def forward(self, x, rot, cache_k, cache_v, key_valid, query_start):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        q, k = apply_rope(qkv[:2], rot).unbind(0)  # q and k rotated in one op
+        v = qkv[2]
         if cache_k is not None and cache_k.shape[2] > 0:
             k = torch.cat([cache_k, k], dim=2)  # (B, H, S+T, Dh)
             v = torch.cat([cache_v, v], dim=2)
@@ -119,8 +119,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, key_valid, query_start):
-        a, k, v = self.attn(self.norm1(x), cos, sin, cache_k, cache_v, key_valid, query_start)
+    def forward(self, x, rot, cache_k, cache_v, key_valid, query_start):
+        a, k, v = self.attn(self.norm1(x), rot, cache_k, cache_v, key_valid, query_start)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, k, v
@@ -189,13 +189,13 @@ class GPT(CausalLM):
         S = prev_valid.shape[1]
         key_valid = torch.cat([prev_valid, mask], dim=1)  # (B, S+T)
         simple = attention_mask is None and (state is None or bool(prev_valid.all()))
-        cos, sin = rope_cos_sin(positions, cfg.d_model // cfg.n_head, cfg.rope_base)
+        rot = rope_angles(positions, cfg.d_model // cfg.n_head, cfg.rope_base)  # (B, 1, T, Dh/2)
         x = self.embed(tokens)  # (B, T, C)
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             ck = state["k"][i] if state is not None else None
             cv = state["v"][i] if state is not None else None
-            x, k, v = block(x, cos, sin, ck, cv, None if simple else key_valid, S)
+            x, k, v = block(x, rot, ck, cv, None if simple else key_valid, S)
             new_k.append(k)
             new_v.append(v)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -1,0 +1,39 @@
+# rizzearch: two commands on a fresh machine.
+#   make demo   reproduce the five papers' main claims (quick mode) and write one report
+#   make test   run the test suite (CPU; includes the parity tests against the reference packages)
+# Each target installs what it needs into .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# the CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[rag,anchors,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/rizz reproduce --out $(OUT)
+
+test: install
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m "" --durations=20 $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/rizz bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
