@@ -32,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("rizzearch.reproduce.run:reproduce", "Reproduce the papers' main claims (all studies, or one) and write a report."),
 }
 
+# Optional positional arguments: `rizz reproduce rwkv` means `rizz reproduce --study rwkv`.
+OPTIONAL_POSITIONAL: dict[str, str] = {"reproduce": "study", "bench": "names"}
+
 # The resolved config of the running command (YAML text); run folders save it as config.yaml.
 RESOLVED_CONFIG: contextvars.ContextVar[str | None] = contextvars.ContextVar("RESOLVED_CONFIG", default=None)
 
@@ -105,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"rizz: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if command in OPTIONAL_POSITIONAL and rest and not rest[0].startswith("-"):
+        key = OPTIONAL_POSITIONAL[command]
+        values = []
+        while rest and not rest[0].startswith("-"):
+            values.append(rest.pop(0))
+        rest = [f"--{key}", values[0] if key != "names" else "[" + ",".join(values) + "]", *rest]
     try:
         run_command(command, rest)
     except RizzError as e:

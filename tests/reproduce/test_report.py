@@ -1,0 +1,94 @@
+"""rizz reproduce: the orchestrator (failure isolation, resume) and the report builder."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from rizzearch.errors import ConfigError, DataError
+from rizzearch.reproduce import run as rr
+from rizzearch.reproduce.common import Claim, read_results, validate_results, write_results
+from rizzearch.reproduce.report import build_report
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+OK_STUDY = textwrap.dedent('''
+    from pathlib import Path
+    from rizzearch.reproduce.common import Claim, write_results
+
+    def run(out_dir, *, full=False, tiny=False, device="cpu", seed=0):
+        counter = Path(out_dir) / "runs.txt"
+        counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+        (Path(out_dir) / "plot.png").write_bytes(bytes.fromhex("{png}"))
+        return write_results(out_dir, "fake_ok", [Claim("c1", "X beats Y", 0.9, 0.95, True), Claim("c2", "Z is small", "<5%", "7%", False)],
+                             {{"accuracy": 0.95, "nested": {{"loss": 1.5}}}})
+''').format(png=PNG.hex())
+BAD_STUDY = "def run(out_dir, **kw):\n    raise RuntimeError('the model diverged at step 7')\n"
+
+
+@pytest.fixture
+def fake_studies(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakestudies"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good.py").write_text(OK_STUDY)
+    (pkg / "bad.py").write_text(BAD_STUDY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + ":" + __import__("os").environ.get("PYTHONPATH", ""))
+    studies = {"good": rr.Study("good", "fakestudies.good", "Good paper (2024)", 1), "bad": rr.Study("bad", "fakestudies.bad", "Bad paper (2024)", 1)}
+    monkeypatch.setattr(rr, "STUDIES", studies)
+    return studies
+
+
+def test_failed_study_is_reported_and_others_run_then_resume(fake_studies, tmp_path):
+    out = tmp_path / "run"
+    combined = rr.reproduce(out=str(out), parity=False)
+    assert [c["id"] for c in combined["claims"]] == ["good/c1", "good/c2"]
+    assert combined["metrics"]["studies"]["bad"]["status"] == "failed"
+    assert "diverged at step 7" in combined["metrics"]["studies"]["bad"]["error"]
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for text in (html, md):
+        assert "Good paper (2024)" in text and "Bad paper (2024)" in text
+        assert "diverged at step 7" in text
+        assert "rizz reproduce good --out runs/good" in text
+    assert "data:image/png;base64," in html
+    assert "![plot](good/plot.png)" in md
+    validate_results(json.loads((out / "results.json").read_text()))
+    # resume: the finished study is not rerun, the failed one is retried
+    rr.reproduce(out=str(out), parity=False)
+    assert (out / "good" / "runs.txt").read_text() == "1"
+    rr.reproduce(out=str(out), parity=False, force=True)
+    assert (out / "good" / "runs.txt").read_text() == "2"
+
+
+def test_single_study_writes_into_out(fake_studies, tmp_path):
+    rr.reproduce(study="good", out=str(tmp_path / "one"), parity=False)
+    assert read_results(tmp_path / "one" / "results.json")["study"] == "fake_ok"
+    with pytest.raises(ConfigError, match="unknown study"):
+        rr.reproduce(study="nope", out=str(tmp_path / "x"))
+
+
+def test_report_from_stored_results(tmp_path):
+    for name, holds in (("xlstm", True), ("rwkv", False)):
+        write_results(tmp_path / name, name, [Claim("a", f"{name} claim", 1, 2, holds)], {"m": 1.0})
+        (tmp_path / name / "fig.png").write_bytes(PNG)
+    statuses = [{"study": "xlstm", "status": "ok", "seconds": 12.0}, {"study": "rwkv", "status": "ok", "seconds": 30.0}]
+    data = build_report(tmp_path, statuses, {"status": "ok", "passed": 3, "total": 3, "tests": [{"test": "t::x", "outcome": "passed", "seconds": 1}]}, 42.0)
+    assert {c["study"] for c in data["claims"]} == {"xlstm", "rwkv"}
+    md = (tmp_path / "report.md").read_text()
+    assert "| xlstm claim | 1 | 2 | yes |" in md and "| rwkv claim | 1 | 2 | **no** |" in md
+    assert "3/3 parity tests passed" in md
+    assert "rizz reproduce rwkv --out runs/rwkv" in md
+
+
+def test_results_schema_is_enforced(tmp_path):
+    with pytest.raises(DataError, match="holds"):
+        validate_results({"study": "s", "claims": [{"id": 1, "statement": "", "paper_value": 1, "our_value": 1, "holds": "yes"}], "metrics": {}, "environment": {}})
+    with pytest.raises(DataError, match="missing field 'metrics'"):
+        validate_results({"study": "s", "claims": [], "environment": {}})
+    (tmp_path / "results.json").write_text("{oops")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_results(tmp_path / "results.json")
