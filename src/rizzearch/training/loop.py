@@ -255,7 +255,7 @@ def train(
 
     result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "val_loss" in r])
     log_file = open(metrics_path, "a") if info.is_main else None
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     tokens_seen = 0
