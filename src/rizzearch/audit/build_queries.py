@@ -51,7 +51,7 @@ _COURT_WORDS = set(_STATES) | set("""United States District Court Courts of for 
 Eastern Western Middle Claims Criminal Superior Appellate Department County Customs State First Second Third Fourth
 Fifth Sixth Seventh Eighth Ninth Tenth Eleventh""".split())
 
-# (question, gold span as written in the Constitution text, category)
+# (question, gold span as written in the Constitution text, category[, aliases])
 CONST_CURATED = [
     ("How long is the term of a United States Senator?", "six Years", "general"),
     ("What is the minimum age for a member of the House of Representatives?", "twenty five Years", "general"),
@@ -86,7 +86,8 @@ CONST_CURATED = [
     ("From which state and district must the jury in a federal criminal prosecution be drawn?", "State and district wherein the crime shall have been committed", "jurisdiction_time"),
     ("Above what amount in controversy does the Seventh Amendment preserve the right of trial by jury?", "twenty dollars", "jurisdiction_time"),
     ("How often must the enumeration (census) of the population be made?", "within every subsequent Term of ten Years", "jurisdiction_time"),
-    ("Who becomes President if the President is removed from office, dies or resigns?", "the Vice President shall become President", "general"),
+    ("Who becomes President if the President is removed from office, dies or resigns?", "the Vice President shall become President", "general",
+     ["shall devolve on the Vice President"]),
 ]
 
 WRONG_AMENDMENT = [
@@ -150,7 +151,8 @@ def build_queries() -> list[dict]:
     by_doc_prefix: dict[str, list] = {}
     for p in const:
         parts = p.id.split("/")
-        key = "/".join(parts[:2]) if parts[1].startswith("amend") else "/".join(parts[:3])
+        by_section = parts[1].startswith("art") and len(parts) > 2 and parts[2].startswith("s")
+        key = "/".join(parts[:3]) if by_section else "/".join(parts[:2])
         by_doc_prefix.setdefault(key, []).append(p)
     for key, group in by_doc_prefix.items():
         p = group[0]
@@ -162,12 +164,15 @@ def build_queries() -> list[dict]:
         where = f"the {ORDINALS[p.meta['amendment']].capitalize()} Amendment" if "amendment" in p.meta else p.title.split(":")[0]
         out.append(_q(f"const_text-{p.id.replace('/', '_')}", "general", "const_text",
                       f"What does {where} of the U.S. Constitution provide about {heading.lower()}?", p.text, [p.id]))
-    for i, (question, span, cat) in enumerate(CONST_CURATED, 1):
+    for i, (question, span, cat, *alias) in enumerate(CONST_CURATED, 1):
         hits = [p.id for p in const if span in p.text]
         if len(hits) < 1:
             raise AssertionError(f"curated span not found in the Constitution: {span!r}")
         fam = "const_curated" if cat == "general" else "const_time"
-        out.append(_q(f"{fam}-{i:02d}", cat, fam, question, span, hits[:3]))
+        alias = alias[0] if alias else []
+        for a in alias:
+            hits += [p.id for p in const if a in p.text and p.id not in hits]
+        out.append(_q(f"{fam}-{i:02d}", cat, fam, question, span, hits[:3], aliases=alias))
 
     # ---------------- Supreme Court opinions
     metas = sorted((p for p in ps if p.id.endswith("/meta")), key=lambda p: p.id)

@@ -316,4 +316,5 @@ def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, 
         exp = _expected_us_year(auth, c.volume)
         if c.year is not None and exp is not None and abs(exp - c.year) > 4:
             return NONEXISTENT, f"volume {c.volume} of the U.S. Reports is from about {round(exp)}, not {c.year}", []
-    return _reporter_check(c)
+    verdict, detail = _reporter_check(c)
+    return verdict, detail, []

@@ -242,7 +242,8 @@ def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> lis
             facts.append(f"In {case}, Justice {author} delivered the opinion of the Court.")
         else:
             facts.append(f"{case} was decided per curiam, without an opinion signed by a named Justice.")
-        out.append(Passage(f"{doc}/meta", "scotus", ref, case, " ".join(facts), dict(meta)))
+        title = f"{case} ({year})" if year else case
+        out.append(Passage(f"{doc}/meta", "scotus", ref, title, " ".join(facts), dict(meta)))
         chunks: list[str] = []
         cur = ""
         for s in split_sentences(raw):
@@ -253,7 +254,7 @@ def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> lis
         if cur:
             chunks.append(cur)
         for i, text in enumerate(chunks):
-            out.append(Passage(f"{doc}/c{i:02d}", "scotus", ref, case, text, dict(meta)))
+            out.append(Passage(f"{doc}/c{i:02d}", "scotus", ref, title, text, dict(meta)))
     if not out:
         raise DataError(f"{index}: no opinions listed")
     return out

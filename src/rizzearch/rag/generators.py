@@ -239,8 +239,8 @@ def _cite_for(p: Passage) -> str:
 class ExtractiveGenerator:
     """Answer with the sentence of the given passages that best covers the question.
 
-    Score of a sentence = IDF-weighted share of the question's content words it contains (plus the
-    passage title's words, at half weight), minus ``rank_penalty`` per retrieval rank. When a passage
+    Score of a sentence = IDF-weighted share of the question's content words found in the sentence or
+    its passage heading, minus ``rank_penalty`` per retrieval rank. When a passage
     title covers the question well (a rule_qa item asking exactly this), the whole passage is the
     answer. Every answer cites its passage. It never abstains: deciding *not* to answer is the job of
     the verified system.
@@ -269,7 +269,8 @@ class ExtractiveGenerator:
     def candidates(self, question: str, passages: list[Passage]) -> list[tuple[float, str, Passage]]:
         """All (score, span, passage), best first (stable order for ties).
 
-        score = coverage of the question's words (IDF-weighted) + 0.1 x precision (share of the
+        score = coverage of the question's words (IDF-weighted) by the sentence read with its passage
+        heading (case name and year, or the Constitution's article/section heading) + 0.1 x precision (share of the
         sentence's words that are question words, so shorter on-topic sentences win ties)
         - rank_penalty x retrieval rank.
         """
@@ -284,8 +285,9 @@ class ExtractiveGenerator:
                 if title_cov >= 0.6:
                     out.append((title_cov + 1.0 - pen, p.text[: self.max_chars], p))
                     continue
+            title = content_set(p.title)
             for s, toks in self._sentences(p):
-                cov = weighted_recall(q, toks, idf, dflt)
+                cov = weighted_recall(q, toks | title, idf, dflt)
                 prec = len(q & toks) / max(1, len(toks))
                 out.append((cov + 0.1 * prec - pen, s[: self.max_chars], p))
         out.sort(key=lambda x: -x[0])

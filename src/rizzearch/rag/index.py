@@ -56,9 +56,9 @@ class Hit:
 def corpus_sha256(passages: list[Passage]) -> str:
     h = hashlib.sha256()
     for p in passages:
-        h.update(p.id.encode())
-        h.update(b"\0")
-        h.update(p.text.encode())
+        for part in (p.id, p.ref, p.title, p.text):
+            h.update(part.encode())
+            h.update(b"\0")
         h.update(b"\1")
     return h.hexdigest()
 
@@ -128,7 +128,7 @@ class Index:
                                  [(i, vecs[i].tobytes()) for i in range(len(passages))])
             meta = {"schema_version": SCHEMA_VERSION, "n_passages": str(len(passages)),
                     "corpus_sha256": corpus_sha256(passages),
-                    "embed_model": getattr(embedder, "name", "") if vecs is not None else "",
+                    "embed_model": _embed_id(embedder) if vecs is not None else "",
                     "dim": str(vecs.shape[1]) if vecs is not None else "0"}
             conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", sorted(meta.items()))
             conn.commit()
@@ -234,6 +234,11 @@ class Index:
         scored.sort(key=lambda x: (-x[0], x[1]))
         return [Hit(self.passages[r], s, brank.get(r), drank.get(r)) for s, r in scored[:k]]
 
+    def prime(self, questions: list[str]) -> None:
+        """Batch-encode ``questions`` for dense retrieval ahead of time (no-op without vectors)."""
+        if self.vectors is not None and questions:
+            self.embedder.prime(list(questions))
+
     # ------------------------------------------------------------------ lookups used by the audit
     def doc_passages(self, doc: str) -> list[Passage]:
         return [p for p in self.passages if p.doc == doc or p.doc.startswith(doc + "/")]
@@ -254,7 +259,8 @@ def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild
     if path.is_file() and not rebuild:
         try:
             idx = Index.open(path)
-            if idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense):
+            fresh_vectors = not idx.has_dense or idx.meta.get("embed_model") == _embed_id(None)
+            if idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense) and fresh_vectors:
                 return idx
             idx.close()
         except DataError:
@@ -262,4 +268,9 @@ def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild
     return Index.build(path, passages, dense=dense, progress=progress)
 
 
-_ID_RE = re.compile(r"^[a-z]+/[\w/]+$")
+def _embed_id(embedder) -> str:
+    """Name + settings of the encoder, stored in the index so stale vectors get rebuilt."""
+    from rizzearch.rag import embed
+
+    name = getattr(embedder, "name", embed.MODEL_NAME) if embedder is not None else embed.MODEL_NAME
+    return f"{name}@max_seq={embed.MAX_SEQ_LEN}"

@@ -296,3 +296,57 @@ class VerifiedRAG(NaiveRAG):
             return self._abstain(question, "the sources found do not clearly address the question", kept, msgs, t0, checks)
         return Answer(self.name, question, text, "answered", [h.to_dict() for h in kept], self.generator.name, msgs, checks,
                       time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# Factory used by the CLI, the audit and the study
+# --------------------------------------------------------------------------------------------
+
+
+def make_generator(spec: str, index: Index | None, *, closed_book: bool = False, seed: int = 0,
+                   base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+                   timeout: float = 60.0, retries: int = 2, max_new_tokens: int = 64, device: str = "cpu") -> Generator:
+    """A generator from a short spec.
+
+    ``extractive`` (default): the deterministic extractive answerer, or for closed-book the
+    parametric-memory stand-in (``memory``) trained on the index's passages; ``endpoint``: an
+    OpenAI-compatible server; ``checkpoint:PATH``: a model of our registry.
+    """
+    from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator, ExtractiveGenerator, MemoryGenerator
+    from rizzearch.rag.text import idf_table
+
+    if spec in ("extractive", "memory"):
+        if index is None:
+            raise DataError(f"generator {spec!r} needs the index (its passages)")
+        if closed_book or spec == "memory":
+            return MemoryGenerator(index.passages, seed=seed)
+        return ExtractiveGenerator(idf=_index_idf(index))
+    if spec == "endpoint":
+        return EndpointGenerator(base_url, model, api_key, timeout=timeout, retries=retries)
+    if spec.startswith("checkpoint:"):
+        return CheckpointGenerator(spec.split(":", 1)[1], max_new_tokens=max_new_tokens, device=device)
+    raise DataError(f"unknown generator {spec!r}; use extractive, memory, endpoint or checkpoint:PATH")
+
+
+def _index_idf(index: Index) -> dict:
+    cached = getattr(index, "_idf_cache", None)
+    if cached is None:
+        from rizzearch.rag.text import idf_table
+
+        cached = idf_table(p.text for p in index.passages)
+        index._idf_cache = cached
+    return cached
+
+
+def make_system(name: str, index: Index, generator: Generator | str = "extractive", *, k: int = 4, mode: str = "hybrid",
+                seed: int = 0, **gen_kwargs) -> System:
+    """``closed_book``, ``naive_rag`` or ``verified_rag`` over ``index`` with ``generator`` (object or spec)."""
+    if name not in SYSTEMS:
+        raise DataError(f"unknown system {name!r}; choose from {list(SYSTEMS)}")
+    if isinstance(generator, str):
+        generator = make_generator(generator, index, closed_book=name == "closed_book", seed=seed, **gen_kwargs)
+    if name == "closed_book":
+        return ClosedBook(generator)
+    if name == "naive_rag":
+        return NaiveRAG(index, generator, k, mode)
+    return VerifiedRAG(index, generator, k, mode)

@@ -1,0 +1,104 @@
+"""``rizz audit``: run systems over the query set, label, report (resumable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rizzearch.errors import ConfigError, DataError
+
+
+def audit(
+    system: list[str] = ["closed_book", "naive_rag", "verified_rag"],  # noqa: B006 (jsonargparse default)
+    out: str = "runs/audit",
+    index: str | None = None,
+    generator: str = "extractive",
+    queries: str | None = None,
+    categories: list[str] | None = None,
+    limit: int | None = None,
+    k: int = 4,
+    mode: str = "hybrid",
+    dense: bool = True,
+    resume: bool = True,
+    base_url: str | None = None,
+    model: str | None = None,
+    timeout: float = 60.0,
+    retries: int = 2,
+    judge: bool = False,
+    judge_runs: int = 3,
+    human_sheet: str | None = None,
+    second_human_sheet: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run the Magesh et al. hallucination audit over RAG systems and write a report.
+
+    Args:
+        system: systems to audit: closed_book, naive_rag, verified_rag.
+        out: run folder (answers.jsonl, labels.jsonl, metrics.json, report.md/html, chart, label sheet).
+        index: index file (default $RIZZ_CACHE/legal_rag_index.sqlite; built if missing or stale).
+        generator: extractive (deterministic default), memory, endpoint, or checkpoint:PATH.
+        queries: a JSONL query file (default: the bundled 210-query set).
+        categories: only these categories (general, jurisdiction_time, false_premise, factual_recall).
+        limit: at most this many queries per category.
+        k: passages retrieved per question.
+        mode: retrieval mode: hybrid, bm25 or dense.
+        dense: build the index with dense vectors (needed for hybrid/dense).
+        resume: keep finished answers in OUT and only answer the rest.
+        base_url: OpenAI-compatible endpoint for generator=endpoint or the judge (or RIZZ_LLM_BASE_URL).
+        model: model name at the endpoint (or RIZZ_LLM_MODEL).
+        timeout: seconds per endpoint request.
+        retries: endpoint retries after connection errors, 429 and 5xx.
+        judge: also judge support with the LLM at base_url (run judge_runs times; spread reported).
+        judge_runs: number of judge runs per citation.
+        human_sheet: a filled-in label sheet CSV: report Cohen's kappa between it and the automatic labels.
+        second_human_sheet: a second rater's sheet: report kappa between the two humans.
+        n_boot: bootstrap resamples for the 95% intervals.
+        seed: seed of the bootstrap and of the closed-book memory.
+        progress: show a progress bar.
+    """
+    from rizzearch.audit.citations import build_authorities
+    from rizzearch.audit.human import agreement, export_sheet, import_sheet
+    from rizzearch.audit.queries import load_queries
+    from rizzearch.audit.report import write_report
+    from rizzearch.audit.runner import run_audit
+    from rizzearch.rag.index import open_or_build
+    from rizzearch.rag.systems import SYSTEMS, make_system
+
+    bad = [s for s in system if s not in SYSTEMS]
+    if bad or not system:
+        raise ConfigError(f"--system: unknown {bad or system}; choose from {list(SYSTEMS)}")
+    qs = load_queries(queries, categories=categories, limit=limit)
+    if not qs:
+        raise DataError("no queries selected (check --categories / --limit / --queries)")
+    idx = open_or_build(index, dense=dense and mode != "bm25", progress=progress)
+    auth = build_authorities(idx.passages)
+    gen_kw = dict(base_url=base_url, model=model, timeout=timeout, retries=retries)
+    systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed,
+                              **(gen_kw if generator == "endpoint" else {})) for s in system}
+    j = None
+    if judge:
+        from rizzearch.audit.judge import LLMJudge
+        from rizzearch.rag.generators import EndpointGenerator
+
+        j = LLMJudge(EndpointGenerator(base_url, model, timeout=timeout, retries=retries), runs=judge_runs)
+    res = run_audit(systems, qs, out, resume=resume, progress=progress, authorities=auth, judge=j, n_boot=n_boot, seed=seed)
+    rows, metrics = res["rows"], res["metrics"]
+    export_sheet(rows, Path(out) / "label_sheet.csv", auth.by_id)
+    extra = ""
+    if human_sheet:
+        auto = {(r["system"], r["query_id"]): r for r in rows if r.get("status") != "error"}
+        h1 = import_sheet(human_sheet, expected=sorted(auto))
+        metrics["human_agreement"] = {"auto_vs_human": agreement(auto, h1)}
+        if second_human_sheet:
+            h2 = import_sheet(second_human_sheet, expected=sorted(auto))
+            metrics["human_agreement"]["human_vs_human"] = agreement(h1, h2)
+        extra = "## Agreement with human labels\n\n```\n" + json.dumps(metrics["human_agreement"], indent=1) + "\n```\n"
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    paths = write_report(out, metrics, rows, extra_md=extra)
+    summary = {s: {k2: e["overall"][k2]["rate"] for k2 in ("accurate", "incomplete", "hallucinated")}
+               for s, e in metrics["systems"].items()}
+    print(json.dumps({"out": str(out), "new_answers": res["new_answers"], "reused_answers": res["reused_answers"],
+                      "summary": summary, **paths}, indent=1))
+    return metrics

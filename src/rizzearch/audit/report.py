@@ -1,0 +1,180 @@
+"""The audit report: Markdown and HTML tables, a stacked bar chart like Magesh et al.'s Figure 1, and
+example failures of each type.
+
+The chart draws one horizontal bar per system split into accurate / incomplete / hallucinated
+(shares of all queries), with the paper's four systems underneath for reference.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+# Magesh et al. 2024, Figure 1 / Table 2: share of all queries (accurate, incomplete, hallucinated).
+PAPER = {
+    "Lexis+ AI": (0.65, 0.18, 0.17),
+    "Westlaw AI-Assisted Research": (0.42, 0.25, 0.33),
+    "Ask Practical Law AI": (0.20, 0.63, 0.17),
+    "GPT-4 (closed-book)": (0.49, 0.08, 0.43),
+}
+COLORS = {"accurate": "#4c9a2a", "incomplete": "#b8b8b8", "hallucinated": "#c0392b"}
+FAILURES = {
+    "incorrect": lambda r: r["correctness"] == "incorrect",
+    "misgrounded": lambda r: r["groundedness"] == "misgrounded",
+    "refusal / abstention": lambda r: r["correctness"] == "refusal" or r.get("status") == "abstained",
+    "ungrounded": lambda r: r["groundedness"] == "ungrounded",
+    "nonexistent citation": lambda r: any(c["existence"] == "nonexistent" for c in r.get("citations", [])),
+}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(d: dict) -> str:
+    return f"{_pct(d['rate'])} [{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]"
+
+
+def plot(metrics: dict, path: str | Path, include_paper: bool = True) -> Path:
+    """Stacked horizontal bars (accurate / incomplete / hallucinated) per system; PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, vals = [], []
+    for s, e in metrics["systems"].items():
+        o = e["overall"]
+        names.append(f"{s} (ours)")
+        vals.append(tuple(o[k]["rate"] for k in ("accurate", "incomplete", "hallucinated")))
+    if include_paper:
+        for s, v in PAPER.items():
+            names.append(f"{s} (paper)")
+            vals.append(v)
+    fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(names) + 1.4))
+    y = list(range(len(names)))[::-1]
+    left = [0.0] * len(names)
+    for i, lab in enumerate(("accurate", "incomplete", "hallucinated")):
+        w = [v[i] for v in vals]
+        ax.barh(y, w, left=left, color=COLORS[lab], label=lab.capitalize(), edgecolor="white", height=0.7)
+        for yy, l0, ww in zip(y, left, w):
+            if ww >= 0.06:
+                ax.text(l0 + ww / 2, yy, f"{100 * ww:.0f}%", ha="center", va="center", fontsize=8, color="white")
+        left = [a + b for a, b in zip(left, w)]
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of all queries")
+    ax.set_title("Accurate / incomplete / hallucinated responses (after Magesh et al. 2024, Fig. 1)", fontsize=10)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.45 if len(names) < 6 else -0.3), ncol=3, frameon=False, fontsize=9)
+    if include_paper and metrics["systems"]:
+        ax.axhline(len(PAPER) - 0.5, color="black", lw=0.6, ls="--")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def examples(rows: list[dict], per_type: int = 1) -> dict:
+    """First ``per_type`` rows of each failure type per system (file order, so stable)."""
+    out: dict = {}
+    for name, pred in FAILURES.items():
+        got = []
+        for s in sorted({r["system"] for r in rows}):
+            got += [r for r in rows if r["system"] == s and r.get("status") != "error" and pred(r)][:per_type]
+        out[name] = got
+    return out
+
+
+def _example_md(r: dict) -> str:
+    cites = "; ".join(f"`{c['normalized']}` ({c['existence']}" + ("" if c.get("supported") is None else
+                      f", support {c['support_score']}") + ")" for c in r.get("citations", [])) or "none"
+    return (f"- **{r['system']}** · `{r['query_id']}` ({r['category']}): {r['question']}\n"
+            f"  - gold: {r['gold_answer'][:200]}\n  - answer: {r['answer'][:400]}\n"
+            f"  - labels: {r['correctness']} / {r['groundedness']} -> **{r['label']}**; citations: {cites}\n")
+
+
+def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: str = "Legal RAG hallucination audit",
+                 extra_md: str = "") -> dict:
+    """Write ``report.md``, ``report.html`` and ``audit_chart.png`` into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chart = plot(metrics, out / "audit_chart.png")
+    lines = [f"# {title}", "", f"{metrics.get('n_queries', '?')} queries; rates in % of all queries with bootstrap 95% "
+             f"intervals ({metrics.get('n_boot')} resamples, seed {metrics.get('seed')}).", "",
+             "![stacked bar chart](audit_chart.png)", "", "## Overall", "",
+             "| system | accurate | incomplete | hallucinated | hallucinated among answered | answered | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for s, e in metrics["systems"].items():
+        o = e["overall"]
+        lines.append(f"| {s} | {_cell(o['accurate'])} | {_cell(o['incomplete'])} | {_cell(o['hallucinated'])} | "
+                     f"{_cell(o['hallucinated_among_answered'])} | {o['answered']}/{o['n']} | {e['errors']} |")
+    lines += ["", "Paper (Magesh et al. 2024, share of all queries): " + "; ".join(
+        f"{k} {100 * a:.0f}/{100 * b:.0f}/{100 * c:.0f}" for k, (a, b, c) in PAPER.items()), "", "## By category (hallucinated %)", ""]
+    cats = sorted({c for e in metrics["systems"].values() for c in e["by_category"]})
+    lines += ["| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for s, e in metrics["systems"].items():
+        lines.append(f"| {s} | " + " | ".join(_cell(e["by_category"][c]["hallucinated"]) if c in e["by_category"] else "-" for c in cats) + " |")
+    lines += ["", "## Primary labels and citations", "",
+              "| system | correct | incorrect | refusal | grounded | misgrounded | ungrounded | citations | nonexistent | unsupported |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for s, e in metrics["systems"].items():
+        o = e["overall"]
+        c = o["citations"]
+        lines.append(f"| {s} | {_pct(o['correct'])} | {_pct(o['incorrect'])} | {_pct(o['refusal'])} | {_pct(o['grounded'])} | "
+                     f"{_pct(o['misgrounded'])} | {_pct(o['ungrounded'])} | {c['total']} | {c['nonexistent']} | {c['unsupported']} |")
+    if metrics.get("paired"):
+        lines += ["", "## Paired differences in hallucination rate (same queries)", "", "| comparison | difference | 95% CI |", "|---|---|---|"]
+        for k, d in metrics["paired"].items():
+            lines.append(f"| {k} | {_pct(d['diff'])} | [{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}] |")
+    lines += ["", "## Example failures", ""]
+    for name, rs in examples(rows).items():
+        lines.append(f"### {name}")
+        lines.append("")
+        lines += [_example_md(r) for r in rs] or ["(none)"]
+        lines.append("")
+    if extra_md:
+        lines += ["", extra_md]
+    md = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(_html(title, metrics, rows), encoding="utf-8")
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "chart": str(chart)}
+
+
+def _html(title: str, metrics: dict, rows: list[dict]) -> str:
+    e = html.escape
+    head = ("<!doctype html><html><head><meta charset='utf-8'><title>" + e(title) + "</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+            "th{background:#f3f3f3}.ex{border-left:4px solid #c0392b;padding:4px 10px;margin:8px 0;background:#fafafa}"
+            "code{background:#eee;padding:1px 3px}</style></head><body>")
+    parts = [head, f"<h1>{e(title)}</h1>", f"<p>{metrics.get('n_queries', '?')} queries; % of all queries, bootstrap 95% CI.</p>",
+             "<img src='audit_chart.png' alt='stacked bar chart' style='max-width:100%'>",
+             "<h2>Overall</h2><table><tr><th>system</th><th>accurate</th><th>incomplete</th><th>hallucinated</th>"
+             "<th>hallucinated among answered</th><th>answered</th></tr>"]
+    for s, m in metrics["systems"].items():
+        o = m["overall"]
+        parts.append(f"<tr><td>{e(s)}</td><td>{_cell(o['accurate'])}</td><td>{_cell(o['incomplete'])}</td>"
+                     f"<td>{_cell(o['hallucinated'])}</td><td>{_cell(o['hallucinated_among_answered'])}</td><td>{o['answered']}/{o['n']}</td></tr>")
+    parts.append("</table><h2>By category (hallucinated %)</h2><table><tr><th>system</th>")
+    cats = sorted({c for m in metrics["systems"].values() for c in m["by_category"]})
+    parts += [f"<th>{e(c)}</th>" for c in cats] + ["</tr>"]
+    for s, m in metrics["systems"].items():
+        parts.append(f"<tr><td>{e(s)}</td>" + "".join(
+            f"<td>{_cell(m['by_category'][c]['hallucinated']) if c in m['by_category'] else '-'}</td>" for c in cats) + "</tr>")
+    parts.append("</table><h2>Example failures</h2>")
+    for name, rs in examples(rows).items():
+        parts.append(f"<h3>{e(name)}</h3>")
+        for r in rs:
+            cites = "; ".join(f"{c['normalized']} ({c['existence']})" for c in r.get("citations", [])) or "none"
+            parts.append(f"<div class='ex'><b>{e(r['system'])}</b> <code>{e(r['query_id'])}</code>: {e(r['question'])}<br>"
+                         f"<i>gold</i>: {e(r['gold_answer'][:200])}<br><i>answer</i>: {e(r['answer'][:400])}<br>"
+                         f"<i>labels</i>: {e(str(r['correctness']))} / {e(str(r['groundedness']))} &rarr; <b>{e(r['label'])}</b>; "
+                         f"citations: {e(cites)}</div>")
+        if not rs:
+            parts.append("<p>(none)</p>")
+    parts.append("<details><summary>metrics.json</summary><pre>" + e(json.dumps(metrics, indent=1)[:20000]) + "</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
