@@ -81,6 +81,11 @@ def build_parser(command: str):
 def run_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature, print the resolved config, call it."""
     parser, fn = build_parser(command)
+    # A function may name parameters that can also be given positionally (``rizz rag ask "QUESTION"``).
+    positional = list(getattr(fn, "__positional__", ()))
+    args = list(args)
+    while positional and args and not args[0].startswith("-"):
+        args = [f"--{positional.pop(0)}", args[0], *args[1:]]
     cfg = parser.parse_args(args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
