@@ -126,7 +126,7 @@ def test_padded_step_keeps_state():
             assert not torch.equal(new[0], old[0]), f"{key}: real row did not change"
 
 
-def test_fused_decode_matches_autograd_path_and_tracks_updates():
+def test_decode_path_matches_autograd_path_and_tracks_updates():
     m = tiny()
     x = torch.randint(0, V, (3, 9))
     _, state = m(x)
@@ -139,7 +139,7 @@ def test_fused_decode_matches_autograd_path_and_tracks_updates():
     for key in state:
         for a, b in zip(fast_state[key], slow_state[key]):
             assert_close(a, b.detach(), atol=1e-5, rtol=1e-5, name=f"decode state {key}")
-    with torch.no_grad():  # an in-place update must invalidate the fused decode weights
+    with torch.no_grad():  # an in-place update must invalidate the cached decode weights
         m.blocks[0].att.value.weight.mul_(1.5)
         m.blocks[1].ffn.time_mix_k.add_(0.1)
         fast2, _ = m.step(nxt, state)

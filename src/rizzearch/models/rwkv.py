@@ -27,8 +27,9 @@ Initialisation follows RWKV-LM v4neo (``RWKV_TimeMix``/``RWKV_ChannelMix`` and
 ``ffn.value/receptance``, orthogonal others (gain sqrt(out/in) when out > in, head x0.5), and a
 small uniform embedding. (HF's ``_init_weights`` sets time_first to all ones: a bug we do not copy.)
 
-Decoding (one token, no grad) uses fused per-layer weights (the token-shift lerp folded into one
-``(3A, 2C)`` / ``(F + C, 2C)`` matrix), rebuilt whenever a parameter changes.
+Decoding (one token, no grad) runs the recurrent form with stacked per-layer weights (r/k/v as one
+batched matmul after one ``addcmul`` for the three token-shift lerps), cached until a parameter
+changes.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ class RWKV(CausalLM):
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.emb.weight
-        self._fused_cache: tuple | None = None
+        self._decode_cache: tuple | None = None  # see _decode_weights
+        self._slots: list | None = None
         self.init_weights()
 
     # -- init ---------------------------------------------------------------------------------
@@ -312,72 +314,75 @@ class RWKV(CausalLM):
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _fused(self) -> list:
-        """Per-layer decode weights with the token-shift lerp folded in; rebuilt when params change."""
-        params = list(self.parameters())
-        key = tuple((id(p), p._version, p.device, p.dtype) for p in params)
-        if self._fused_cache is not None and self._fused_cache[0] == key:
-            return self._fused_cache[1]
+    def _decode_weights(self) -> list:
+        """Per-layer decode weights (stacked, transposed), cached until a parameter changes.
+
+        The cache key is ``(id, version, data pointer)`` of every parameter slot, so in-place
+        optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned parameters all rebuild it.
+        """
+        if self._slots is None:
+            self._slots = [(mod, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
+        params = [mod._parameters.get(name) for mod, name in self._slots]
+        key = tuple((id(p), p._version, p.data_ptr()) if p is not None else None for p in params)
+        if self._decode_cache is not None and self._decode_cache[0] == key:
+            return self._decode_cache[1]
         layers = []
         with torch.no_grad():
             for block in self.blocks:
                 att, ffn = block.att, block.ffn
-
-                def fold(lin, mix):  # W lerp(xx, x, m) = [W diag(m), W diag(1 - m)] @ [x; xx]
-                    return torch.cat([lin.weight * mix, lin.weight * (1 - mix)], 1)  # (out, 2C)
-
-                w_att = torch.cat([fold(att.receptance, att.time_mix_r), fold(att.key, att.time_mix_k), fold(att.value, att.time_mix_v)], 0)
-                w_ffn = torch.cat([fold(ffn.key, ffn.time_mix_k), fold(ffn.receptance, ffn.time_mix_r)], 0)
                 layers.append(
                     dict(
-                        w_att=w_att,  # (3A, 2C)
-                        w_out=att.output.weight,
+                        mix_att=torch.stack([att.time_mix_r, att.time_mix_k, att.time_mix_v])[:, None],  # (3, 1, C)
+                        w_att=torch.stack([att.receptance.weight.T, att.key.weight.T, att.value.weight.T]).contiguous(),  # (3, C, A)
+                        w_out=att.output.weight.T.contiguous(),  # (A, C)
                         neg_w=-torch.exp(att.time_decay.float()),
                         u=att.time_first.float(),
-                        w_ffn=w_ffn,  # (F + C, 2C)
-                        w_val=ffn.value.weight,
+                        mix_ffn=torch.stack([ffn.time_mix_k, ffn.time_mix_r])[:, None],  # (2, 1, C)
+                        w_key=ffn.key.weight.T.contiguous(),  # (C, F)
+                        w_rec=ffn.receptance.weight.T.contiguous(),  # (C, C)
+                        w_val=ffn.value.weight.T.contiguous(),  # (F, C)
                         ln1=(block.ln1.weight, block.ln1.bias, block.ln1.eps),
                         ln2=(block.ln2.weight, block.ln2.bias, block.ln2.eps),
                     )
                 )
-        self._fused_cache = (key, layers)
+        self._decode_cache = (key, layers)
         return layers
 
     def _decode(self, token: Tensor, state: dict, mask: Tensor | None):
-        """One token per row without autograd: the recurrent form, ~20 ops per layer."""
-        cfg = self.config
-        A, Fd = cfg.att_dim, cfg.ffn_dim
-        C = cfg.d_model
+        """One token per row without autograd: the recurrent form with few, large ops per layer."""
+        C = self.config.d_model
         x = self.ln0(self.emb(token))  # (B, C)
         new = {k: [] for k in STATE_KEYS}
-        for i, lw in enumerate(self._fused()):
-            ln_w, ln_b, eps = lw["ln1"]
-            xx = F.layer_norm(x, (C,), ln_w, ln_b, eps)
-            rkv = F.linear(torch.cat([xx, state["att_x"][i]], 1), lw["w_att"])  # (B, 3A)
-            r, k, v = rkv.split(A, 1)
-            k, v = k.float(), v.float()
+        for i, lw in enumerate(self._decode_weights()):
+            # time mix: the three token-shift lerps and projections as one addcmul and one bmm
+            xx = F.layer_norm(x, (C,), *lw["ln1"][:2], lw["ln1"][2])
+            sx = state["att_x"][i]
+            mixed = torch.addcmul(sx, lw["mix_att"], xx - sx)  # (3, B, C)
+            r, k, v = torch.bmm(mixed, lw["w_att"]).float()  # 3 x (B, A)
             a, b, p = state["num"][i], state["den"][i], state["max"][i]
-            # output exponents (p, u + k) and update exponents (p - w, k), stabilised pairwise
-            ex = torch.stack([p, lw["u"] + k, p + lw["neg_w"], k])  # (4, B, A)
-            ex = ex.view(2, 2, *p.shape)  # (out/update, old/new, B, A)
+            # eq. 14 one step: output exponents (p, u + k) and update exponents (p - w, k), max-stabilised
+            ex = torch.stack([p, lw["u"] + k, p + lw["neg_w"], k]).view(2, 2, *p.shape)  # (out/update, old/new, B, A)
             q = ex.amax(1, keepdim=True)  # (2, 1, B, A)
-            e = torch.exp(ex - q)  # (2, 2, B, A)
-            old = torch.stack([a, b])  # (2, B, A)
-            newv = torch.stack([v, torch.ones_like(v)])  # (2, B, A)
-            nd = e[:, :1] * old + e[:, 1:] * newv  # (2 out/update, 2 num/den, B, A)
-            y = nd[0, 0] / nd[0, 1]
-            x = x + F.linear(torch.sigmoid(r) * y.to(r.dtype), lw["w_out"])
-            ln_w, ln_b, eps = lw["ln2"]
-            xx2 = F.layer_norm(x, (C,), ln_w, ln_b, eps)
-            kr = F.linear(torch.cat([xx2, state["ffn_x"][i]], 1), lw["w_ffn"])  # (B, F + C)
-            kk, rr = kr.split([Fd, C], 1)
-            x = x + torch.sigmoid(rr) * F.linear(torch.square(torch.relu(kk)), lw["w_val"])
+            e = (ex - q).exp_()  # (2, 2, B, A)
+            e_old, e_new = e.unbind(1)  # 2 x (2, B, A)
+            nd = e_old[:, None] * torch.stack([a, b])  # (out/update, num/den, B, A)
+            num, den = nd.unbind(1)
+            num.addcmul_(e_new, v)
+            den.add_(e_new)
+            y = (nd[0, 0] / nd[0, 1]).to(x.dtype)
+            x = torch.addmm(x, torch.sigmoid(r.to(x.dtype)) * y, lw["w_out"])
+            # channel mix
+            xx2 = F.layer_norm(x, (C,), *lw["ln2"][:2], lw["ln2"][2])
+            sx2 = state["ffn_x"][i]
+            mk, mr = torch.addcmul(sx2, lw["mix_ffn"], xx2 - sx2)  # 2 x (B, C)
+            kk = torch.relu(mk @ lw["w_key"]).square_()  # (B, F)
+            x = torch.addcmul(x, torch.sigmoid(mr @ lw["w_rec"]), kk @ lw["w_val"])
             st = {"att_x": xx, "num": nd[1, 0], "den": nd[1, 1], "max": q[1, 0], "ffn_x": xx2}
             if mask is not None:
                 m = mask[:, 0:1]  # (B, 1)
-                st = {k: torch.where(m, v_new, state[k][i]) for k, v_new in st.items()}
-            for k in STATE_KEYS:
-                new[k].append(st[k])
+                st = {key: torch.where(m, val, state[key][i]) for key, val in st.items()}
+            for key in STATE_KEYS:
+                new[key].append(st[key])
         logits = self.head(self.ln_out(x))  # (B, V)
         return logits[:, None], new
 

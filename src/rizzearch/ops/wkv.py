@@ -149,36 +149,105 @@ def wkv_ref(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=
 # Fast form: closed-form max exponents + chunked linear scan
 
 
+def _chunks(T: int, chunk: int | None) -> tuple[int, int]:
+    L = chunk or max(1, math.isqrt(max(T - 1, 0)) + 1)  # ~sqrt(T): L + N sequential steps in all
+    return L, -(-T // L)
+
+
+def _pad_time(t: Tensor, pad: int, value: float) -> Tensor:
+    return torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), value)], 1) if pad else t
+
+
+def _linear_scan(f: Tensor, x: Tensor, h0: Tensor, chunk: int | None = None) -> Tensor:
+    """Forward of ``linear_scan`` (no autograd)."""
+    B, T = x.shape[:2]
+    L, N = _chunks(T, chunk)
+    pad = N * L - T  # padded steps carry the state through unchanged (f = 1, x = 0)
+    f = _pad_time(f, pad, 1.0).reshape(B, N, L, *f.shape[2:])  # (B, N, L, ...) broadcastable against x
+    x = _pad_time(x, pad, 0.0).reshape(B, N, L, *x.shape[2:])
+    hl = torch.empty(torch.broadcast_shapes(f.shape, x.shape), dtype=x.dtype, device=x.device)  # (B, N, L, ...)
+    hl[:, :, 0] = x[:, :, 0]
+    for s in range(1, L):  # scan inside every chunk at once, from a zero state
+        torch.addcmul(x[:, :, s], f[:, :, s], hl[:, :, s - 1], out=hl[:, :, s])
+    fc = torch.cumprod(f, 2)  # (B, N, L, ...) decay from the chunk start to each step
+    carry = torch.empty_like(hl[:, :, 0])  # (B, N, ...) state entering each chunk
+    h = h0.expand_as(carry[:, 0])
+    for n in range(N):  # carry the state across chunks
+        carry[:, n] = h
+        h = torch.addcmul(hl[:, n, -1], fc[:, n, -1], h)
+    out = hl.addcmul_(fc, carry[:, :, None])  # (B, N, L, ...)
+    return out.reshape(B, N * L, *out.shape[3:])[:, :T]
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class _LinearScan(torch.autograd.Function):
+    """``h_t = f_t h_{t-1} + x_t`` with a hand-written backward: the adjoint is the same scan reversed,
+    ``lam_t = g_t + f_{t+1} lam_{t+1}``; then ``dx = lam``, ``df_t = lam_t h_{t-1}``, ``dh0 = f_0 lam_0``."""
+
+    @staticmethod
+    def forward(ctx, f, x, h0, chunk):
+        h = _linear_scan(f, x, h0, chunk)
+        ctx.save_for_backward(f, h, h0)
+        ctx.chunk, ctx.x_shape = chunk, x.shape
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        f, h, h0 = ctx.saved_tensors
+        f_next = torch.cat([f[:, 1:], torch.zeros_like(f[:, :1])], 1)  # (B, T, ...) f_{t+1}
+        lam = _linear_scan(f_next.flip(1), g.flip(1), torch.zeros_like(g[:, 0]), ctx.chunk).flip(1)
+        h_prev = torch.cat([h0.unsqueeze(1).expand_as(h[:, :1]), h[:, :-1]], 1)
+        df = _sum_to(lam * h_prev, f.shape) if ctx.needs_input_grad[0] else None
+        dx = _sum_to(lam, ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dh0 = _sum_to(f[:, 0] * lam[:, 0], h0.shape) if ctx.needs_input_grad[2] else None
+        return df, dx, dh0, None
+
+
 def linear_scan(f: Tensor, x: Tensor, h0: Tensor, chunk: int | None = None) -> Tensor:
     """All states of ``h_t = f_t * h_{t-1} + x_t`` along dim 1. f, x: (B, T, ...); h0: (B, ...).
 
     Chunked: a loop of ``L`` steps inside chunks (vectorised over the ``N`` chunks), the in-chunk
     products ``cumprod(f)``, then a loop of ``N`` steps over chunk carries; ``L ~ N ~ sqrt(T)``.
-    Stable for ``0 <= f <= 1`` (products only shrink). Returns (B, T, ...).
+    Stable for ``0 <= f <= 1`` (products only shrink). Differentiable in f, x and h0 (the
+    backward is the reversed scan). Returns (B, T, ...) with x's shape.
     """
-    B, T = x.shape[:2]
-    L = chunk or max(1, math.isqrt(T - 1) + 1)
-    N = -(-T // L)
+    if x.shape[1] == 0:
+        return x
+    return _LinearScan.apply(f, x, h0, chunk)
+
+
+@torch.no_grad()
+def max_plus_scan(d: Tensor, k: Tensor, p0: Tensor, chunk: int | None = None) -> Tensor:
+    """All of ``p_t = max(p_{t-1} - d_t, k_t)`` along dim 1 (the WKV max exponents), chunked.
+
+    d: (C,) or (B, T, C) decay per step; k: (B, T, C); p0: (B, C). Inside a chunk
+    ``p_s = max(local_s, p_in - D_s)`` with ``D_s`` the in-chunk cumulative decay. No gradient.
+    """
+    B, T, C = k.shape
+    L, N = _chunks(T, chunk)
     pad = N * L - T
-    if pad:  # padded steps carry the state through unchanged (f = 1, x = 0)
-        f = torch.cat([f, f.new_ones(B, pad, *f.shape[2:])], 1)
-        x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], 1)
-    rest = x.shape[2:]
-    f = f.reshape(B, N, L, *f.shape[2:])  # (B, N, L, ...) broadcastable against x
-    x = x.reshape(B, N, L, *rest)
-    local = [x[:, :, 0]]
-    for s in range(1, L):  # scan inside every chunk at once, from a zero state
-        local.append(torch.addcmul(x[:, :, s], f[:, :, s], local[-1]))
-    hl = torch.stack(local, 2)  # (B, N, L, ...)
-    fc = torch.cumprod(f, 2)  # (B, N, L, ...) decay from the chunk start to each step
-    carries = []
-    h = h0
-    for n in range(N):  # carry the state across chunks
-        carries.append(h)
-        h = torch.addcmul(hl[:, n, -1], fc[:, n, -1], h)
-    carry = torch.stack(carries, 1)  # (B, N, ...)
-    out = torch.addcmul(hl, fc, carry[:, :, None])  # (B, N, L, ...)
-    return out.reshape(B, N * L, *rest)[:, :T]
+    d = d.expand(B, T, C) if d.dim() == 1 else d
+    d = _pad_time(d, pad, 0.0).reshape(B, N, L, C)  # (B, N, L, C)
+    kk = _pad_time(k, pad, float("-inf")).reshape(B, N, L, C)
+    local = torch.empty_like(kk)
+    local[:, :, 0] = kk[:, :, 0]
+    for s in range(1, L):
+        torch.maximum(local[:, :, s - 1] - d[:, :, s], kk[:, :, s], out=local[:, :, s])
+    D = d.cumsum(2)  # (B, N, L, C)
+    carry = torch.empty_like(local[:, :, 0])  # (B, N, C)
+    p = p0
+    for n in range(N):
+        carry[:, n] = p
+        p = torch.maximum(local[:, n, -1], p - D[:, n, -1])
+    out = torch.maximum(local, carry[:, :, None] - D)
+    return out.reshape(B, N * L, C)[:, :T]
 
 
 def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None, mask: Tensor | None = None, chunk: int | None = None):
@@ -194,47 +263,40 @@ def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, st
     w = torch.exp(time_decay.to(acc))  # (C,)
     u = time_first.to(acc)
     live = None if mask is None else mask.to(torch.bool)[..., None]  # (B, T, 1)
+    decay = w if live is None else w * live  # (C,) or (B, T, C): padded steps do not decay
+    k_live = kf if live is None else kf.masked_fill(~live, float("-inf"))  # padded steps add nothing
 
-    # Max exponents p_t = max(p0 - n_t w, max_{i<=t, live} k_i - (n_t - n_i) w), n_t = live steps in 0..t.
-    with torch.no_grad():
-        wd = w.double()
-        steps = (
-            torch.arange(1, T + 1, device=k.device, dtype=torch.float64)[None, :, None]
-            if live is None
-            else live.double().cumsum(1)
-        )  # (1 or B, T, 1)
-        r = kf.double() + (steps - 1) * wd  # (B, T, C): k_i + (n_i - 1) w
-        if live is not None:
-            r = r.masked_fill(~live, float("-inf"))
-        best, idx = r.cummax(1)
-        from_init = (p0.double() - wd)[:, None] > best  # (B, T, C) the initial state holds the max
-        p_hat = (torch.where(from_init, (p0.double() - wd)[:, None], best) - (steps - 1) * wd).to(acc)  # (B, T, C)
+    # Max exponents p_t = max(p_{t-1} - w, k_t) (the stabiliser; no gradient flows through it).
+    p_hat = max_plus_scan(decay.detach(), k_live.detach(), p0.detach(), chunk)  # (B, T, C)
     p_prev = torch.cat([p0[:, None], p_hat[:, :-1]], 1)  # (B, T, C); p0 keeps its gradient
 
     # Scaled state a_t = A_t e^{-p_t}:  a_t = f_t a_{t-1} + g_t v_t  with f = e^{p_{t-1} - w - p_t}, g = e^{k_t - p_t}.
-    decay = w if live is None else w * live  # (C,) or (B, T, C): padded steps do not decay
     f = torch.exp(p_prev - decay - p_hat)  # (B, T, C)
-    g = torch.exp((kf if live is None else kf.masked_fill(~live, float("-inf"))) - p_hat)  # padded steps add nothing
-    h = linear_scan(f[:, :, None], torch.stack([g * vf, g], 2), torch.stack([a0, b0], 1))  # (B, T, 2, C)
+    g = torch.exp(k_live - p_hat)
+    h0 = torch.stack([a0, b0], 1)  # (B, 2, C)
+    h = linear_scan(f[:, :, None], torch.stack([g * vf, g], 2), h0, chunk)  # (B, T, 2, C)
 
     # Outputs from the state before each step, stabilised by q = max(p_{t-1}, u + k_t) (no gradient needed).
-    h_prev = torch.cat([torch.stack([a0, b0], 1)[:, None], h[:, :-1]], 1)  # (B, T, 2, C)
+    h_prev = torch.cat([h0[:, None], h[:, :-1]], 1)  # (B, T, 2, C)
     uk = u + kf
     q = torch.maximum(p_prev, uk).detach()
     e1 = torch.exp(p_prev - q)
     e2 = torch.exp(uk - q)
     out = (e1 * h_prev[:, :, 0] + e2 * vf) / (e1 * h_prev[:, :, 1] + e2)
 
-    # Final state: re-attach the differentiable max exponent (p_T = k_i* - (n_T - n_i*) w, or p0 - n_T w).
-    last_idx = idx[:, -1:]  # (B, 1, C) position of the largest k_i + (n_i - 1) w
-    n_T = steps[:, -1:].to(acc)  # (1 or B, 1, 1) live steps in the whole input
+    # Final state: re-attach the differentiable max exponent p_T = k_i* - (n_T - n_i*) w (or p0 - n_T w),
+    # with i* = argmax_i k_i + n_i w found in float64 (n_t = live steps in 0..t).
+    with torch.no_grad():
+        steps = torch.arange(1, T + 1, device=k.device, dtype=torch.float64)[None, :, None] if live is None else live.double().cumsum(1)
+        r = k_live.double() + steps * w.double()  # (B, T, C)
+        best, last_idx = r.max(1, keepdim=True)  # (B, 1, C)
+        from_init = p0.double()[:, None] > best  # (B, 1, C) the initial state still holds the max
+    n_T = steps[:, -1:].to(acc)  # (1 or B, 1, 1)
     n_i = steps.to(acc).expand(B, T, C).gather(1, last_idx)  # (B, 1, C)
     p_tok = kf.gather(1, last_idx) - (n_T - n_i) * w  # (B, 1, C)
-    p_ini = p0[:, None] - n_T * w
-    p_fin = torch.where(from_init[:, -1:], p_ini, p_tok)[:, 0]  # (B, C)
-    scale = torch.exp(p_hat[:, -1] - p_fin)  # == 1 in value; carries d/dp_fin
-    a_T, b_T = h[:, -1, 0] * scale, h[:, -1, 1] * scale
-    return out.to(v.dtype), (a_T, b_T, p_fin)
+    p_fin = torch.where(from_init, p0[:, None] - n_T * w, p_tok)[:, 0]  # (B, C)
+    scale = torch.exp(p_hat[:, -1] - p_fin)  # == 1 up to rounding; carries d/dp_fin
+    return out.to(v.dtype), (h[:, -1, 0] * scale, h[:, -1, 1] * scale, p_fin)
 
 
 # ----------------------------------------------------------------------------------------------
