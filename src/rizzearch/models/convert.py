@@ -12,6 +12,158 @@ from __future__ import annotations
 # ==============================================================================================
 # xLSTM (official NX-AI package)
 # ==============================================================================================
+#
+# Official xLSTMLMModel (NeurIPS architecture) -> rizzearch XLSTM, parameter by parameter:
+#   token_embedding.weight                      embed.weight
+#   xlstm_block_stack.post_blocks_norm.weight   norm            (official stores weight - 1)
+#   lm_head.weight                              lm_head.weight
+#   blocks.i.xlstm_norm.weight                  blocks.i.norm   (weight - 1)
+# mLSTM block (blocks.i.xlstm = mLSTMLayer):
+#   proj_up, proj_down, q_proj/k_proj/v_proj (block-diagonal, same layout), learnable_skip -> skip
+#   conv1d.conv.{weight (inner, 1, K), bias}    conv_weight (inner, K), conv_bias
+#   mlstm_cell.{igate, fgate}                   igate, fgate
+#   mlstm_cell.outnorm.weight                   outnorm         (weight - 1)
+# sLSTM block (blocks.i.xlstm = sLSTMLayer, plus blocks.i.ffn_norm / blocks.i.ffn):
+#   fgate.weight -> igate.weight and igate.weight -> fgate.weight: the official layer feeds its
+#   module named "fgate" into the input gate and "igate" into the forget gate
+#   zgate, ogate                                zgate, ogate
+#   slstm_cell recurrent kernel (external layout (NH, Dh, 4, Dh))   R
+#   slstm_cell bias (external layout (NH, 4, Dh))                   b (4, NH, Dh)
+#   group_norm.weight                           outnorm         (weight - 1)
+#   ffn.proj_up [gate; up], ffn.proj_down       ffn_up, ffn_down
+
+
+def _xlstm_ln_weight(norm, n: int):
+    """The effective LayerNorm weight of an official LayerNorm (``1 + weight`` when residual)."""
+    import torch
+
+    if getattr(norm, "bias", None) is not None:
+        from rizzearch.errors import ConfigError
+
+        raise ConfigError("from_official_xlstm: official LayerNorm with a bias is not supported (rizzearch norms have no bias)")
+    w = norm.weight_proxy
+    return torch.ones(n) if w is None else w.detach()
+
+
+def _xlstm_config_from_official(cfg, blocks) -> dict:
+    """Derive rizzearch XLSTMConfig fields from an official xLSTMLMModelConfig and its built blocks
+    (widths are read from the blocks: the top-level sub-configs are not always post-processed)."""
+    import math
+
+    from rizzearch.errors import ConfigError
+
+    E = cfg.embedding_dim
+    slstm_at = [i for i, t in enumerate(cfg.block_map) if t == 1]
+    out = dict(
+        vocab_size=cfg.vocab_size,
+        d_model=E,
+        n_blocks=cfg.num_blocks,
+        slstm_at=tuple(slstm_at),
+        bias=bool(cfg.bias),
+        tie_embeddings=bool(cfg.tie_weights),
+        dropout=float(cfg.dropout),
+        norm_eps=1e-5,
+    )
+    if not cfg.add_post_blocks_norm:
+        raise ConfigError("from_official_xlstm: add_post_blocks_norm=False is not supported (rizzearch always has a final norm)")
+    dims = []
+    if len(slstm_at) < cfg.num_blocks:
+        m = blocks[cfg.block_map.index(0)].xlstm.config
+        inner = m._inner_embedding_dim
+        dims.append(inner)
+        out.update(mlstm_heads=m.num_heads, qkv_blocksize=m.qkv_proj_blocksize, conv_kernel=m.conv1d_kernel_size, mlstm_proj_factor=inner / E)
+        if m.conv1d_kernel_size < 1:
+            raise ConfigError("from_official_xlstm: mLSTM conv1d_kernel_size must be >= 1")
+    if slstm_at:
+        s = blocks[slstm_at[0]].xlstm.config
+        ff = blocks[slstm_at[0]].config.feedforward
+        if s.function != "slstm":
+            raise ConfigError(f"from_official_xlstm: sLSTM function {s.function!r} is not supported (only 'slstm')")
+        if s.conv1d_kernel_size < 1:
+            raise ConfigError("from_official_xlstm: sLSTM conv1d_kernel_size=0 (no conv) is not supported")
+        if ff is None or ff.ff_type != "ffn_gated" or ff.act_fn != "gelu":
+            raise ConfigError("from_official_xlstm: the sLSTM block must have the gated GELU feed-forward ('ffn_gated', 'gelu')")
+        dims.append(ff._proj_up_dim)
+        out.update(slstm_heads=s.num_heads, slstm_conv_kernel=s.conv1d_kernel_size, ffn_proj_factor=ff._proj_up_dim / E)
+    if dims:
+        out["round_to"] = math.gcd(*dims)
+    return out
+
+
+def from_official_xlstm(official_model):
+    """Build a rizzearch ``XLSTM`` from the official ``xlstm`` package's ``xLSTMLMModel``.
+
+    The config is derived from the official model's config (block map, widths, heads, kernels,
+    bias, tied weights) and every weight is copied (see the table above for the mapping). The
+    result is in eval mode on the official model's device and dtype; its logits match the
+    official forward to fp32 rounding (tests/models/test_xlstm_parity.py).
+
+    Raises:
+        ConfigError: the official model uses a feature rizzearch does not implement.
+    """
+    import torch
+
+    from rizzearch.errors import ConfigError
+    from rizzearch.models.base import config_from_dict
+    from rizzearch.models.xlstm import XLSTM, XLSTMConfig
+
+    cfg = getattr(official_model, "config", None)
+    stack = getattr(official_model, "xlstm_block_stack", None)
+    if cfg is None or stack is None or not hasattr(official_model, "token_embedding"):
+        raise ConfigError(f"from_official_xlstm: expected an official xlstm.xLSTMLMModel, got {type(official_model).__name__}")
+    ours = XLSTM(config_from_dict(XLSTMConfig, _xlstm_config_from_official(cfg, stack.blocks), where="converted official xLSTM config"))
+    E = cfg.embedding_dim
+    src = {}
+    src["embed.weight"] = official_model.token_embedding.weight
+    if not cfg.tie_weights:
+        src["lm_head.weight"] = official_model.lm_head.weight
+    src["norm"] = _xlstm_ln_weight(stack.post_blocks_norm, E)
+    for i, (theirs, mine) in enumerate(zip(stack.blocks, ours.blocks)):
+        p = f"blocks.{i}."
+        layer = theirs.xlstm
+        src[p + "norm"] = _xlstm_ln_weight(theirs.xlstm_norm, E)
+        src[p + "conv_weight"] = layer.conv1d.conv.weight[:, 0, :]
+        src[p + "conv_bias"] = layer.conv1d.conv.bias
+        if mine.kind == "m":
+            cell = layer.mlstm_cell
+            for name in ("proj_up", "proj_down", "q_proj", "k_proj", "v_proj"):
+                src[p + name + ".weight"] = getattr(layer, name).weight
+                if getattr(layer, name).bias is not None:
+                    src[p + name + ".bias"] = getattr(layer, name).bias
+            for name in ("igate", "fgate"):
+                src[p + name + ".weight"] = getattr(cell, name).weight
+                src[p + name + ".bias"] = getattr(cell, name).bias
+            src[p + "outnorm"] = _xlstm_ln_weight(cell.outnorm, mine.inner)
+            src[p + "skip"] = layer.learnable_skip
+        else:
+            cell = layer.slstm_cell
+            src[p + "igate.weight"] = layer.fgate.weight  # crosswise: see the table above
+            src[p + "fgate.weight"] = layer.igate.weight
+            src[p + "zgate.weight"] = layer.zgate.weight
+            src[p + "ogate.weight"] = layer.ogate.weight
+            src[p + "R"] = cell._recurrent_kernel_int2ext(cell._recurrent_kernel)  # (NH, Dh, 4, Dh)
+            src[p + "b"] = cell._bias_int2ext(cell._bias).permute(1, 0, 2)  # (NH, 4, Dh) -> (4, NH, Dh)
+            src[p + "outnorm"] = _xlstm_ln_weight(layer.group_norm, E)
+            src[p + "ffn_norm"] = _xlstm_ln_weight(theirs.ffn_norm, E)
+            src[p + "ffn_up.weight"] = theirs.ffn.proj_up.weight
+            src[p + "ffn_down.weight"] = theirs.ffn.proj_down.weight
+            for name in ("ffn_up", "ffn_down"):
+                b = getattr(theirs.ffn, name.replace("ffn_", "proj_")).bias
+                if b is not None:
+                    src[p + name + ".bias"] = b
+    own = ours.state_dict()
+    missing = sorted(set(own) - set(src) - ({"lm_head.weight"} if cfg.tie_weights else set()))
+    if missing:
+        raise ConfigError(f"from_official_xlstm: no official weight for {missing}")
+    with torch.no_grad():
+        for name, t in src.items():
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise ConfigError(
+                    f"from_official_xlstm: {name}: official weight has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}"
+                )
+            own[name].copy_(t.detach().to(own[name].dtype))
+    ref = official_model.token_embedding.weight
+    return ours.to(device=ref.device, dtype=ref.dtype).eval()
 
 
 # ==============================================================================================
