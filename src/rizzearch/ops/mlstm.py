@@ -91,7 +91,7 @@ def _check_inputs(q, k, v, i, f, state, *, step: bool, name: str) -> tuple[int, 
     if k.shape != q.shape:
         raise ShapeError(f"{name}: k: expected shape {tuple(q.shape)} (same as q), got {tuple(k.shape)}")
     if v.dim() != nd or v.shape[:-1] != q.shape[:-1]:
-        want = tuple(q.shape[:-1]) + ("Dv",)
+        want = "(" + ", ".join(str(d) for d in q.shape[:-1]) + ", Dv)"
         raise ShapeError(f"{name}: v: expected shape {want} (q's leading dims), got {tuple(v.shape)}")
     gate_shape = tuple(q.shape[:-1])
     for tname, t in (("i", i), ("f", f)):
