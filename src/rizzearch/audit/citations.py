@@ -86,13 +86,23 @@ _CASE_BEFORE = re.compile(
 _LEAD_WORDS = {"See", "In", "Under", "As", "Also", "Cf", "Cf.", "But", "And", "The", "per", "Per", "Held", "According", "to"}
 
 
+_NAME_ABBREV = {"corp", "bros", "dept", "comm'n", "ass'n", "int'l", "nat'l", "mfg", "educ", "assn"}
+_SENT_END = re.compile(r"\b([\w']{4,})[.;:!?]\s+")
+
+
 def _case_name_before(text: str, start: int) -> tuple[str | None, int]:
-    window = text[max(0, start - 160):start]
+    lo = max(0, start - 160)
+    window = text[lo:start]
+    cut = 0
+    for m in _SENT_END.finditer(window):  # a case name never spans a sentence end ("... of the Court. Brown v. ...")
+        if m.group(1).lower() not in _NAME_ABBREV:
+            cut = m.end()
+    window, lo = window[cut:], lo + cut
     m = _CASE_BEFORE.search(window)
     if not m:
         return None, start
     name = m.group(1).strip().rstrip(",")
-    base = max(0, start - 160) + m.start(1)
+    base = lo + m.start(1)
     toks = name.split()
     while toks and (toks[0] in _LEAD_WORDS or toks[0].islower()):
         base += len(toks[0]) + 1

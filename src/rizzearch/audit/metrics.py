@@ -34,6 +34,8 @@ def bootstrap_ci(x, n_boot: int = 2000, seed: int = 0, key: str = "") -> tuple[f
 
 
 def _rate(rows: list[dict], pred, n_boot: int, seed: int, key: str) -> dict:
+    if not rows:  # undefined (e.g. hallucination among answered when nothing was answered)
+        return {"rate": None, "ci95": [None, None], "n": 0}
     m, lo, hi = bootstrap_ci([1.0 if pred(r) else 0.0 for r in rows], n_boot, seed, key)
     return {"rate": round(m, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(rows)}
 

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from rizzearch.audit.human import COLUMNS, agreement, cohen_kappa, export_sheet, import_sheet
+from rizzearch.audit.metrics import bootstrap_ci, compute_metrics, paired_difference
+from rizzearch.errors import DataError
+
+
+def rows_for(system, labels, cat="general"):
+    out = []
+    for i, lab in enumerate(labels):
+        corr = {"accurate": "correct", "incomplete": "refusal", "hallucinated": "incorrect"}[lab]
+        out.append({"system": system, "query_id": f"q{i}", "category": cat, "label": lab, "correctness": corr,
+                    "groundedness": "grounded" if lab == "accurate" else None, "hallucinated": lab == "hallucinated",
+                    "status": "answered", "citations": []})
+    return out
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_mean():
+    x = np.r_[np.ones(30), np.zeros(70)]
+    a, b = bootstrap_ci(x, 1000, 0, "k"), bootstrap_ci(x, 1000, 0, "k")
+    assert a == b and a[0] == pytest.approx(0.3) and a[1] < 0.3 < a[2]
+    assert 0.19 < a[1] < 0.23 and 0.37 < a[2] < 0.41  # ~ 0.3 +- 1.96 sqrt(.21/100)
+    assert bootstrap_ci(np.ones(10), 100)[1:] == (1.0, 1.0)
+
+
+def test_rates_by_hand():
+    rows = rows_for("naive_rag", ["accurate"] * 6 + ["incomplete"] * 2 + ["hallucinated"] * 2)
+    rows += rows_for("closed_book", ["accurate"] * 4 + ["hallucinated"] * 6)
+    m = compute_metrics(rows, n_boot=200)
+    o = m["systems"]["naive_rag"]["overall"]
+    assert (o["accurate"]["rate"], o["incomplete"]["rate"], o["hallucinated"]["rate"]) == (0.6, 0.2, 0.2)
+    assert o["answered"] == 8 and o["hallucinated_among_answered"]["rate"] == 0.25
+    assert list(m["systems"]) == ["closed_book", "naive_rag"]
+    d = paired_difference(rows, "closed_book", "naive_rag")
+    assert d["diff"] == pytest.approx(-0.4) and d["n"] == 10
+    assert compute_metrics(rows, n_boot=200) == m
+
+
+def test_kappa_by_hand():
+    # Cohen's textbook table: 20 yes/yes, 5 yes/no, 10 no/yes, 15 no/no -> p_o=.7, p_e=.5, kappa=.4
+    a = ["y"] * 25 + ["n"] * 25
+    b = ["y"] * 20 + ["n"] * 5 + ["y"] * 10 + ["n"] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    assert cohen_kappa(a, a) == 1.0 and cohen_kappa(["x"] * 3, ["x"] * 3) == 1.0
+    with pytest.raises(DataError):
+        cohen_kappa(["a"], [])
+
+
+def _fill(path, edits):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["human_correctness"], r["human_groundedness"] = edits(r)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_sheet_roundtrip_kappa_and_bad_sheets(tmp_path):
+    rows = rows_for("naive_rag", ["accurate", "hallucinated", "incomplete", "accurate"])
+    for r in rows:
+        r.update(question="q?", gold_answer="g", answer="a")
+    p = export_sheet(rows, tmp_path / "sheet.csv")
+    keys = [(r["system"], r["query_id"]) for r in rows]
+    with pytest.raises(DataError, match="4 row\\(s\\) have no human_correctness"):
+        import_sheet(p, keys)
+    _fill(p, lambda r: ("correct", "grounded") if r["query_id"] in ("q0", "q3") else ("incorrect", ""))
+    human = import_sheet(p, keys)
+    assert human[("naive_rag", "q0")] == {"correctness": "correct", "groundedness": "grounded", "label": "accurate"}
+    auto = {(r["system"], r["query_id"]): r for r in rows}
+    ag = agreement(auto, human)
+    assert ag["n"] == 4 and ag["agreement_label"] == 0.75
+    _fill(p, lambda r: ("maybe", ""))
+    with pytest.raises(DataError, match="row 2: human_correctness 'maybe'"):
+        import_sheet(p)
+    _fill(p, lambda r: ("correct", ""))
+    with pytest.raises(DataError, match="needs human_groundedness"):
+        import_sheet(p)
+    _fill(p, lambda r: ("refusal", ""))
+    with pytest.raises(DataError, match="expected row\\(s\\) missing"):
+        import_sheet(p, keys + [("naive_rag", "q99")])
+    with pytest.raises(DataError, match="not found"):
+        import_sheet(tmp_path / "nope.csv")

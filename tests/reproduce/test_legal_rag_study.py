@@ -1,0 +1,21 @@
+import json
+
+from rizzearch.reproduce.common import read_results
+from rizzearch.reproduce.legal_rag import run
+
+
+def test_legal_rag_tiny(tmp_path):
+    res = run(str(tmp_path), tiny=True)
+    data = read_results(tmp_path / "results.json")
+    assert data == res and data["study"] == "legal-rag"
+    ids = {c["id"] for c in data["claims"]}
+    assert ids == {"retrieval_lowers_hallucination", "retrieval_does_not_remove_hallucination",
+                   "verification_trades_hallucinations_for_refusals", "closed_book_cites_nonexistent_authorities"}
+    m = data["metrics"]
+    assert m["mode"] == "tiny" and m["labels_deterministic"] is True and m["n_queries"] == 24
+    assert set(m["systems"]) == {"closed_book", "naive_rag", "verified_rag"}
+    for f in ("report.md", "report.html", "audit_chart.png", "audit/answers.jsonl"):
+        assert (tmp_path / f).is_file()
+    assert "## Claims" in (tmp_path / "report.md").read_text()
+    again = run(str(tmp_path / "again"), tiny=True)
+    assert json.dumps(again["metrics"]["systems"], sort_keys=True) == json.dumps(m["systems"], sort_keys=True)
