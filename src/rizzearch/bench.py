@@ -62,3 +62,6 @@ def bench(names: list[str] | None = None, out: str | None = None, timeout_s: int
         status = "ERROR " + r["error"] if "error" in r else ("PASS" if r.get("pass", True) else "FAIL")
         print(f"  {r['benchmark']:<20} {status}")
     return results
+
+
+bench.__positional__ = ("names",)  # rizz bench rwkv xlstm

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import json
 import sys
 from typing import Callable
 
@@ -31,9 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rizzearch.bench:bench", "Run the speed benchmarks against the reference implementations."),
     "reproduce": ("rizzearch.reproduce.run:reproduce", "Reproduce the papers' main claims (all studies, or one) and write a report."),
 }
-
-# Optional positional arguments: `rizz reproduce rwkv` means `rizz reproduce --study rwkv`.
-OPTIONAL_POSITIONAL: dict[str, str] = {"reproduce": "study", "bench": "names"}
 
 # The resolved config of the running command (YAML text); run folders save it as config.yaml.
 RESOLVED_CONFIG: contextvars.ContextVar[str | None] = contextvars.ContextVar("RESOLVED_CONFIG", default=None)
@@ -78,14 +76,31 @@ def build_parser(command: str):
     return parser, fn
 
 
+def _positional_to_options(names: list[str], args: list[str], list_names: frozenset = frozenset()) -> list[str]:
+    """A function may name parameters that can also be given positionally, in order
+    (``rizz rag ask "QUESTION"``, ``rizz reproduce rwkv``); a list-typed last name takes every
+    remaining value (``rizz bench rwkv xlstm``)."""
+    values = []
+    while args and not args[0].startswith("-"):
+        values.append(args.pop(0))
+    if len(values) > len(names) and not names:
+        return values + args  # let the parser report the unexpected argument
+    out = []
+    for i, name in enumerate(names[: len(values)]):
+        if i == len(names) - 1 and (len(values) > len(names) or name in list_names):
+            out += [f"--{name}", "[" + ", ".join(json.dumps(v) for v in values[i:]) + "]"]
+        else:
+            out += [f"--{name}", values[i]]
+    return out + args
+
+
 def run_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature, print the resolved config, call it."""
     parser, fn = build_parser(command)
-    # A function may name parameters that can also be given positionally (``rizz rag ask "QUESTION"``).
-    positional = list(getattr(fn, "__positional__", ()))
-    args = list(args)
-    while positional and args and not args[0].startswith("-"):
-        args = [f"--{positional.pop(0)}", args[0], *args[1:]]
+    import inspect
+
+    lists = frozenset(n for n, prm in inspect.signature(fn).parameters.items() if "list" in str(prm.annotation))
+    args = _positional_to_options(list(getattr(fn, "__positional__", ())), list(args), lists)
     cfg = parser.parse_args(args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
@@ -113,12 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"rizz: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if command in OPTIONAL_POSITIONAL and rest and not rest[0].startswith("-"):
-        key = OPTIONAL_POSITIONAL[command]
-        values = []
-        while rest and not rest[0].startswith("-"):
-            values.append(rest.pop(0))
-        rest = [f"--{key}", values[0] if key != "names" else "[" + ",".join(values) + "]", *rest]
     try:
         run_command(command, rest)
     except RizzError as e:

@@ -163,3 +163,14 @@ def test_tokenizer_vocabulary_mismatch(trained_run, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(run), "--max_new_tokens", "2"]) == 2
     assert "tokenizer" in capsys.readouterr().err
     assert digests(run / "checkpoints") == before
+
+
+def test_positional_arguments_become_options():
+    from rizzearch.cli import _positional_to_options as conv
+
+    assert conv(["study"], ["rwkv", "--out", "x"]) == ["--study", "rwkv", "--out", "x"]
+    assert conv(["names"], ["a", "b", "--x", "1"]) == ["--names", '["a", "b"]', "--x", "1"]
+    assert conv(["names"], ["a"], frozenset({"names"})) == ["--names", '["a"]']
+    assert conv([], ["stray"]) == ["stray"]
+    parser, fn = build_parser("bench")
+    assert parser.parse_args(conv(["names"], ["train_throughput"], frozenset({"names"}))).names == ["train_throughput"]
