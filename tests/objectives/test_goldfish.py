@@ -219,6 +219,15 @@ def test_goldfish_loss_hand_computed():
     assert float(m["dropped_fraction"]) == 0.5 and int(m["tokens"]) == 2
 
 
+def test_nothing_dropped_reports_nan_dropped_loss_not_zero():
+    logits = torch.randn(2, 5, 11)
+    y = torch.randint(2, 11, (2, 5))
+    loss, m = goldfish_cross_entropy(logits, y, GoldfishConfig(k=4, h=13))  # T=5 < h: nothing can be dropped
+    ref, _ = cross_entropy(logits, y)
+    assert_close(loss, ref, name="loss with nothing dropped")
+    assert math.isnan(float(m["dropped_token_loss"])) and float(m["dropped_fraction"]) == 0.0
+
+
 def test_goldfish_loss_metrics_and_gradients_consistent():
     torch.manual_seed(0)
     logits = torch.randn(4, 37, 64, requires_grad=True)

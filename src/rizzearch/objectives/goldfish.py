@@ -309,7 +309,7 @@ def goldfish_cross_entropy(
     loss = (per_token * keep).sum() / n_keep.clamp_min(1)
     with torch.no_grad():
         all_loss = (per_token * valid).sum() / n_valid
-        drop_loss = (per_token * dropped).sum() / n_drop if int(n_drop) else torch.tensor(float("nan"))
+        drop_loss = torch.where(n_drop > 0, (per_token * dropped).sum() / n_drop.clamp_min(1), float("nan"))  # no host sync
     metrics = {
         "loss": loss.detach(),
         "all_token_loss": all_loss,
