@@ -1,0 +1,378 @@
+"""RWKV study (Peng et al. 2023): constant-cost recurrent decoding, and quality on par with a transformer.
+
+Two measurements, both against the GPT baseline (``rizzearch.models.gpt``, KV-cache decoding):
+
+(a) Decoding cost versus context length. Each model reads a context of 256 ... 4096 tokens
+    (quick mode), then generates greedily one token at a time; we time the per-token step (median
+    over repeats, contexts interleaved) and record the bytes of state carried per sequence (RWKV:
+    5 vectors per layer; GPT: the KV cache). The paper's claim (Sec. 1 and 4, Fig. 7): RWKV's
+    inference cost per token is constant in the context length (time and memory), a transformer's
+    grows linearly. We check ``time(4096) <= 1.3 x time(256)`` for RWKV and that GPT's grows.
+
+(b) Language-modelling quality at equal size. RWKV-4 and GPT with the same parameter count (the
+    GPT MLP width is solved to match) train through the shared loop on the same tiny-shakespeare
+    token batches (BPE tokenizer trained on the corpus) with the same optimiser settings; we report
+    both validation losses. The paper's claim (Sec. 5, Fig. 5): RWKV is competitive with
+    transformers of the same size; we call it competitive when its validation loss is within 5% of
+    GPT's.
+
+``run(out_dir, full=False, tiny=False, device="cpu", seed=0)`` writes ``results.json``,
+``report.md`` and ``rwkv.png`` into ``out_dir``. Quick mode is sized for ~3-4 minutes on 2 CPU
+cores; ``tiny`` is a ~20 s smoke run; ``full`` uses larger models, longer training and contexts up
+to 8192.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rizzearch.models.base import build_model
+from rizzearch.reproduce.common import Budget, Claim, write_results
+
+STUDY = "rwkv"
+FLAT_RATIO = 1.3  # RWKV per-token time at the longest context may be at most 1.3x the shortest
+COMPETITIVE = 1.05  # RWKV validation loss within 5% of GPT's
+
+
+@dataclass(frozen=True)
+class Size:
+    """Sizes of one study mode.
+
+    Args:
+        contexts: context lengths for the decoding measurement.
+        decode_tokens: tokens generated (and timed) after each context.
+        decode_repeats: interleaved repeats of the timing (median is reported).
+        d_model: width of both models.
+        n_layer: depth of both models.
+        vocab_size: BPE vocabulary (None: byte-level tokenizer).
+        steps: optimizer steps for each model.
+        batch_size: rows per step.
+        seq_len: training context.
+        lr: peak learning rate (both models).
+        eval_batches: validation batches (of batch_size x seq_len tokens).
+        evals: number of evaluations during training (for the curves).
+    """
+
+    contexts: tuple[int, ...]
+    decode_tokens: int
+    decode_repeats: int
+    d_model: int
+    n_layer: int
+    vocab_size: int | None
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    eval_batches: int
+    evals: int
+
+
+TINY = Size((16, 64), 4, 1, 32, 2, None, 6, 4, 32, 3e-3, 2, 1)
+QUICK = Size((256, 512, 1024, 2048, 4096), 24, 3, 128, 4, 512, 160, 16, 128, 2e-3, 8, 4)
+FULL = Size((256, 512, 1024, 2048, 4096, 8192), 64, 5, 256, 6, 1024, 2000, 32, 256, 1e-3, 40, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def make_models(size: Size, vocab_size: int, device) -> dict:
+    """RWKV-4 and a GPT whose MLP width is chosen so both have (almost) the same parameter count."""
+    rwkv = build_model("rwkv", vocab_size=vocab_size, n_layer=size.n_layer, d_model=size.d_model)
+    n_head = max(1, size.d_model // 32)
+    gpt_cfg = dict(vocab_size=vocab_size, n_layer=size.n_layer, d_model=size.d_model, n_head=n_head)
+    base = build_model("gpt", **gpt_cfg, mlp_ratio=4.0).num_params()
+    per_hidden = 2 * size.d_model * size.n_layer  # parameters per MLP hidden unit
+    hidden = 4 * size.d_model + round((rwkv.num_params() - base) / per_hidden)
+    gpt = build_model("gpt", **gpt_cfg, mlp_ratio=hidden / size.d_model)
+    return {"rwkv": rwkv.to(device), "gpt": gpt.to(device)}
+
+
+def state_bytes(state) -> int:
+    """Bytes of every tensor in a (nested) model state."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) decoding cost versus context
+
+
+def contexts_states(name: str, model, tokens: torch.Tensor, contexts: tuple[int, ...]) -> dict[int, object]:
+    """The model state after each context length (one pass over the longest context)."""
+    states = {}
+    with torch.no_grad():
+        if name == "gpt":  # the KV cache of a prefix is the prefix of the KV cache
+            _, full = model(tokens[:, : max(contexts)])
+            for n in contexts:
+                states[n] = {
+                    "k": [k[:, :, :n].clone() for k in full["k"]],
+                    "v": [v[:, :, :n].clone() for v in full["v"]],
+                    "valid": full["valid"][:, :n].clone(),
+                    "pos": torch.full_like(full["pos"], n),
+                }
+        else:  # RWKV: continue the recurrence from one context length to the next
+            state, done = None, 0
+            for n in sorted(contexts):
+                _, state = model(tokens[:, done:n], state)
+                states[n] = state
+                done = n
+    return states
+
+
+def time_decode(model, state, first: torch.Tensor, n: int, device) -> float:
+    """Seconds per token of greedy one-token steps from ``state``."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        x, s = first, state
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits, s = model.step(x, s)
+            x = logits.argmax(-1)
+        sync()
+    return (time.perf_counter() - t0) / n
+
+
+def decoding_cost(models: dict, tokens: torch.Tensor, size: Size, device, progress) -> list[dict]:
+    states = {name: contexts_states(name, m.eval(), tokens, size.contexts) for name, m in models.items()}
+    first = tokens[:, -1]
+    for name, m in models.items():  # warm-up (allocator, caches)
+        time_decode(m, states[name][size.contexts[0]], first, 2, device)
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(size.decode_repeats):  # interleave models and contexts so load changes hit all alike
+        for n in size.contexts:
+            for name, m in models.items():
+                times.setdefault((name, n), []).append(time_decode(m, states[name][n], first, size.decode_tokens, device))
+                progress.update(1)
+    rows = []
+    for n in size.contexts:
+        row = {"context": n}
+        for name in models:
+            row[f"{name}_ms_per_token"] = 1e3 * statistics.median(times[(name, n)])
+            row[f"{name}_state_bytes"] = state_bytes(states[name][n])
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) equal-size training
+
+
+def prepare_data(out: Path, size: Size, seed: int):
+    from rizzearch import corpora
+    from rizzearch.data.text import prepare_text
+    from rizzearch.data.tokenizer import byte_tokenizer, train_bpe
+
+    source = corpora.path("tinyshakespeare")
+    if size.vocab_size is None:
+        tok = byte_tokenizer()
+    else:
+        tok = train_bpe([source.read_text(encoding="utf-8")], size.vocab_size)
+    return tok, prepare_text(str(source), out / "data", tok, val_fraction=0.1)
+
+
+def train_both(models: dict, ds, size: Size, out: Path, device: str, seed: int, progress: bool) -> dict:
+    from rizzearch.data.batches import EvalWindows, RandomWindows
+    from rizzearch.objectives.lm import lm_loss
+    from rizzearch.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=size.steps,
+        batch_size=size.batch_size,
+        lr=size.lr,
+        warmup_steps=max(1, size.steps // 10),
+        weight_decay=0.1,
+        eval_every=max(1, size.steps // size.evals),
+        log_every=max(1, size.steps // 20),
+        seed=seed,
+        device=device,
+    )
+    results = {}
+    for name, model in models.items():
+        torch.manual_seed(seed)
+        data = RandomWindows(ds.train, size.batch_size, size.seq_len, seed=seed)  # same batches for both
+        evals = EvalWindows(ds.val, size.batch_size, size.seq_len, max_batches=size.eval_batches, bytes_per_token=ds.bytes_per_token)
+        t0 = time.perf_counter()
+        res = train(model.train(), lm_loss, data, cfg, out / f"train_{name}", eval_data=evals, progress=progress, save_checkpoints=False)
+        results[name] = {
+            "params": model.num_params(),
+            "val_loss": res.final_eval["val_loss"],
+            "val_bpb": res.final_eval.get("val_bpb"),
+            "train_loss": res.final_loss,
+            "seconds": time.perf_counter() - t0,
+            "tokens": res.tokens,
+            "curve": [(e["step"], e["val_loss"]) for e in res.evals if "step" in e],
+        }
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The study
+
+
+def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
+    """Run the study; writes results.json, report.md and rwkv.png into ``out_dir``; returns the results."""
+    from tqdm.auto import tqdm
+
+    size = FULL if full else TINY if tiny else QUICK
+    mode = "full" if full else "tiny" if tiny else "quick"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(5 * 60)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    torch.manual_seed(seed)
+
+    tok, ds = prepare_data(out, size, seed)
+    models = make_models(size, tok.vocab_size, device)
+
+    # (a) decoding cost: real text as context (wrapped around if the split is short)
+    val = torch.from_numpy(ds.val[0].astype("int64"))
+    need = max(size.contexts) + 1
+    stream = val.repeat(-(-need // len(val)))[:need]
+    bar = tqdm(total=size.decode_repeats * len(size.contexts) * len(models), desc="rwkv study: decode vs context", disable=tiny)
+    decode_rows = decoding_cost(models, stream[None].to(device), size, device, bar)
+    bar.close()
+    t_decode = budget.elapsed()
+
+    # (b) equal-size training on the same tokens
+    training = train_both(make_models(size, tok.vocab_size, device), ds, size, out, device, seed, progress=not tiny)
+    seconds = budget.elapsed()
+
+    lo, hi = decode_rows[0], decode_rows[-1]
+    rwkv_ratio = hi["rwkv_ms_per_token"] / lo["rwkv_ms_per_token"]
+    gpt_ratio = hi["gpt_ms_per_token"] / lo["gpt_ms_per_token"]
+    rwkv_mem = {r["rwkv_state_bytes"] for r in decode_rows}
+    gpt_mem_ratio = hi["gpt_state_bytes"] / lo["gpt_state_bytes"]
+    ctx_ratio = hi["context"] / lo["context"]
+    r_loss, g_loss = training["rwkv"]["val_loss"], training["gpt"]["val_loss"]
+    claims = [
+        Claim(
+            "rwkv_decode_time_flat",
+            f"RWKV's per-token decoding time does not grow with the context ({lo['context']} -> {hi['context']} tokens)",
+            "constant time per token (RNN inference)",
+            f"{rwkv_ratio:.2f}x ({lo['rwkv_ms_per_token']:.3f} -> {hi['rwkv_ms_per_token']:.3f} ms/token)",
+            bool(rwkv_ratio <= FLAT_RATIO),
+        ),
+        Claim(
+            "gpt_decode_time_grows",
+            f"A transformer with a KV cache pays more per token as the context grows ({lo['context']} -> {hi['context']} tokens)",
+            "linear growth per token (quadratic overall)",
+            f"{gpt_ratio:.2f}x ({lo['gpt_ms_per_token']:.3f} -> {hi['gpt_ms_per_token']:.3f} ms/token)",
+            bool(gpt_ratio > FLAT_RATIO and gpt_ratio > rwkv_ratio),
+        ),
+        Claim(
+            "rwkv_state_constant",
+            "RWKV carries the same state whatever the context; the KV cache grows with it",
+            "O(d) memory per sequence vs O(T d)",
+            f"RWKV {lo['rwkv_state_bytes']:,} bytes at every context; GPT cache x{gpt_mem_ratio:.1f} for x{ctx_ratio:.0f} context",
+            bool(len(rwkv_mem) == 1 and gpt_mem_ratio >= 0.9 * ctx_ratio),
+        ),
+        Claim(
+            "rwkv_competitive_with_gpt",
+            f"RWKV-4 is competitive with a transformer of the same size (validation loss within {100 * (COMPETITIVE - 1):.0f}%)",
+            "on par with similarly sized transformers (Fig. 5)",
+            f"val loss RWKV {r_loss:.4f} vs GPT {g_loss:.4f} (ratio {r_loss / g_loss:.3f})",
+            bool(r_loss <= COMPETITIVE * g_loss),
+        ),
+    ]
+    metrics = {
+        "mode": mode,
+        "decode": decode_rows,
+        "decode_time_ratio": {"rwkv": rwkv_ratio, "gpt": gpt_ratio},
+        "training": {k: {kk: vv for kk, vv in v.items()} for k, v in training.items()},
+        "sizes": asdict(size),
+        "tokenizer_vocab": tok.vocab_size,
+        "seconds": {"decode": t_decode, "total": seconds},
+        "load_average": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+    }
+    write_results(out, STUDY, claims, metrics)
+    _write_report(out, mode, size, decode_rows, training, claims, seconds)
+    _plot(out, decode_rows, training)
+    from rizzearch.reproduce.common import read_results
+
+    return read_results(out / "results.json")
+
+
+def _write_report(out: Path, mode, size: Size, rows, training, claims, seconds) -> None:
+    lines = [
+        "# RWKV-4 study (Peng et al. 2023)",
+        "",
+        f"Mode: {mode}; both models d_model={size.d_model}, {size.n_layer} layers; wall time {seconds:.0f} s.",
+        "",
+        "## Decoding cost versus context (batch 1, greedy, median per-token step)",
+        "",
+        "| context | RWKV ms/token | GPT ms/token | RWKV state (KiB) | GPT KV cache (KiB) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['context']} | {r['rwkv_ms_per_token']:.3f} | {r['gpt_ms_per_token']:.3f} | "
+            f"{r['rwkv_state_bytes'] / 1024:.1f} | {r['gpt_state_bytes'] / 1024:.1f} |"
+        )
+    lines += [
+        "",
+        f"## Equal-size training on tiny-shakespeare ({size.steps} steps x {size.batch_size} x {size.seq_len} tokens, same batches)",
+        "",
+        "| model | parameters | val loss | val bits/byte | train loss | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, t in training.items():
+        bpb = f"{t['val_bpb']:.3f}" if t.get("val_bpb") else "-"
+        lines.append(f"| {name} | {t['params']:,} | {t['val_loss']:.4f} | {bpb} | {t['train_loss']:.4f} | {t['seconds']:.0f} |")
+    lines += ["", "## Claims", "", "| claim | paper | ours | holds |", "|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'no'} |")
+    lines += ["", "![decoding cost and training curves](rwkv.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _plot(out: Path, rows, training) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ctx = [r["context"] for r in rows]
+    for name, style in (("rwkv", "o-"), ("gpt", "s--")):
+        ax[0].plot(ctx, [r[f"{name}_ms_per_token"] for r in rows], style, label=name.upper())
+        ax[1].plot(ctx, [r[f"{name}_state_bytes"] / 1024 for r in rows], style, label=name.upper())
+        curve = training[name]["curve"]
+        if curve:
+            ax[2].plot([s for s, _ in curve], [v for _, v in curve], style, label=f"{name.upper()} ({training[name]['params']:,} params)")
+    for a, title, ylabel in (
+        (ax[0], "per-token decode time", "ms / token"),
+        (ax[1], "state carried per sequence", "KiB"),
+    ):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("context length (tokens)")
+        a.set_ylabel(ylabel)
+        a.set_title(title)
+        a.legend()
+    ax[1].set_yscale("log")
+    ax[2].set_xlabel("step")
+    ax[2].set_ylabel("validation loss (nats/token)")
+    ax[2].set_title("equal-size training, same tokens")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(out / "rwkv.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(run(sys.argv[1] if len(sys.argv) > 1 else "runs/rwkv", tiny="--tiny" in sys.argv, full="--full" in sys.argv)["claims"])
