@@ -44,3 +44,5 @@ def test_rizz_audit_end_to_end_with_human_sheet(tmp_path, capsys):
 def test_rizz_audit_bad_system(tmp_path, capsys):
     assert main(["audit", "--system", "[oracle]", "--out", str(tmp_path)]) == 2
     assert "oracle" in capsys.readouterr().err
+    assert main(["audit", "--system", "naive_rag,oracle", "--out", str(tmp_path)]) == 2  # comma form
+    assert "['oracle']" in capsys.readouterr().err

@@ -87,3 +87,9 @@ def test_llm_judge_reports_spread():
     lab = label_response(q, "Justice Warren delivered the opinion. Brown v. Board of Education, 347 U.S. 483 (1954).",
                          judge=LLMJudge(Votes(["NO"]), runs=3))
     assert lab["groundedness"] == "misgrounded" and lab["citations"][0]["judge"]["spread"] == 0.0
+    from rizzearch.audit.metrics import summarize
+
+    row = {**lab, "system": "s", "status": "answered"}
+    row2 = {**row, "citations": [{**row["citations"][0], "judge": v | {"valid": 2, "spread": 1.0, "stdev": 0.5}}]}
+    j = summarize([row, row2], n_boot=10)["judge"]
+    assert j == {"citations": 2, "mean_stdev": 0.25, "share_runs_disagree": 0.5, "invalid_replies": 0}

@@ -9,7 +9,7 @@ from rizzearch.errors import ConfigError, DataError
 
 
 def audit(
-    system: list[str] = ["closed_book", "naive_rag", "verified_rag"],  # noqa: B006 (jsonargparse default)
+    system: list[str] | str = "closed_book,naive_rag,verified_rag",
     out: str = "runs/audit",
     index: str | None = None,
     generator: str = "extractive",
@@ -35,7 +35,7 @@ def audit(
     """Run the Magesh et al. hallucination audit over RAG systems and write a report.
 
     Args:
-        system: systems to audit: closed_book, naive_rag, verified_rag.
+        system: systems to audit, comma-separated or a list: closed_book, naive_rag, verified_rag.
         out: run folder (answers.jsonl, labels.jsonl, metrics.json, report.md/html, chart, label sheet).
         index: index file (default $RIZZ_CACHE/legal_rag_index.sqlite; built if missing or stale).
         generator: extractive (deterministic default), memory, endpoint, or checkpoint:PATH.
@@ -66,6 +66,8 @@ def audit(
     from rizzearch.rag.index import open_or_build
     from rizzearch.rag.systems import SYSTEMS, make_system
 
+    if isinstance(system, str):
+        system = [s.strip() for s in system.split(",") if s.strip()]
     bad = [s for s in system if s not in SYSTEMS]
     if bad or not system:
         raise ConfigError(f"--system: unknown {bad or system}; choose from {list(SYSTEMS)}")

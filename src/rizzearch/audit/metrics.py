@@ -64,6 +64,12 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, key: str = ""
         "unverifiable": sum(c["existence"] == "unverifiable" for c in cites),
         "unsupported": sum(c.get("supported") is False for c in cites),
     }
+    judged = [c["judge"] for c in cites if c.get("judge") and c["judge"].get("valid")]
+    if judged:  # how much the LLM judge disagreed with itself across its runs
+        out["judge"] = {"citations": len(judged),
+                        "mean_stdev": round(sum(j["stdev"] for j in judged) / len(judged), 4),
+                        "share_runs_disagree": round(sum(j["spread"] > 0 for j in judged) / len(judged), 4),
+                        "invalid_replies": sum(j["runs"] - j["valid"] for j in judged)}
     return out
 
 
