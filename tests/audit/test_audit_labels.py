@@ -75,3 +75,12 @@ def test_bad_query():
         label_response({"question": "q"}, "a")
     with pytest.raises(DataError, match="category"):
         label_response({**Q, "category": "trivia"}, "a")
+
+
+def test_an_answer_that_is_only_a_citation_is_its_own_proposition():
+    q = {"id": "c", "category": "factual_recall", "false_premise": False,
+         "question": "What is the United States Reports citation for Dennis v. United States?", "gold_answer": "341 U.S. 494"}
+    r = label_response(q, "Dennis v. United States, 341 U.S. 494 (1951).")
+    assert (r["correctness"], r["groundedness"]) == ("correct", "grounded")
+    r = label_response(q, "Dennis v. United States, 341 U.S. 495 (1951).")
+    assert r["correctness"] == "incorrect" and r["citations"][0]["existence"] == "nonexistent"

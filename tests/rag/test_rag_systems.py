@@ -32,6 +32,9 @@ def test_entities(bm25_index):
     assert [e.kind for e in fake] == ["unknown_case"]
     assert is_legal_question("What is the best pizza recipe?", []) is False
     assert is_legal_question("When is evidence hearsay?", []) is True
+    naive = make_system("naive_rag", bm25_index, mode="bm25")
+    assert naive.answer("What are the requirements for a dying declaration?").status == "answered"
+    assert naive.answer("Which recipe makes the crispiest pizza crust?").status == "non_legal"
 
 
 def test_naive_and_closed_book(bm25_index):
@@ -61,7 +64,8 @@ def test_verifier_checks_existence_and_support(bm25_index):
     q = "Which Justice delivered the opinion of the Court in Miranda v. Arizona?"
     fabricated = Canned("Justice Warren delivered the opinion of the Court. Miranda v. Arizona, 384 U.S. 999 (1966).")
     a = VerifiedRAG(bm25_index, fabricated, mode="bm25").answer(q)
-    assert a.status == "abstained" and "could not be found" in a.text
+    assert a.status == "abstained" and "does not exist" in a.text and a.checks["failed_citation"] == "384 U.S. 999"
+    assert "384 U.S. 999" not in a.text  # the abstention does not repeat the bad citation
     unsupported = Canned("Justice Holmes wrote a famous dissent about wiretaps. Miranda v. Arizona, 384 U.S. 436 (1966).")
     a = VerifiedRAG(bm25_index, unsupported, mode="bm25").answer(q)
     assert a.status == "abstained" and "does not support" in a.text

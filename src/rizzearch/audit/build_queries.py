@@ -8,7 +8,8 @@ corpus that state the answer). Families (see also ``docs/legal_rag.md``):
 general (Magesh et al.: "general legal research")
   * ``rule_qa``: LegalBench rule_qa questions that name no jurisdiction, verbatim; gold = the LegalBench answer.
   * ``const_text``: Constitution provisions that are a single clause, asked by their heading
-    ("What does the U.S. Constitution provide about quartering of soldiers?"); gold = the clause.
+    ("What does the U.S. Constitution provide about quartering of soldiers?"); gold = its first sentence
+    (the whole provision is an alias).
   * ``const_curated``: hand-written paraphrased questions on the Constitution; gold = a short span of the
     clause (located in the corpus automatically, so the gold passage is exact).
 
@@ -38,7 +39,7 @@ import re
 from pathlib import Path
 
 from rizzearch.rag.corpus import load_corpus
-from rizzearch.rag.text import ORDINALS
+from rizzearch.rag.text import ORDINALS, split_sentences
 
 DATA = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 SEED = 7
@@ -162,8 +163,10 @@ def build_queries() -> list[dict]:
         if not heading or heading.lower().startswith("amendment"):
             continue
         where = f"the {ORDINALS[p.meta['amendment']].capitalize()} Amendment" if "amendment" in p.meta else p.title.split(":")[0]
+        first = split_sentences(p.text)[0]
         out.append(_q(f"const_text-{p.id.replace('/', '_')}", "general", "const_text",
-                      f"What does {where} of the U.S. Constitution provide about {heading.lower()}?", p.text, [p.id]))
+                      f"What does {where} of the U.S. Constitution provide about {heading.lower()}?", first, [p.id],
+                      aliases=[p.text] if first != p.text else []))
     for i, (question, span, cat, *alias) in enumerate(CONST_CURATED, 1):
         hits = [p.id for p in const if span in p.text]
         if len(hits) < 1:

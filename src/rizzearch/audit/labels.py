@@ -137,6 +137,8 @@ def propositions(answer: str) -> list[dict]:
         if props and mine and len(content_tokens(claim)) < 3:
             props[-1]["citations"] += mine
             continue
+        if mine and not content_tokens(claim):  # the answer is the citation itself ("X, 341 U.S. 494 (1951).")
+            claim = s
         props.append({"sentence": s, "claim": claim.strip(), "citations": mine})
     return props
 

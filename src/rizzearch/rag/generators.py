@@ -424,16 +424,24 @@ class SmolLM2Generator:
         except ImportError as e:  # pragma: no cover - depends on the installation
             raise ConfigError(f"generator smollm2 needs transformers ({e})") from e
         cache = Path(cache_dir) if cache_dir else Path(os.environ.get("RIZZ_CACHE", Path.home() / ".cache" / "rizzearch")) / "smollm2"
-        if (cache / "config.json").is_file():
+        from safetensors.torch import load_model, save_model
+        from transformers import AutoConfig
+
+        weights = cache / "model.safetensors"
+        if weights.is_file() and (cache / "config.json").is_file():
             self.tokenizer = AutoTokenizer.from_pretrained(str(cache))
-            self.model = AutoModelForCausalLM.from_pretrained(str(cache))
+            self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cache)))
+            load_model(self.model, str(weights))
         else:
             if importlib.util.find_spec("gguf") is None:
                 raise ConfigError("generator smollm2 needs the gguf package to read the GGUF file: pip install gguf")
             self.tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=self.GGUF)
             self.model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=self.GGUF)
+            # transformers refuses save_pretrained() on a GGUF-loaded model; the weights are plain floats
+            # after dequantization, so save them with safetensors next to the config and tokenizer.
             cache.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(str(cache))
+            save_model(self.model, str(weights))
+            self.model.config.to_json_file(str(cache / "config.json"))
             self.tokenizer.save_pretrained(str(cache))
         self.model.eval()
         self.max_new_tokens, self.threads = max_new_tokens, threads

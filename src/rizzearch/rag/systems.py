@@ -29,7 +29,9 @@ from rizzearch.rag.text import ORDINALS, content_set, content_tokens, from_roman
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
 
 LEGAL_TERMS = frozenset(
-    """law laws legal court courts judge judges justice justices constitution constitutional amendment amendments article
+    """declaration declarant admissible admission exception statute privilege immunity negligence damages remedy
+    injunction fraud crime crimes felony misdemeanor defense defence lawsuit suit litigation arbitration
+    law laws legal court courts judge judges justice justices constitution constitutional amendment amendments article
     clause statute statutes statutory code usc u.s.c rule rules federal jurisdiction venue supreme opinion opinions
     dissent dissented majority holding held case cases precedent plaintiff defendant appellant appellee petitioner
     respondent trial jury evidence hearsay testimony witness counsel attorney lawyer congress senate senator house
@@ -157,12 +159,20 @@ def entity_in(e: Entity, p: Passage) -> bool:
     return False
 
 
-def is_legal_question(question: str, entities: list[Entity]) -> bool:
-    """A question is legal if it names a case/Justice/amendment or uses legal vocabulary."""
+def is_legal_question(question: str, entities: list[Entity], hits: list[Hit] | None = None, idf: dict | None = None) -> bool:
+    """A question is legal if it names a case/Justice/amendment, uses legal vocabulary, or its best
+    retrieved passage covers at least half of its words (IDF-weighted): the corpus itself knows the topic."""
     if entities:
         return True
     toks = set(words(question))
-    return bool(toks & LEGAL_TERMS) or bool(re.search(r"§|\bU\.\s?S\.|\bv\.\s", question))
+    if toks & LEGAL_TERMS or re.search(r"§|\bU\.\s?S\.|\bv\.\s", question):
+        return True
+    if hits and idf:
+        q = set(content_tokens(question))
+        dflt = max(idf.values())
+        return any(weighted_recall(q, content_set(h.passage.text) | content_set(h.passage.title), idf, dflt) >= 0.5
+                   for h in hits[:2])
+    return False
 
 
 NON_LEGAL_TEXT = "This does not look like a legal question, so I will not answer it from the legal sources."
@@ -213,10 +223,10 @@ class NaiveRAG(System):
     def answer(self, question: str) -> Answer:
         question = check_question(question)
         t0 = time.perf_counter()
-        if not is_legal_question(question, self.entities.find(question)):
-            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", generator=self.generator.name,
-                          latency_s=time.perf_counter() - t0)
         hits = self.retrieve(question)
+        if not is_legal_question(question, self.entities.find(question), hits, _index_idf(self.index)):
+            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", [h.to_dict() for h in hits], self.generator.name,
+                          latency_s=time.perf_counter() - t0)
         msgs = build_messages(question, [h.passage for h in hits])
         text = self.generator.generate(GenerationRequest(question, [h.passage for h in hits], msgs))
         return Answer(self.name, question, text, "answered", [h.to_dict() for h in hits], self.generator.name, msgs,
@@ -251,16 +261,16 @@ class VerifiedRAG(NaiveRAG):
                       {**checks, "reason": reason}, time.perf_counter() - t0)
 
     def answer(self, question: str) -> Answer:
-        from rizzearch.audit.citations import EXISTS, check_existence
+        from rizzearch.audit.citations import EXISTS, NONEXISTENT, check_existence
         from rizzearch.audit.labels import _idf, propositions, support_score
 
         question = check_question(question)
         t0 = time.perf_counter()
         ents = self.entities.find(question)
-        if not is_legal_question(question, ents):
-            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", generator=self.generator.name,
-                          latency_s=time.perf_counter() - t0)
         hits = self.retrieve(question)
+        if not is_legal_question(question, ents, hits, _index_idf(self.index)):
+            return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", [h.to_dict() for h in hits], self.generator.name,
+                          latency_s=time.perf_counter() - t0)
         checks: dict = {"entities": [e.surface for e in ents]}
         kept = [h for h in hits if all(entity_in(e, h.passage) for e in ents)]
         if not kept:
@@ -273,17 +283,26 @@ class VerifiedRAG(NaiveRAG):
             return self._abstain(question, "the draft answer cites no source", kept, msgs, t0, checks)
         cited: list[str] = []
         scores = []
+        # Abstention messages describe the failure without repeating the draft's citations or claims.
         for prop in props:
+            supported = False
             for c in prop["citations"]:
                 verdict, detail, pids = check_existence(c, self.auth)
-                if verdict != EXISTS:
-                    return self._abstain(question, f"the cited authority {c.normalized} could not be found ({detail})", kept, msgs, t0, checks)
+                if verdict == NONEXISTENT:
+                    return self._abstain(question, "a cited authority does not exist", kept, msgs, t0,
+                                         {**checks, "failed_citation": c.normalized, "detail": detail})
+                if verdict != EXISTS:  # a real authority outside the corpus: cannot be checked, proves nothing
+                    continue
                 sc = support_score(prop["claim"], pids, self.auth)
                 scores.append(round(sc, 4))
                 if sc < self.support_threshold:
-                    return self._abstain(question, f"{c.normalized} does not support the statement it is cited for", kept, msgs, t0,
-                                         {**checks, "support": scores})
+                    return self._abstain(question, "a cited source does not support the statement it is cited for", kept, msgs,
+                                         t0, {**checks, "support": scores, "failed_citation": c.normalized})
+                supported = True
                 cited += pids
+            if not supported:
+                return self._abstain(question, "a statement's citations could not be checked against the sources", kept, msgs,
+                                     t0, {**checks, "support": scores})
         idf, dflt = _idf(self.auth)
         have = set().union(*(content_set(p["claim"]) for p in props))
         for pid in cited[:20]:
