@@ -248,7 +248,7 @@ class VerifiedRAG(NaiveRAG):
     name = "verified_rag"
 
     def __init__(self, index: Index, generator: Generator, k: int = 4, mode: str = "hybrid",
-                 support_threshold: float = 0.6, min_coverage: float = 0.6):
+                 support_threshold: float = 0.6, min_coverage: float = 0.5):
         super().__init__(index, generator, k, mode)
         self.support_threshold, self.min_coverage = support_threshold, min_coverage
         from rizzearch.audit.citations import build_authorities

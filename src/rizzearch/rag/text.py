@@ -37,13 +37,27 @@ def words(text: str) -> list[str]:
 
 
 def stem(word: str) -> str:
-    """A light, deterministic suffix stemmer: plural ``-s``/``-ies``/``-es`` after sibilants."""
+    """A light, deterministic suffix stemmer (plurals, ``-ed``, ``-ing``, final ``-e``).
+
+    ``decide``, ``decided``, ``decides`` and ``deciding`` all become ``decid``; ``states`` and ``state``
+    become ``stat``. Crude, but the same on both sides of every comparison, which is all we need.
+    """
+    if word.isdigit() or len(word) <= 3:
+        return word
     if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes")):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
+        word = word[:-3] + "y"
+    elif len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes")):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    if len(word) > 5 and word.endswith("ing"):
+        word = word[:-3]
+    elif len(word) > 4 and word.endswith("ied"):
+        word = word[:-3] + "y"
+    elif len(word) > 4 and word.endswith("ed") and not word.endswith("eed"):
+        word = word[:-2]
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
     return word
 
 
