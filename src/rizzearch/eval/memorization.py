@@ -416,8 +416,8 @@ def memorization_command(
         prompt_tokens: P, the number of prompt tokens taken from the start of each document.
         new_tokens: N, the number of tokens generated and compared.
         num_beams: beam width of the beam-search pass (1: greedy only).
-        max_tokens: score only the first max_tokens tokens of each document for membership
-            inference (None: the whole document); use the training context length.
+        max_tokens: truncate each document to its first max_tokens tokens, the span scored for
+            membership inference (None: the whole document); use the length trained on.
         tokenizer: a tokenizer.json to use instead of the checkpoint's (must match it).
         batch_size: documents per batch.
         out: run folder (default: runs/memorization-<timestamp>).
