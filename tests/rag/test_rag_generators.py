@@ -49,6 +49,10 @@ class FakeChat(BaseHTTPRequestHandler):
         if model == "nochoices":
             return self._send(200, json.dumps({"id": "x", "object": "chat.completion"}).encode())
         last = body["messages"][-1]["content"]
+        if model == "judge":  # a judge that changes its mind with the seed
+            last = "YES" if body.get("seed", 0) % 2 == 0 else "NO"
+            reply = {"choices": [{"message": {"role": "assistant", "content": last}}]}
+            return self._send(200, json.dumps(reply).encode())
         reply = {"id": "c1", "object": "chat.completion", "model": model,
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": f" echo: {last[-20:]} "}}]}
@@ -80,6 +84,14 @@ def test_endpoint_roundtrip(server):
     last = FakeChat.seen[-1]
     assert last["path"] == "/v1/chat/completions" and last["auth"] == "Bearer sekret"
     assert last["body"]["messages"][0]["role"] == "system" and last["body"]["temperature"] == 0.0
+
+
+def test_llm_judge_through_the_endpoint(server):
+    from rizzearch.audit.judge import LLMJudge
+
+    v = LLMJudge(EndpointGenerator(server, model="judge", retries=0), runs=3).judge("a claim", "a source")
+    assert [r for r in v["replies"]] == ["YES", "NO", "YES"] and v["supported"] and v["spread"] == 1.0
+    assert FakeChat.seen[-1]["body"]["temperature"] == 0.7 and FakeChat.seen[-1]["body"]["seed"] == 2
 
 
 def test_endpoint_from_environment(server, monkeypatch):
