@@ -1,0 +1,363 @@
+"""``rizz align``: preference alignment with ORPO, DPO, SFT, or SFT then DPO, for any registered model.
+
+A thin recipe: it reads preference data (``rizzearch.data.preference``), picks the loss
+(``objectives.orpo`` / ``objectives.dpo`` / ``objectives.sft``) and hands both to the one training
+loop (``training/loop.py``). Methods:
+
+- ``orpo``: one stage, NLL + lambda * odds-ratio loss, no reference model (Hong et al. 2024).
+- ``sft``: NLL of the chosen responses.
+- ``dpo``: DPO against the starting model as the frozen reference (Rafailov et al. 2023).
+- ``sft+dpo``: the pipeline ORPO replaces: SFT for ``sft_steps`` (run folder ``OUT/sft``), then
+  DPO with the SFT model as reference (``OUT``).
+
+DPO's reference log-probs are computed once, in one no-grad pass over the data, right before the
+DPO stage; the reference model is never kept in memory beside the policy. Every method is
+evaluated on the same held-out pairs with the same metric (``val_pref_accuracy``: the fraction of
+pairs whose chosen response has the higher mean token log-prob), and every forward pass made for
+training (including the reference pass) is counted, so methods can be compared on compute.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rizzearch.data.batches import RowBatches
+from rizzearch.data.preference import (
+    PairEvalBatches,
+    PreferenceSet,
+    check_budget,
+    encode_pairs,
+    get_template,
+    read_preferences,
+)
+from rizzearch.errors import CheckpointError, ConfigError
+from rizzearch.objectives.dpo import DPOConfig, make_dpo_loss, precompute_reference_logps
+from rizzearch.objectives.orpo import ORPOConfig, make_orpo_loss, preference_forward
+from rizzearch.objectives.sft import make_sft_loss
+from rizzearch.training.distributed import device_for, init_distributed
+from rizzearch.training.loop import TrainConfig, TrainResult
+from rizzearch.training.loop import train as train_loop
+
+METHODS = ("orpo", "dpo", "sft", "sft+dpo")
+
+
+@dataclass(frozen=True)
+class PreferenceDataConfig:
+    """Preference data for alignment.
+
+    Args:
+        source: bundled corpus name (hh-rlhf-harmless-test) or a JSONL file: {prompt, chosen, rejected} per line,
+            or HH-RLHF {chosen, rejected} dialogues (.jsonl or .jsonl.gz).
+        format: auto (pairs if the first record has a prompt field, else hh), pairs, or hh.
+        template: chat template: chat ("User: ...\\nAssistant: ...") or plain (texts used as they are).
+        max_length: most tokens of prompt + response; longer prompts are cut from the left.
+        max_response_length: per-response token budget (end-of-text included), cut at the end; None: max_length // 2.
+            Must be < max_length, so truncation never empties a prompt or a response.
+        limit: use at most this many pairs (None: all).
+        val_fraction: fraction of the pairs held out for the preference-accuracy evaluation.
+        on_error: what to do with a malformed record: raise (stop with file, line and field), skip (drop it and
+            list it in OUT/data_problems.txt), or auto (raise for your own files, skip for bundled corpora).
+        tokenizer: without --init: bpe (train a byte-level BPE on the training pairs), byte, or a tokenizer.json path.
+            With --init the checkpoint's tokenizer is used.
+        vocab_size: BPE vocabulary size.
+    """
+
+    source: str = "hh-rlhf-harmless-test"
+    format: Literal["auto", "pairs", "hh"] = "auto"
+    template: str = "chat"
+    max_length: int = 256
+    max_response_length: int | None = None
+    limit: int | None = None
+    val_fraction: float = 0.05
+    on_error: Literal["auto", "raise", "skip"] = "auto"
+    tokenizer: str = "bpe"
+    vocab_size: int = 1024
+
+    def __post_init__(self):
+        check_budget(self.max_length, self.max_response_length)
+        get_template(self.template)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute accounting and evaluation
+
+
+class ForwardCounter:
+    """Counts forward calls, sequences (rows) and tokens of a model through a forward hook.
+
+    ``paused()`` excludes work (evaluation) from the count.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.calls = self.sequences = self.tokens = 0
+        self._active = True
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self._active and args and isinstance(args[0], Tensor) and args[0].dim() == 2:
+            self.calls += 1
+            self.sequences += int(args[0].shape[0])
+            self.tokens += int(args[0].numel())
+
+    def paused(self):
+        counter = self
+
+        class _Pause:
+            def __enter__(self):
+                counter._active = False
+
+            def __exit__(self, *exc):
+                counter._active = True
+
+        return _Pause()
+
+    def snapshot(self) -> dict:
+        return {"forward_calls": self.calls, "forward_sequences": self.sequences, "forward_tokens": self.tokens}
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def evaluate_preferences(model, tensors: dict[str, Tensor], batch_size: int = 32, device=None, chunk_size: int | None = None) -> dict:
+    """Held-out preference metrics of ``model`` (eval mode, no grad), the same for every method.
+
+    pref_accuracy: fraction of pairs with mean token log-prob of chosen > rejected (ties count as
+    wrong); chosen_logp / rejected_logp: mean over pairs of the mean token log-probs; logp_margin;
+    chosen_nll: token-mean NLL of the chosen responses.
+    """
+    was = model.training
+    model.eval()
+    wins = n = 0
+    sums = {"chosen_logp": 0.0, "rejected_logp": 0.0}
+    nll_sum = nll_tok = 0.0
+    try:
+        for batch in PairEvalBatches(tensors, batch_size).batches():
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            fw = preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
+            wins += int((fw.chosen.mean > fw.rejected.mean).sum())
+            n += fw.chosen.mean.shape[0]
+            sums["chosen_logp"] += float(fw.chosen.mean.sum())
+            sums["rejected_logp"] += float(fw.rejected.mean.sum())
+            nll_sum -= float(fw.chosen.sum.sum())
+            nll_tok += float(fw.chosen.count.sum())
+    finally:
+        model.train(was)
+    out = {"pref_accuracy": wins / n, **{k: v / n for k, v in sums.items()}}
+    out["logp_margin"] = out["chosen_logp"] - out["rejected_logp"]
+    out["chosen_nll"] = nll_sum / nll_tok
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def run_stage(
+    method: Literal["orpo", "dpo", "sft"],
+    model: torch.nn.Module,
+    train_set: PreferenceSet,
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    val_set: PreferenceSet | None = None,
+    orpo: ORPOConfig = ORPOConfig(),
+    dpo: DPOConfig = DPOConfig(),
+    counter: ForwardCounter | None = None,
+    meta: dict | None = None,
+    progress: bool = True,
+    save_checkpoints: bool = True,
+) -> tuple[TrainResult, dict]:
+    """One alignment stage through the shared loop -> (TrainResult, compute record).
+
+    For ``dpo`` the current ``model`` is the reference: its log-probs are precomputed here (one
+    no-grad pass, counted in ``reference_*``) before training starts.
+    """
+    own_counter = counter is None
+    counter = counter or ForwardCounter(model)
+    before = counter.snapshot()
+    t0 = time.perf_counter()
+    tensors = dict(train_set.tensors)
+    device = device_for(config.device, init_distributed(config.device))
+    ref_record = {}
+    if method == "orpo":
+        loss_fn = make_orpo_loss(orpo)
+    elif method == "sft":
+        loss_fn = make_sft_loss(orpo.chunk_size)
+    elif method == "dpo":
+        model.to(device)
+        r0 = counter.snapshot()
+        tr = time.perf_counter()
+        tensors.update(precompute_reference_logps(model, tensors, dpo.ref_batch_size, dpo.chunk_size, device=device))
+        r1 = counter.snapshot()
+        ref_record = {f"reference_{k}": r1[k] - r0[k] for k in r1} | {"reference_seconds": time.perf_counter() - tr}
+        loss_fn = make_dpo_loss(dpo)
+    else:
+        raise ConfigError(f"method: unknown stage {method!r}; choose one of orpo, dpo, sft")
+    eval_fn = None
+    if val_set is not None:
+        def eval_fn(m):
+            with counter.paused():
+                return {f"val_{k}": v for k, v in evaluate_preferences(m, val_set.tensors, config.batch_size, device=device, chunk_size=orpo.chunk_size).items()}
+
+    source = RowBatches(tensors, config.batch_size, seed=config.seed)
+    try:
+        result = train_loop(model, loss_fn, source, config, run_dir, eval_fn=eval_fn, meta={**(meta or {}), "objective": method},
+                            progress=progress, save_checkpoints=save_checkpoints)
+    finally:
+        if own_counter:
+            counter.close()
+    after = counter.snapshot()
+    record = {"method": method, "steps": result.steps, "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+              **{k: after[k] - before[k] for k in after}, **ref_record}
+    return result, record
+
+
+def _build_tokenizer(data: PreferenceDataConfig, pairs, run: Path):
+    from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+
+    if data.tokenizer == "byte":
+        return byte_tokenizer()
+    if data.tokenizer == "bpe":
+        tpl = get_template(data.template)
+        texts = [tpl.render_prompt(p.messages) + tpl.render_response(p.chosen) + "\n" + tpl.render_response(p.rejected) for p in pairs]
+        return train_bpe(texts, data.vocab_size)
+    if data.tokenizer.endswith(".json"):
+        return Tokenizer.load(data.tokenizer)
+    raise ConfigError(f"data.tokenizer: expected 'bpe', 'byte' or a tokenizer.json path, got {data.tokenizer!r}")
+
+
+def align(
+    method: Literal["orpo", "dpo", "sft", "sft+dpo"] = "orpo",
+    init: str | None = None,
+    model: str = "gpt",
+    model_config: dict | None = None,
+    data: PreferenceDataConfig = PreferenceDataConfig(),
+    train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=1e-4, warmup_steps=10, weight_decay=0.0),
+    orpo: ORPOConfig = ORPOConfig(),
+    dpo: DPOConfig = DPOConfig(),
+    sft_steps: int | None = None,
+    out: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Preference-align a model (gpt, xlstm, rwkv) with ORPO, DPO, SFT, or SFT then DPO.
+
+    Start from a pretrained checkpoint (--init RUN, e.g. the output of `rizz train`) or from a
+    freshly initialised model (--model, --model_config). Writes the run folder OUT: config.yaml,
+    tokenizer.json, metrics.jsonl, checkpoints/, data_problems.txt (skipped records) and
+    align_summary.json (held-out preference accuracy, forward passes, wall time). For sft+dpo the SFT
+    stage is in OUT/sft and the final (DPO) model in OUT.
+
+    Args:
+        method: orpo (one stage, no reference model), dpo (reference = the starting model), sft, or sft+dpo.
+        init: checkpoint or run folder to start from (its tokenizer is used); None: a new model.
+        model: registered model name when starting without --init: gpt, xlstm or rwkv.
+        model_config: config overrides of the new model (vocab_size defaults to the tokenizer's).
+        data: preference data, chat template and truncation budget.
+        train: training loop settings; for sft+dpo they apply to both stages (steps = the DPO stage).
+        orpo: ORPO settings (lambda, NLL mode).
+        dpo: DPO settings (beta).
+        sft_steps: steps of the SFT stage of sft+dpo (None: train.steps).
+        out: run folder (default: runs/align-<timestamp>).
+        progress: show progress bars.
+    """
+    from rizzearch.data.tokenizer import tokenizer_fingerprint
+    from rizzearch.models.base import build_model
+    from rizzearch.runs import make_run_dir
+    from rizzearch.training import checkpoint as ckpt_io
+
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    if sft_steps is not None and sft_steps < 1:
+        raise ConfigError(f"sft_steps must be >= 1, got {sft_steps}")
+    run = make_run_dir(out, "align")
+    for root in (run / "checkpoints", run / "sft" / "checkpoints"):
+        if root.is_dir() and any(root.glob("step_*")):
+            raise ConfigError(f"{run}: already holds an alignment run ({root}); choose another --out (nothing was overwritten)")
+
+    from rizzearch.corpora import list as corpus_names
+
+    on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
+    pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
+
+    if init is not None:
+        if model_config:
+            raise ConfigError("model_config cannot be combined with --init (the checkpoint fixes the architecture)")
+        net, tok, meta = ckpt_io.load_checkpoint(init, device="cpu")
+        if tok is None:
+            raise CheckpointError(f"{init}: no tokenizer.json next to the checkpoint")
+        model_name = meta["model"]
+    else:
+        tok = _build_tokenizer(data, pairs, run)
+        overrides = dict(model_config or {})
+        overrides.setdefault("vocab_size", tok.vocab_size)
+        if int(overrides["vocab_size"]) < tok.vocab_size:
+            raise ConfigError(f"model_config.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+        net = build_model(model, **overrides)
+        model_name = model
+    tok.save(run / "tokenizer.json")
+
+    ps = encode_pairs(pairs, tok, data.template, data.max_length, data.max_response_length, on_error=on_error)
+    problems = problems + ps.problems
+    if problems:
+        (run / "data_problems.txt").write_text("\n".join(problems) + "\n")
+    train_set, val_set = ps.split(data.val_fraction, seed=train.seed)
+    print(f"align {method}: model {model_name} ({net.num_params():,} parameters); {len(train_set)} train / "
+          f"{len(val_set) if val_set else 0} held-out pairs; {len(problems)} records skipped"
+          f"{' (see data_problems.txt)' if problems else ''}; {ps.stats['truncated_prompts']} prompts and "
+          f"{ps.stats['truncated_responses']} responses truncated; run folder {run}")
+
+    meta = {"tokenizer": tokenizer_fingerprint(tok), "align_method": method}
+    counter = ForwardCounter(net)
+    stages = []
+    before = evaluate_preferences(net, val_set.tensors, train.batch_size, chunk_size=orpo.chunk_size) if val_set else {}
+    try:
+        if method == "sft+dpo":
+            from dataclasses import replace
+
+            sft_cfg = replace(train, steps=sft_steps or train.steps)
+            tok.save(run / "sft" / "tokenizer.json")
+            _, rec = run_stage("sft", net, train_set, sft_cfg, run / "sft", val_set=val_set, orpo=orpo, dpo=dpo,
+                               counter=counter, meta=meta, progress=progress)
+            stages.append(rec)
+            result, rec = run_stage("dpo", net, train_set, train, run, val_set=val_set, orpo=orpo, dpo=dpo,
+                                    counter=counter, meta=meta, progress=progress)
+        else:
+            result, rec = run_stage(method, net, train_set, train, run, val_set=val_set, orpo=orpo, dpo=dpo,
+                                    counter=counter, meta=meta, progress=progress)
+        stages.append(rec)
+    finally:
+        counter.close()
+    final = {k[len("val_"):]: v for k, v in result.final_eval.items() if k.startswith("val_")}
+    summary = {
+        "method": method,
+        "model": model_name,
+        "run": str(run),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "pairs": {"train": len(train_set), "val": len(val_set) if val_set else 0, "skipped": len(problems)},
+        "data": ps.stats,
+        "val_before": before,
+        "val_after": final,
+        "stages": stages,
+        "forward_sequences": sum(s["forward_sequences"] for s in stages),
+        "forward_tokens": sum(s["forward_tokens"] for s in stages),
+        "seconds": sum(s["seconds"] for s in stages),
+        "config": {"orpo": asdict(orpo), "dpo": asdict(dpo), "train": asdict(train)},
+    }
+    (run / "align_summary.json").write_text(json.dumps(summary, indent=2))
+    if final:
+        print(f"held-out preference accuracy {before.get('pref_accuracy', float('nan')):.3f} -> {final['pref_accuracy']:.3f}; "
+              f"{summary['forward_sequences']:,} sequences forwarded for training in {summary['seconds']:.1f}s; checkpoint {result.checkpoint}")
+    return summary
