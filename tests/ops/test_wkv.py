@@ -214,3 +214,16 @@ def test_linear_scan_gradients(chunk):
     x = torch.randn(2, 7, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
     h0 = torch.randn(2, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda f, x, h0: linear_scan(f, x, h0, chunk), (f, x, h0))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_reference():
+    td, tf, k, v, state = make_inputs(2, 77, 9, k_scale=5.0)
+    ref_out, ref_state, ref_grads = run_with_grads(wkv_ref, td, tf, k, v, state)
+    on_gpu = [t.detach().cuda().requires_grad_() for t in (td, tf, k, v, *state)]
+    out, st, grads = run_with_grads(wkv, *on_gpu[:4], tuple(on_gpu[4:]))
+    assert_close(out.cpu(), ref_out, atol=2e-5, rtol=1e-4, name="cuda out")
+    for x, y in zip(st, ref_state):
+        assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4, name="cuda state")
+    for x, y in zip(grads, ref_grads):
+        assert_close(x.cpu(), y, atol=1e-4 * max(1.0, y.abs().max().item()), rtol=1e-3, name="cuda grad")

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model
-from rizzearch.ops.wkv import EMPTY_MAX, wkv
+from rizzearch.ops.wkv import EMPTY_MAX, MAX_FUSED_BATCH, FusedLayerWeights, decode_library, fused_layer_step, wkv
 
 STATE_KEYS = ("att_x", "num", "den", "max", "ffn_x")
 
@@ -215,6 +215,7 @@ class RWKV(CausalLM):
         if config.tie_embeddings:
             self.head.weight = self.emb.weight
         self._decode_cache: tuple | None = None  # see _decode_weights
+        self._fused_cache: list | None = None
         self._slots: list | None = None
         self.init_weights()
 
@@ -280,11 +281,11 @@ class RWKV(CausalLM):
             if len(state[key]) != cfg.n_layer:
                 raise ShapeError(f"state[{key!r}]: expected {cfg.n_layer} layers, found {len(state[key])} (state from another config?)")
             width = cfg.d_model if key.endswith("_x") else cfg.att_dim
-            for i, s in enumerate(state[key]):
-                if tuple(s.shape) != (B, width):
-                    raise ShapeError(
-                        f"state[{key!r}][{i}]: expected shape {(B, width)}, found {tuple(s.shape)} (state from another config or batch size?)"
-                    )
+            s = state[key][0]  # every layer has the same widths; one check per key keeps decoding cheap
+            if tuple(s.shape) != (B, width):
+                raise ShapeError(
+                    f"state[{key!r}][0]: expected shape {(B, width)}, found {tuple(s.shape)} (state from another config or batch size?)"
+                )
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -326,6 +327,7 @@ class RWKV(CausalLM):
         key = tuple((id(p), p._version, p.data_ptr()) if p is not None else None for p in params)
         if self._decode_cache is not None and self._decode_cache[0] == key:
             return self._decode_cache[1]
+        self._fused_cache = None
         layers = []
         with torch.no_grad():
             for block in self.blocks:
@@ -335,8 +337,8 @@ class RWKV(CausalLM):
                         mix_att=torch.stack([att.time_mix_r, att.time_mix_k, att.time_mix_v])[:, None],  # (3, 1, C)
                         w_att=torch.stack([att.receptance.weight.T, att.key.weight.T, att.value.weight.T]).contiguous(),  # (3, C, A)
                         w_out=att.output.weight.T.contiguous(),  # (A, C)
-                        neg_w=-torch.exp(att.time_decay.float()),
-                        u=att.time_first.float(),
+                        # exponent offsets added to (p, k, p, k): output pair (p, u + k), update pair (p - w, k)
+                        offsets=torch.stack([torch.zeros_like(att.time_first), att.time_first, -torch.exp(att.time_decay), torch.zeros_like(att.time_first)]).float()[:, None],  # (4, 1, A)
                         mix_ffn=torch.stack([ffn.time_mix_k, ffn.time_mix_r])[:, None],  # (2, 1, C)
                         w_key=ffn.key.weight.T.contiguous(),  # (C, F)
                         w_rec=ffn.receptance.weight.T.contiguous(),  # (C, C)
@@ -348,11 +350,38 @@ class RWKV(CausalLM):
         self._decode_cache = (key, layers)
         return layers
 
+    def _fused_layers(self, token: Tensor, state: dict, mask: Tensor | None):
+        """The fused C layer kernels (``rizzearch.ops.wkv``) when they apply, else None."""
+        if (
+            mask is not None
+            or token.device.type != "cpu"
+            or token.shape[0] > MAX_FUSED_BATCH
+            or self.emb.weight.dtype != torch.float32
+            or state["att_x"][0].dtype != torch.float32
+        ):
+            return None
+        lib = decode_library()
+        if lib is None:
+            return None
+        self._decode_weights()  # validates the cache (and clears the fused weights when params changed)
+        if self._fused_cache is None:
+            self._fused_cache = [FusedLayerWeights(block) for block in self.blocks]
+        return lib, self._fused_cache
+
     def _decode(self, token: Tensor, state: dict, mask: Tensor | None):
         """One token per row without autograd: the recurrent form with few, large ops per layer."""
         C = self.config.d_model
         x = self.ln0(self.emb(token))  # (B, C)
         new = {k: [] for k in STATE_KEYS}
+        fused = self._fused_layers(token, state, mask)
+        if fused is not None:  # one C call per layer
+            lib, layers = fused
+            x = x.contiguous()
+            for i, fw in enumerate(layers):
+                outs = fused_layer_step(lib, fw, x, *(state[k][i] for k in STATE_KEYS))
+                for key, t in zip(STATE_KEYS, outs):
+                    new[key].append(t)
+            return self.head(self.ln_out(x))[:, None], new
         for i, lw in enumerate(self._decode_weights()):
             # time mix: the three token-shift lerps and projections as one addcmul and one bmm
             xx = F.layer_norm(x, (C,), *lw["ln1"][:2], lw["ln1"][2])
@@ -361,7 +390,7 @@ class RWKV(CausalLM):
             r, k, v = torch.bmm(mixed, lw["w_att"]).float()  # 3 x (B, A)
             a, b, p = state["num"][i], state["den"][i], state["max"][i]
             # eq. 14 one step: output exponents (p, u + k) and update exponents (p - w, k), max-stabilised
-            ex = torch.stack([p, lw["u"] + k, p + lw["neg_w"], k]).view(2, 2, *p.shape)  # (out/update, old/new, B, A)
+            ex = (torch.stack([p, k, p, k]) + lw["offsets"]).view(2, 2, *p.shape)  # (out/update, old/new, B, A)
             q = ex.amax(1, keepdim=True)  # (2, 1, B, A)
             e = (ex - q).exp_()  # (2, 2, B, A)
             e_old, e_new = e.unbind(1)  # 2 x (2, B, A)

@@ -363,3 +363,232 @@ def wkv(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None
         name = "reference"
     fn = wkv_chunked if name == "chunked" else wkv_ref
     return fn(time_decay, time_first, k, v, state, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused CPU decoding step (one token through one RWKV-4 layer), C compiled on first use
+#
+# Batch-1 decoding is dominated by per-op overhead and by streaming the weights once per token;
+# eager PyTorch spends ~30 small kernels per layer on the glue around 5 matrix-vector products.
+# This kernel does the whole layer (ln1, token-shift mixes, r/k/v, the WKV step of ``wkv_step``,
+# the sigmoid gate, output, ln2, channel mix) in one call, reading each weight matrix once for all
+# rows of the batch. Float32, CPU, contiguous tensors only; ``RWKV`` falls back to its eager
+# decoding path whenever the kernel cannot be built (no C compiler) or does not apply. The
+# arithmetic is the same as the eager step up to summation order (tests compare them).
+
+_DECODE_C = r"""
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+    int C, A, F;
+    float eps1, eps2;
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    const float *mix_r, *mix_k, *mix_v;   /* (C) */
+    const float *w_r, *w_k, *w_v;         /* (C, A) row-major, y = x @ W */
+    const float *w_o;                     /* (A, C) */
+    const float *u, *neg_w;               /* (A) time_first, -exp(time_decay) */
+    const float *fmix_k, *fmix_r;         /* (C) */
+    const float *w_fk;                    /* (C, F) */
+    const float *w_fr;                    /* (C, C) */
+    const float *w_fv;                    /* (F, C) */
+} Layer;
+
+static void layer_norm(const float *x, const float *w, const float *b, float eps, int n, float *out) {
+    float mean = 0.f, var = 0.f;
+    for (int i = 0; i < n; i++) mean += x[i];
+    mean /= n;
+    for (int i = 0; i < n; i++) { float d = x[i] - mean; var += d * d; }
+    var /= n;
+    float r = 1.f / sqrtf(var + eps);
+    for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + b[i];
+}
+
+/* Y (B, n_out) = X (B, n_in) @ W (n_in, n_out): W streamed once for all rows. */
+static void matmul(const float *X, const float *W, int B, int n_in, int n_out, float *Y) {
+    memset(Y, 0, sizeof(float) * (size_t)B * n_out);
+    for (int i = 0; i < n_in; i++) {
+        const float *row = W + (size_t)i * n_out;
+        for (int b = 0; b < B; b++) {
+            const float xi = X[(size_t)b * n_in + i];
+            float *y = Y + (size_t)b * n_out;
+            for (int j = 0; j < n_out; j++) y[j] += xi * row[j];
+        }
+    }
+}
+
+/* One token through one layer for B rows. x (B, C) is updated in place; the state inputs are read,
+   the state outputs written (they must not alias the inputs). scratch: B * (4C + 4A + F) floats. */
+void rwkv_layer_step(const Layer *P, int B, float *x,
+                     const float *att_x, const float *num, const float *den, const float *mx, const float *ffn_x,
+                     float *att_x_o, float *num_o, float *den_o, float *mx_o, float *ffn_x_o, float *scratch) {
+    const int C = P->C, A = P->A, F = P->F;
+    float *mr = scratch, *mk = mr + (size_t)B * C, *mv = mk + (size_t)B * C, *dx = mv + (size_t)B * C;
+    float *r = dx + (size_t)B * C, *k = r + (size_t)B * A, *v = k + (size_t)B * A, *g = v + (size_t)B * A;
+    float *kf = g + (size_t)B * A;
+    /* time mix */
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (size_t)b * C, *sx = att_x + (size_t)b * C;
+        float *xx = att_x_o + (size_t)b * C;
+        layer_norm(xb, P->ln1_w, P->ln1_b, P->eps1, C, xx);
+        for (int c = 0; c < C; c++) {
+            float d = xx[c] - sx[c];
+            mr[(size_t)b * C + c] = sx[c] + P->mix_r[c] * d;
+            mk[(size_t)b * C + c] = sx[c] + P->mix_k[c] * d;
+            mv[(size_t)b * C + c] = sx[c] + P->mix_v[c] * d;
+        }
+    }
+    matmul(mr, P->w_r, B, C, A, r);
+    matmul(mk, P->w_k, B, C, A, k);
+    matmul(mv, P->w_v, B, C, A, v);
+    for (size_t i = 0; i < (size_t)B * A; i++) {
+        const int a = (int)(i % A);
+        const float pp = mx[i], kk = k[i], vv = v[i], aa = num[i], bb = den[i];
+        float ww = P->u[a] + kk, q = pp > ww ? pp : ww;
+        float e1 = expf(pp - q), e2 = expf(ww - q);
+        const float y = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+        ww = pp + P->neg_w[a];
+        q = ww > kk ? ww : kk;
+        e1 = expf(ww - q);
+        e2 = expf(kk - q);
+        num_o[i] = e1 * aa + e2 * vv;
+        den_o[i] = e1 * bb + e2;
+        mx_o[i] = q;
+        g[i] = y / (1.f + expf(-r[i]));
+    }
+    matmul(g, P->w_o, B, A, C, dx);
+    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += dx[i];
+    /* channel mix */
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (size_t)b * C, *sx = ffn_x + (size_t)b * C;
+        float *xx = ffn_x_o + (size_t)b * C;
+        layer_norm(xb, P->ln2_w, P->ln2_b, P->eps2, C, xx);
+        for (int c = 0; c < C; c++) {
+            float d = xx[c] - sx[c];
+            mk[(size_t)b * C + c] = sx[c] + P->fmix_k[c] * d;
+            mr[(size_t)b * C + c] = sx[c] + P->fmix_r[c] * d;
+        }
+    }
+    matmul(mk, P->w_fk, B, C, F, kf);
+    for (size_t i = 0; i < (size_t)B * F; i++) { float t = kf[i] > 0.f ? kf[i] : 0.f; kf[i] = t * t; }
+    matmul(mr, P->w_fr, B, C, C, mv);
+    matmul(kf, P->w_fv, B, F, C, dx);
+    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += dx[i] / (1.f + expf(-mv[i]));
+}
+"""
+
+_DECODE_LIB = None  # ctypes library; False once building failed or disabled
+MAX_FUSED_BATCH = 16  # larger batches are better served by BLAS matrix-matrix products (eager path)
+
+
+def decode_library():
+    """Build (once, cached on disk by source hash and CPU) and load the fused decoding kernel."""
+    global _DECODE_LIB
+    if _DECODE_LIB is not None:
+        return _DECODE_LIB or None
+    if os.environ.get("RIZZ_RWKV_DECODE", "fused") != "fused":
+        _DECODE_LIB = False
+        return None
+    import ctypes
+    import hashlib
+    import platform
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    try:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            raise OSError("no C compiler")
+        flags = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
+        cpu = platform.machine() + platform.processor()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu += next((line for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        tag = hashlib.sha256((_DECODE_C + " ".join(flags) + cc + cpu).encode()).hexdigest()[:16]
+        root = Path(os.environ.get("RIZZ_CACHE_DIR", Path.home() / ".cache" / "rizzearch")) / "kernels"
+        lib_path = root / f"rwkv_decode_{tag}.so"
+        if not lib_path.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src = Path(tmp) / "rwkv_decode.c"
+                src.write_text(_DECODE_C)
+                out = Path(tmp) / "rwkv_decode.so"
+                subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+                os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
+        lib = ctypes.CDLL(str(lib_path))
+        fn = lib.rwkv_layer_step
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 12
+        _DECODE_LIB = lib
+    except (OSError, subprocess.SubprocessError):
+        _DECODE_LIB = False
+    return _DECODE_LIB or None
+
+
+class FusedLayerWeights:
+    """Float32 contiguous copies of one layer's weights in the kernel's layout + the C struct."""
+
+    def __init__(self, block) -> None:
+        import ctypes
+
+        att, ffn = block.att, block.ffn
+
+        def vec(t):
+            return t.detach().float().contiguous()
+
+        def mat(lin):  # (out, in) -> (in, out): x @ W streams contiguous rows
+            return lin.weight.detach().float().T.contiguous()
+
+        t = {
+            "ln1_w": vec(block.ln1.weight), "ln1_b": vec(block.ln1.bias), "ln2_w": vec(block.ln2.weight), "ln2_b": vec(block.ln2.bias),
+            "mix_r": vec(att.time_mix_r), "mix_k": vec(att.time_mix_k), "mix_v": vec(att.time_mix_v),
+            "w_r": mat(att.receptance), "w_k": mat(att.key), "w_v": mat(att.value), "w_o": mat(att.output),
+            "u": vec(att.time_first), "neg_w": (-torch.exp(att.time_decay.detach().float())).contiguous(),
+            "fmix_k": vec(ffn.time_mix_k), "fmix_r": vec(ffn.time_mix_r),
+            "w_fk": mat(ffn.key), "w_fr": mat(ffn.receptance), "w_fv": mat(ffn.value),
+        }  # fmt: skip
+        ptr = ctypes.c_void_p
+        fields = [("C", ctypes.c_int), ("A", ctypes.c_int), ("F", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float)]
+        fields += [(name, ptr) for name in t]
+
+        class Layer(ctypes.Structure):
+            _fields_ = fields
+
+        self.tensors = t  # keeps the memory alive
+        self.C, self.A, self.F = att.key.in_features, att.key.out_features, ffn.key.out_features
+        self.struct = Layer(self.C, self.A, self.F, block.ln1.eps, block.ln2.eps, *(v.data_ptr() for v in t.values()))
+        self.ref = ctypes.byref(self.struct)
+
+
+def fused_layer_step(lib, w: FusedLayerWeights, x: Tensor, att_x: Tensor, num: Tensor, den: Tensor, mx: Tensor, ffn_x: Tensor):
+    """Run one layer for one token: x (B, C) float32 contiguous, updated in place; returns the new
+    state tensors (att_x, num, den, max, ffn_x)."""
+    B = x.shape[0]
+    outs = [torch.empty(B, n, dtype=torch.float32) for n in (w.C, w.A, w.A, w.A, w.C)]
+    scratch = torch.empty(B * (4 * w.C + 4 * w.A + w.F), dtype=torch.float32)
+    ins = [t if t.is_contiguous() else t.contiguous() for t in (att_x, num, den, mx, ffn_x)]
+    lib.rwkv_layer_step(w.ref, B, x.data_ptr(), *(t.data_ptr() for t in ins), *(t.data_ptr() for t in outs), scratch.data_ptr())
+    return outs
+
+
+@contextmanager
+def fused_decode(enabled: bool):
+    """Temporarily enable/disable the fused C decoding kernel (tests, benchmarks)."""
+    global _DECODE_LIB
+    old = _DECODE_LIB
+    if enabled:
+        _DECODE_LIB = None if old is False else old
+        lib = decode_library()
+        if lib is None:
+            _DECODE_LIB = old
+            raise RuntimeError("the fused decoding kernel cannot be built here (no C compiler, or RIZZ_RWKV_DECODE is set)")
+    else:
+        _DECODE_LIB = False
+    try:
+        yield
+    finally:
+        _DECODE_LIB = old
