@@ -50,6 +50,22 @@ from torch import Tensor
 from rizzearch.errors import ConfigError, ShapeError
 from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, token_logprobs, token_logprobs_reference
 
+# TRL's ORPOTrainer.get_batch_loss_metrics name -> our orpo_loss metric (TRL's beta is our lambda).
+# Beware TRL's names: its "log_odds_ratio" is mean log sigmoid(z) = -L_OR, and its "log_odds_chosen"
+# is the log odds ratio z itself. Its reward accuracy (lambda * logP_w > lambda * logP_l) equals our
+# pref_accuracy for lambda > 0 (at lambda = 0 every TRL reward ties and its accuracy is 0).
+TRL_METRICS = {
+    "nll_loss": "nll",
+    "log_odds_ratio": "neg_or_loss",
+    "log_odds_chosen": "log_odds_ratio",
+    "logps/chosen": "chosen_logp",
+    "logps/rejected": "rejected_logp",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "pref_accuracy",
+}
+
 NLL_MODES = ("response", "prompt+response")
 DEFAULT_NLL_MODE = "response"
 P_MAX = 1.0 - 1e-4
