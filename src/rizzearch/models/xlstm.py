@@ -368,9 +368,20 @@ class SLSTMBlock(nn.Module):
         }
 
     def forward(self, x: Tensor, state: dict | None, mask: Tensor | None) -> tuple[Tensor, dict]:
-        B, T, E = x.shape
+        eps = self.cfg.norm_eps
+        y, new_state = self.mixer(layer_norm(x, self.norm, eps), state, mask)
+        x = x + self.drop(y)
+        gate, up = self.ffn_up(layer_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
+        x = x + self.drop(self.ffn_down(F.gelu(gate) * up))
+        return x, new_state
+
+    def mixer(self, xn: Tensor, state: dict | None, mask: Tensor | None) -> tuple[Tensor, dict]:
+        """The sLSTM layer proper (the official ``sLSTMLayer``): conv, gates, cell, group norm.
+
+        xn: (B, T, E), already normalised -> (y (B, T, E), new state).
+        """
+        B, T, E = xn.shape
         NH, Dh, eps = self.NH, self.Dh, self.cfg.norm_eps
-        xn = layer_norm(x, self.norm, eps)
         xc, conv = causal_conv(xn, self.conv_weight, self.conv_bias, None if state is None else state["conv"], mask)
         xc = F.silu(xc)
         wx = torch.stack([self.igate(xc), self.fgate(xc), self.zgate(xn), self.ogate(xn)], 2)  # (B, T, 4, E)
@@ -381,11 +392,8 @@ class SLSTMBlock(nn.Module):
             y = y[:, None]  # (B, 1, NH, Dh)
         else:
             y, new = slstm_forward(wx, self.R, self.b, initial_state=init, return_state=True, mask=mask)
-        x = x + self.drop(head_norm(y, self.outnorm, eps))
-        gate, up = self.ffn_up(layer_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
-        x = x + self.drop(self.ffn_down(F.gelu(gate) * up))
         h, c, n, m = new
-        return x, {"h": h, "c": c, "n": n, "m": m, "conv": conv}
+        return head_norm(y, self.outnorm, eps), {"h": h, "c": c, "n": n, "m": m, "conv": conv}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ variable ``RIZZEARCH_MLSTM_BACKEND``, with ``set_backend()`` / ``use_backend()``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -75,6 +76,19 @@ State = tuple[Tensor, Tensor, Tensor]
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half/bfloat16/fp32 inputs, fp64 for fp64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(fn):
+    """Run an op with autocast off: it casts to its fp32 compute dtype itself, and autocast would
+    otherwise run its matmuls (and so its states) in bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_inputs(q, k, v, i, f, state, *, step: bool, name: str) -> tuple[int, int, int, int, int]:
@@ -160,6 +174,7 @@ def use_backend(name: str):
 # Reference forms (the spec; differentiated by autograd)
 
 
+@_no_autocast
 def mlstm_parallel(
     q: Tensor,
     k: Tensor,
@@ -279,6 +294,109 @@ def _mlstm_step_fused(q, k, v, i, f, state):
 
 
 # ----------------------------------------------------------------------------------------------
+# Native decode step: a few lines of C, compiled once with the system C compiler (no torch headers,
+# so it builds in well under a second), cached per user, called through ctypes. Inference only
+# (no autograd), CPU, float32; anything else takes the torch step. One pass over C per head
+# instead of ~15 separate kernels.
+
+_STEP_C_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+/* one stabilised mLSTM step for BH independent heads (float32, contiguous); see mlstm.py */
+void mlstm_step_f32(int64_t BH, int64_t D, int64_t E, float scale,
+                    const float* q, const float* k, const float* v, const float* ig, const float* fg,
+                    const float* C, const float* n, const float* m,
+                    float* h, float* C_out, float* n_out, float* m_out) {
+  for (int64_t b = 0; b < BH; ++b) {
+    const float *qb = q + b * D, *kb = k + b * D, *vb = v + b * E, *Cb = C + b * D * E, *nb = n + b * D;
+    float *hb = h + b * E, *Co = C_out + b * D * E, *no = n_out + b * D;
+    float f = fg[b], i = ig[b];
+    float logf = f >= 0.0f ? -log1pf(expf(-f)) : f - log1pf(expf(f));  /* logsigmoid */
+    float a = logf + m[b];                                               /* -inf for the empty state */
+    float mn = a > i ? a : i;
+    float fp = expf(a - mn), ip = expf(i - mn) * scale, den = 0.0f;
+    for (int64_t e = 0; e < E; ++e) hb[e] = 0.0f;
+    for (int64_t r = 0; r < D; ++r) {
+      float kk = kb[r] * ip, qr = qb[r];
+      float nn = fp * nb[r] + kk;
+      no[r] = nn;
+      den += qr * nn;
+      const float* Cr = Cb + r * E;
+      float* Cor = Co + r * E;
+      for (int64_t e = 0; e < E; ++e) {
+        float c = fp * Cr[e] + kk * vb[e];
+        Cor[e] = c;
+        hb[e] += qr * c;
+      }
+    }
+    float lo = expf(-mn), ad = fabsf(den), norm = ad > lo ? ad : lo;
+    for (int64_t e = 0; e < E; ++e) hb[e] /= norm;
+    m_out[b] = mn;
+  }
+}
+"""
+
+_native_lib = None  # ctypes handle, False after a failed build
+
+
+def _native_step_lib():
+    """Build (once per user and source version) and load the C step kernel; None if unavailable."""
+    global _native_lib
+    if _native_lib is not None:
+        return _native_lib or None
+    _native_lib = False
+    try:
+        import ctypes
+        import hashlib
+        import shutil
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc or os.environ.get("RIZZEARCH_NO_NATIVE"):
+            return None
+        tag = hashlib.sha256((_STEP_C_SOURCE + cc).encode()).hexdigest()[:16]
+        root = Path(os.environ.get("RIZZEARCH_CACHE", Path.home() / ".cache" / "rizzearch")) / "native"
+        lib = root / f"mlstm_step_{tag}.so"
+        if not lib.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src = Path(tmp) / "mlstm_step.c"
+                src.write_text(_STEP_C_SOURCE)
+                out = Path(tmp) / "lib.so"
+                subprocess.run([cc, "-O3", "-fPIC", "-shared", "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
+                os.replace(out, lib)  # atomic: concurrent builders never see a partial file
+        handle = ctypes.CDLL(str(lib))
+        fn = handle.mlstm_step_f32
+        fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 12
+        fn.restype = None
+        _native_lib = fn
+    except Exception as e:  # no compiler, read-only home, ...: the torch step is always there
+        warnings.warn(f"mLSTM native step unavailable ({type(e).__name__}: {e}); using the torch step", stacklevel=2)
+        _native_lib = False
+    return _native_lib or None
+
+
+def _native_ok(*tensors) -> bool:
+    return (
+        not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+    ) and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _mlstm_step_native(q, k, v, i, f, state):
+    """The step through the C kernel (q, k, v, i, f and the state all float32 on the CPU)."""
+    fn = _native_step_lib()
+    B, NH, Dqk = q.shape
+    Dv = v.shape[-1]
+    ins = [t.contiguous() for t in (q, k, v, i, f, *state)]
+    h = torch.empty(B, NH, Dv)
+    C_out, n_out, m_out = torch.empty(B, NH, Dqk, Dv), torch.empty(B, NH, Dqk), torch.empty(B, NH)
+    fn(B * NH, Dqk, Dv, 1.0 / math.sqrt(Dqk), *(t.data_ptr() for t in ins), h.data_ptr(), C_out.data_ptr(), n_out.data_ptr(), m_out.data_ptr())
+    return h, (C_out, n_out, m_out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Fused chunkwise: one autograd Function, hand-derived backward
 
 
@@ -287,35 +405,49 @@ def _chunk_view(x: Tensor, NC: int, L: int) -> Tensor:
     return x.view(x.shape[0], NC, L, *x.shape[2:])
 
 
-def _intra(q, k, b, ig, m_prev):
-    """Intra-chunk matrices. q, k: (BH, NC, L, d); b (within-chunk cumulative log f), ig: (BH, NC, L);
-    m_prev: (BH, NC) chunk-start stabiliser.
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """sum_e x[..., e] y[..., e] (einsum lowers this to a batched matmul: one pass, no temporary)."""
+    return torch.einsum("...i,...i->...", x, y)
 
-    Returns P (stabilised decay, 0 above the diagonal), A = (q k^T) * P, w (weight of the
-    chunk-start state per row) and the row stabiliser mrow = max(max_l log D_jl, m_prev + b_j).
+
+def _segsum(x: Tensor) -> Tensor:
+    """S[..., c, c'] = sum_{c' < r <= c} x[..., r] for c' <= c, -inf above the diagonal. x: (..., NC).
+
+    Accumulated column by column (a cumsum of a masked matrix), so every entry is a short sum of
+    the entries it spans, never a difference of two long prefix sums.
     """
-    L = q.shape[2]
-    upper = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
-    P = (b[..., :, None] + (ig - b)[..., None, :]).masked_fill_(upper, float("-inf"))  # log D: (BH, NC, L, L)
-    a = m_prev[..., None] + b  # (BH, NC, L)
-    mrow = torch.maximum(P.amax(-1), a)  # (BH, NC, L)
-    P = P.sub_(mrow[..., None]).exp_()
-    w = torch.exp(a - mrow)
-    A = torch.matmul(q, k.transpose(-1, -2)).mul_(P)  # (BH, NC, L, L)
-    return P, A, w, mrow
+    NC = x.shape[-1]
+    strict = torch.ones(NC, NC, dtype=torch.bool, device=x.device).tril(-1)  # r > c'
+    S = x[..., :, None].expand(*x.shape, NC).masked_fill(~strict, 0.0).cumsum(-2)  # (..., NC, NC): rows c, cols c'
+    return S.masked_fill(~torch.ones(NC, NC, dtype=torch.bool, device=x.device).tril(), float("-inf"))
 
 
 class _MLSTMChunkwiseFn(torch.autograd.Function):
     """mLSTM chunkwise forward over all chunks at once; backward derived by hand (docs/xlstm.md).
 
     Inputs are fp32/fp64, already flattened to (BH, T, .), ``k`` already scaled, ``logf`` already
-    ``logsigmoid(f)``. Stabilisers are treated as constants in the backward: ``h`` and the true
-    (unstabilised) states do not depend on them, so their gradient paths cancel exactly; the one
-    exception is the returned final ``m``, whose gradient (plus the implied rescaling of the
-    returned ``C``, ``n``) is routed along the argmax chain of the chunk-level maxima.
+    ``logsigmoid(f)``. Per chunk, with ``b`` the within-chunk cumulative log forget gate:
 
-    Memory: besides the inputs it keeps the chunk-start states (NC x Dqk x Dv per head) and the
-    two L x L matrices per chunk (P and A, together 2 T L per head), not the T x T matrix.
+        log D_jl = b_j - b_l + i_l  (l <= j)        row stabiliser mrow_j = max(max_l log D_jl, m_prev + b_j)
+        P = exp(log D - mrow),  A = (q k^T) * P,   w_j = exp(m_prev + b_j - mrow_j)
+        num = A v + w q^T C_prev,  den = A 1 + w q.n_prev,  h = num / max(|den|, exp(-mrow))
+
+    The row maximum is a prefix maximum, ``b_j + cummax_l(i_l - b_l)``, so the L x L matrix is
+    built in three passes (add, mask, exp) and never searched. Between chunks there is no Python
+    loop: each chunk's input is summarised as ``KV_c = K^T diag(exp(g - mloc_c)) V`` (``g`` the
+    log-weights at the chunk end, ``mloc_c`` their max), and the end state of every chunk is one
+    matrix product over chunks, ``C_c = sum_{c' <= c} W[c, c'] KV_c' + W0[c] C_0`` with
+    ``W[c, c'] = exp(mloc_c' + sum_{c' < r <= c} B_r - m_c)`` (``B_r`` = total log forget of chunk
+    r, ``m_c`` the row maximum = the recurrent stabiliser). The backward of that product needs no
+    reverse scan either.
+
+    Stabilisers are constants in the backward: ``h`` and the true (unstabilised) states do not
+    depend on them, so their gradient paths cancel exactly; the one exception is the returned
+    final ``m``, whose gradient (plus the implied rescaling of the returned ``C``, ``n``) is routed
+    to the entry that attains the maximum.
+
+    Memory: besides the inputs it keeps the chunk-end states (NC x Dqk x Dv per head) and two
+    L x L matrices per chunk (P and A, together 2 T L per head), never a T x T matrix.
     """
 
     @staticmethod
@@ -331,107 +463,120 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
             ig = F.pad(ig, (0, pad), value=float("-inf"))
             logf = F.pad(logf, (0, pad), value=0.0)
         qc, kc, vc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(v, NC, L)
-        igc, lfc = ig.view(BH, NC, L), logf.view(BH, NC, L)
-        b = lfc.cumsum(-1)  # (BH, NC, L) within-chunk cumulative log forget
+        b = logf.view(BH, NC, L).cumsum(-1)  # (BH, NC, L) within-chunk cumulative log forget
         Bc = b[..., -1]  # (BH, NC) total log forget of each chunk
-        g = Bc[..., None] - b + igc  # (BH, NC, L) log-weight of each input at its chunk end
+        cg = ig.view(BH, NC, L) - b  # i_l - b_l
+        g = cg + Bc[..., None]  # (BH, NC, L) log-weight of each input at its chunk end
         mloc = g.amax(-1)  # (BH, NC)
-        # chunk-level stabilisers m_c = max(m_{c-1} + B_c, mloc_c): a scan over NC scalars
-        ms = q.new_empty(BH, NC + 1)
-        ms[:, 0] = m0
-        for c in range(NC):
-            ms[:, c + 1] = torch.maximum(ms[:, c] + Bc[:, c], mloc[:, c])
-        u = torch.exp(g - ms[:, 1:, None])  # (BH, NC, L)
-        wC = torch.exp(ms[:, :-1] + Bc - ms[:, 1:])  # (BH, NC) decay of the carried state
-        ku = kc * u[..., None]  # (BH, NC, L, d)
+        # chunk-end states as one product over chunks
+        Sg = _segsum(Bc)  # (BH, NC, NC)
+        S0 = Bc.cumsum(-1)  # (BH, NC) decay of the initial state up to each chunk end
+        logW = Sg + mloc[:, None, :]
+        logW0 = m0[:, None] + S0
+        mend = torch.maximum(logW.amax(-1), logW0)  # (BH, NC) = m_c
+        W = torch.exp(logW - mend[..., None])  # (BH, NC, NC)
+        W0 = torch.exp(logW0 - mend)  # (BH, NC)
+        uloc = torch.exp(g - mloc[..., None])  # (BH, NC, L)
+        ku = kc * uloc[..., None]  # (BH, NC, L, d)
         KV = torch.matmul(ku.transpose(-1, -2), vc)  # (BH, NC, d, e)
         Ku = ku.sum(-2)  # (BH, NC, d)
-        Cs = q.new_empty(BH, NC + 1, d, e)
-        ns = q.new_empty(BH, NC + 1, d)
-        Cs[:, 0], ns[:, 0] = C0, n0
-        for c in range(NC):
-            Cs[:, c + 1] = torch.addcmul(KV[:, c], Cs[:, c], wC[:, c, None, None])
-            ns[:, c + 1] = torch.addcmul(Ku[:, c], ns[:, c], wC[:, c, None])
-        Cp, np_, mp = Cs[:, :-1], ns[:, :-1], ms[:, :-1]  # chunk-start states
-        P, A, w, mrow = _intra(qc, kc, b, igc, mp)
-        qCp = torch.matmul(qc, Cp)  # (BH, NC, L, e)
-        qnp = torch.matmul(qc, np_[..., None])[..., 0]  # (BH, NC, L)
-        num = torch.matmul(A, vc).addcmul_(w[..., None], qCp)  # (BH, NC, L, e)
-        den = A.sum(-1).addcmul_(w, qnp)  # (BH, NC, L)
+        Ce = torch.matmul(W, KV.view(BH, NC, d * e)).view(BH, NC, d, e).addcmul_(W0[..., None, None], C0[:, None])
+        ne = torch.matmul(W, Ku).addcmul_(W0[..., None], n0[:, None])  # (BH, NC, d)
+        mp = torch.cat([m0[:, None], mend[:, :-1]], 1)  # (BH, NC) chunk-start stabilisers
+        Cp = torch.cat([C0[:, None], Ce[:, :-1]], 1)  # (BH, NC, d, e) chunk-start states
+        np_ = torch.cat([n0[:, None], ne[:, :-1]], 1)
+        # intra-chunk matrices
+        a = mp[..., None] + b  # (BH, NC, L) log-weight of the chunk-start state
+        mrow = torch.maximum(b + cg.cummax(-1).values, a)  # row maxima of log D, then the state
+        w = torch.exp(a - mrow)
+        upper = torch.full((L, L), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        P = torch.add((b - mrow)[..., :, None], cg[..., None, :]).add_(upper).exp_()  # (BH, NC, L, L)
+        A = torch.matmul(qc, kc.transpose(-1, -2)).mul_(P)
+        qw = qc * w[..., None]  # (BH, NC, L, d)
+        inter = torch.matmul(qw, Cp)  # (BH, NC, L, e): w q^T C_prev
+        inter_n = torch.matmul(qw, np_[..., None])[..., 0]  # (BH, NC, L): w q.n_prev
+        num = torch.matmul(A, vc).add_(inter)
+        den = A.sum(-1).add_(inter_n)
         N = torch.maximum(den.abs(), torch.exp(-mrow))
         h = num.div_(N[..., None])
         # d N / d den: sign(den) where |den| wins the max, 0 where exp(-m) wins
         dN = torch.sign(den) * (den.abs() > torch.exp(-mrow)).to(den.dtype)
-        ctx.save_for_backward(q, k, v, g, b, Cs, ns, ms, u, wC, P, A, w, qCp, qnp, h, N, dN)
+        ctx.save_for_backward(q, k, v, g, Bc, mloc, C0, n0, m0, Cp, np_, Ce, ne, mend, W, W0, uloc, ku, KV, Ku, P, A, w, inter, inter_n, h, N, dN)
         ctx.shape = (BH, T, d, e, NC, L, pad)
         hT = h.view(BH, NC * L, e)[:, :T]
-        return hT, Cs[:, -1].clone(), ns[:, -1].clone(), ms[:, -1].clone()
+        return hT, Ce[:, -1].clone(), ne[:, -1].clone(), mend[:, -1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gh, gCT, gnT, gmT):
-        q, k, v, g, b, Cs, ns, ms, u, wC, P, A, w, qCp, qnp, h, N, dN = ctx.saved_tensors
+        (q, k, v, g, Bc, mloc, C0, n0, m0, Cp, np_, Ce, ne, mend, W, W0, uloc, ku, KV, Ku, P, A, w, inter, inter_n, h, N, dN) = ctx.saved_tensors
         BH, T, d, e, NC, L, pad = ctx.shape
         gh = torch.zeros_like(h.view(BH, NC * L, e)) if gh is None else F.pad(gh, (0, 0, 0, pad))
-        gCT = torch.zeros_like(Cs[:, -1]) if gCT is None else gCT
-        gnT = torch.zeros_like(ns[:, -1]) if gnT is None else gnT
-        gmT = torch.zeros_like(ms[:, -1]) if gmT is None else gmT
+        gCT = torch.zeros_like(C0) if gCT is None else gCT
+        gnT = torch.zeros_like(n0) if gnT is None else gnT
+        gmT = torch.zeros_like(mend[:, -1]) if gmT is None else gmT
         qc, kc, vc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(v, NC, L)
         ghc = _chunk_view(gh, NC, L)
-        Cp, np_, mp = Cs[:, :-1], ns[:, :-1], ms[:, :-1]
 
         # h = num / N,  N = max(|den|, exp(-m))  (the exp(-m) branch carries no gradient)
         gnum = ghc / N[..., None]  # (BH, NC, L, e)
-        gden = (ghc * h).sum(-1).div_(N).mul_(dN).neg_()  # (BH, NC, L)
-        # num = A v + w q^T Cp ;  den = A 1 + w q.np
+        gden = _rowdot(ghc, h).div_(N).mul_(dN).neg_()  # (BH, NC, L)
+        # num = A v + w q^T C_prev ;  den = A 1 + w q.n_prev
         gA = torch.matmul(gnum, vc.transpose(-1, -2)).add_(gden[..., None])  # (BH, NC, L, L)
         gv = torch.matmul(A.transpose(-1, -2), gnum)
-        gw = (gnum * qCp).sum(-1).addcmul_(gden, qnp)
+        ga = _rowdot(gnum, inter).addcmul_(gden, inter_n)  # d/da, a = m_prev + b (w = exp(a - mrow))
+        gnw = gnum * w[..., None]
         gdw = gden * w
-        gq = torch.matmul(gnum, Cp.transpose(-1, -2)).mul_(w[..., None]).addcmul_(gdw[..., None], np_[:, :, None, :])
+        gq = torch.matmul(gnw, Cp.transpose(-1, -2)).add_(gdw[..., None] * np_[:, :, None, :])
+        gCp = torch.matmul(qc.transpose(-1, -2), gnw)  # (BH, NC, d, e): chunk outputs -> chunk-start C
+        gnp = torch.matmul(qc.transpose(-1, -2), gdw[..., None])[..., 0]  # (BH, NC, d)
         # A = (q k^T) * P ;  P = exp(log D - mrow)  =>  d log D = gA * A
         gS = gA * P
         gq = gq.add_(torch.matmul(gS, kc))
         gk = torch.matmul(gS.transpose(-1, -2), qc)
         glogD = gA.mul_(A)
         col = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
-        ga = gw.mul_(w)  # a = m_prev + b
-        # contributions of each chunk's outputs to its chunk-start state
-        XC = torch.matmul((qc * w[..., None]).transpose(-1, -2), gnum)  # (BH, NC, d, e)
-        Xn = (qc * gdw[..., None]).sum(-2)  # (BH, NC, d)
-        # reverse scan: gradient w.r.t. each chunk's end state
-        gCe = torch.empty_like(Cp)
-        gne = torch.empty_like(np_)
-        gC, gn = gCT, gnT
-        for c in range(NC - 1, -1, -1):
-            gCe[:, c], gne[:, c] = gC, gn
-            gC = torch.addcmul(XC[:, c], gC, wC[:, c, None, None])
-            gn = torch.addcmul(Xn[:, c], gn, wC[:, c, None])
-        gC0, gn0 = gC, gn
-        # end state: C_c = wC Cp + K^T diag(u) V ;  n_c = wC np + K^T u
-        kgC = torch.matmul(kc, gCe)  # (BH, NC, L, e)
-        gu = (kgC * vc).sum(-1).add_(torch.matmul(kc, gne[..., None])[..., 0])
-        gk = gk.add_(torch.matmul(vc, gCe.transpose(-1, -2)).add_(gne[:, :, None, :]).mul_(u[..., None]))
-        gv = gv.add_(kgC.mul_(u[..., None]))
-        gg = gu.mul_(u)  # g = B - b + i
-        gwC = (gCe * Cp).sum((-1, -2)) + (gne * np_).sum(-1)
-        gBm = gwC * wC  # d/d(m_prev + B)
+        # the start state of chunk c+1 is the end state of chunk c
+        gCe = torch.cat([gCp[:, 1:], gCT[:, None]], 1)  # (BH, NC, d, e)
+        gne = torch.cat([gnp[:, 1:], gnT[:, None]], 1)
+        gC0 = gCp[:, 0] + torch.einsum("bc,bcij->bij", W0, gCe)
+        gn0 = gnp[:, 0] + torch.einsum("bc,bci->bi", W0, gne)
+        # Ce = W KV + W0 C0  =>  gKV = W^T gCe ;  d log W = (gCe . KV) * W
+        gKV = torch.matmul(W.transpose(-1, -2), gCe.view(BH, NC, d * e)).view(BH, NC, d, e)
+        gKu = torch.matmul(W.transpose(-1, -2), gne)
+        glogW = torch.matmul(gCe.view(BH, NC, d * e), KV.view(BH, NC, d * e).transpose(-1, -2))
+        glogW = glogW.add_(torch.matmul(gne, Ku.transpose(-1, -2))).mul_(W)  # (BH, NC, NC)
+        glogW0 = (torch.einsum("bcij,bij->bc", gCe, C0) + torch.einsum("bci,bi->bc", gne, n0)) * W0
+        # KV = K^T diag(uloc) V ;  Ku = K^T uloc ;  uloc = exp(g - mloc)
+        X = torch.matmul(ku, gKV)  # (BH, NC, L, e) = uloc * (k^T gKV)
+        gg = _rowdot(X, vc).add_(torch.matmul(ku, gKu[..., None])[..., 0])  # d/dg
+        gv = gv.add_(X)
+        gk = gk.add_(torch.matmul(vc * uloc[..., None], gKV.transpose(-1, -2)).add_(uloc[..., None] * gKu[:, :, None, :]))
+        # log W[c, c'] = mloc_c' + sum_{c' < r <= c} B_r ;  log W0[c] = m0 + sum_{r <= c} B_r
+        # (mloc and m_c are stabilisers: constants)
+        cum_excl = glogW.cumsum(-1) - glogW  # [c, r] = sum_{c' < r} glogW[c, c']
+        gB = cum_excl.tril().sum(-2) + glogW0.flip(-1).cumsum(-1).flip(-1)  # sum over c >= r
+        gm0 = glogW0.sum(-1) + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
         gig = col + gg
-        gb = glogD.sum(-1) - col + ga - gg
-        gb[..., -1] += gg.sum(-1) + gBm
-        gm0 = ga[:, 0].sum(-1) + gBm[:, 0]
-        # the returned final m: its own gradient plus the rescaling of the returned C, n
-        G = gmT - (gCT * Cs[:, -1]).sum((-1, -2)) - (gnT * ns[:, -1]).sum(-1)  # (BH,)
-        carry = ((mp + b[..., -1]) >= g.amax(-1)).to(G.dtype)  # (BH, NC): branch of m_c = max(m_{c-1} + B_c, mloc_c)
-        after = torch.ones_like(carry)  # chunk c is on the argmax path iff every later chunk carried
-        after[:, :-1] = carry.flip(-1).cumprod(-1).flip(-1)[:, 1:]
-        on_carry = after * carry * G[:, None]  # (BH, NC)
-        on_loc = after * (1 - carry) * G[:, None]
-        onehot = torch.zeros_like(g).scatter_(-1, g.argmax(-1, keepdim=True), 1.0)  # l* of mloc_c = g_{l*}
-        gig = gig.addcmul_(onehot, on_loc[..., None])
-        gb = gb.addcmul_(onehot, on_loc[..., None], value=-1.0)  # g_{l*} = B - b_{l*} + i_{l*}
-        gb[..., -1] += on_carry + on_loc
-        gm0 = gm0 + on_carry[:, 0]
+        gb = glogD.sum(-1) - col + ga - gg  # g = i - b + B
+        gB = gB + gg.sum(-1)
+        # The returned final m: its own gradient plus the rescaling of the returned C, n, routed to
+        # the entry attaining m_T = max(m0 + sum_r B_r, max_c' [mloc_c' + sum_{r > c'} B_r]).
+        G = gmT - (gCT * Ce[:, -1]).sum((-1, -2)) - (gnT * ne[:, -1]).sum(-1)  # (BH,)
+        if bool((G != 0).any()):
+            # the last row of the forward's max, recomputed exactly as there
+            cand = torch.cat([_segsum(Bc)[:, -1] + mloc, (m0 + Bc.cumsum(-1)[:, -1])[:, None]], 1)  # (BH, NC + 1)
+            win = cand.argmax(-1)  # (BH,) in 0..NC (NC = the initial state)
+            r = torch.arange(NC, device=G.device)
+            from_state = win == NC
+            gm0 = gm0 + torch.where(from_state, G, torch.zeros_like(G))
+            gB = gB + G[:, None] * ((r[None, :] > win[:, None]) | from_state[:, None]).to(G.dtype)  # decays on the path
+            hit = (r[None, :] == win[:, None]).to(G.dtype) * G[:, None]  # (BH, NC): chunk c* wins via mloc_c*
+            onehot = torch.zeros_like(g).scatter_(-1, g.argmax(-1, keepdim=True), 1.0)  # l* with g_{l*} = mloc
+            gig = gig.addcmul_(onehot, hit[..., None])  # g_{l*} = i_{l*} - b_{l*} + B
+            gb = gb.addcmul_(onehot, hit[..., None], value=-1.0)
+            gB = gB + hit
+        gb[..., -1] += gB
         glogf = gb.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
         gq = gq.reshape(BH, NC * L, d)[:, :T]
         gk = gk.reshape(BH, NC * L, d)[:, :T]
@@ -467,6 +612,7 @@ def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
 # Public entry points
 
 
+@_no_autocast
 def mlstm_chunkwise(
     q: Tensor,
     k: Tensor,
@@ -506,6 +652,7 @@ def mlstm_chunkwise(
     return (h, state) if return_state else h
 
 
+@_no_autocast
 def mlstm_step(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State | None = None, *, backend: str | None = None):
     """One recurrent mLSTM step (paper eqs. 19-21, stabilised).
 
@@ -515,6 +662,8 @@ def mlstm_step(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: Sta
         i, f: (B, NH) input and forget gate pre-activations.
         state: (C, n, m) with shapes (B, NH, Dqk, Dv), (B, NH, Dqk), (B, NH); ``None`` = empty.
         backend: ``"reference"`` or ``"fused"``; ``None`` uses the module default ``BACKEND``.
+            ``"fused"`` runs the native C kernel when nothing needs a gradient and every tensor
+            is float32 on the CPU (decoding), else batched torch ops.
 
     Returns:
         (h (B, NH, Dv) in q's dtype, new state (C, n, m) in fp32).
@@ -522,7 +671,10 @@ def mlstm_step(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: Sta
     B, NH, _, Dqk, Dv = _check_inputs(q, k, v, i, f, state, step=True, name="mlstm_step")
     if state is None:
         state = empty_state(B, NH, Dqk, Dv, q.device, _compute_dtype(q.dtype))
-    if _resolve(backend) == "fused":
+    be = _resolve(backend)
+    if be == "fused":
+        if _native_ok(q, k, v, i, f, *state) and _native_step_lib() is not None:
+            return _mlstm_step_native(q, k, v, i, f, state)
         return _mlstm_step_fused(q, k, v, i, f, state)
     return _mlstm_step_reference(q, k, v, i, f, state)
 

@@ -37,6 +37,7 @@ overridable with ``RIZZEARCH_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -56,6 +57,19 @@ State = tuple[Tensor, Tensor, Tensor, Tensor]
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(fn):
+    """Run an op with autocast off: it casts to its fp32 compute dtype itself, and autocast would
+    otherwise run its matmuls (and so its states) in bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def empty_state(B: int, NH: int, DH: int, device=None, dtype=torch.float32) -> State:
@@ -259,6 +273,7 @@ def _forward_fused(wx, R, b, state):
 # Public entry points
 
 
+@_no_autocast
 def slstm_forward(
     wx: Tensor,
     R: Tensor,
@@ -302,6 +317,7 @@ def slstm_forward(
     return (y, state) if return_state else y
 
 
+@_no_autocast
 def slstm_step(wx: Tensor, R: Tensor, b: Tensor, state: State | None = None, *, backend: str | None = None):
     """One sLSTM step.
 
