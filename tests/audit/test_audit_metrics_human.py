@@ -85,3 +85,7 @@ def test_sheet_roundtrip_kappa_and_bad_sheets(tmp_path):
         import_sheet(p, keys + [("naive_rag", "q99")])
     with pytest.raises(DataError, match="not found"):
         import_sheet(tmp_path / "nope.csv")
+    # re-exporting never overwrites a sheet that holds human labels
+    filled = p.read_text()
+    again = export_sheet(rows, p)
+    assert again.name == "sheet.new.csv" and p.read_text() == filled

@@ -23,9 +23,7 @@ def test_rag_ask_bad_input(tmp_path, capsys):
     assert "non-empty" in capsys.readouterr().err
     bad = tmp_path / "corrupt.sqlite"
     bad.write_bytes(b"\x00garbage" * 50)
-    from rizzearch.rag.index import Index
-    import pytest
-    from rizzearch.errors import DataError
-
-    with pytest.raises(DataError, match="corrupt.sqlite"):
-        Index.open(bad)
+    assert main(["rag", "ask", "What is hearsay?", "--index", str(bad), "--mode", "bm25"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt.sqlite" in err and "not a rizzearch index" in err
+    assert bad.read_bytes() == b"\x00garbage" * 50  # left alone

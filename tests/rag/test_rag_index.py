@@ -81,3 +81,15 @@ def test_schema_mismatch_and_rebuild(tmp_path, bm25_index):
     idx = open_or_build(path, dense=False)  # stale / wrong version: rebuilt over the full corpus
     assert len(idx) == len(bm25_index)
     idx.close()
+
+
+def test_never_overwrites_a_file_that_is_not_an_index(tmp_path):
+    precious = tmp_path / "notes.db"
+    precious.write_bytes(b"my own data, not an index" * 10)
+    with pytest.raises(DataError, match="not a rizzearch index"):
+        open_or_build(precious, dense=False)
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        from rizzearch.rag.corpus import load_corpus
+
+        Index.build(precious, load_corpus()[:5], dense=False)
+    assert precious.read_bytes() == b"my own data, not an index" * 10

@@ -26,9 +26,13 @@ COLUMNS = ["system", "query_id", "category", "question", "gold_answer", "answer"
 def export_sheet(rows: list[dict], path: str | Path, passages_by_id: dict | None = None, blind: bool = True,
                  max_passage_chars: int = 1500) -> Path:
     """Write a labelling CSV for ``rows`` (audit rows: system, query_id, category, question, gold_answer,
-    answer, citations, correctness, groundedness)."""
+    answer, citations, correctness, groundedness); returns the path written.
+
+    If ``path`` already holds human labels it is kept and the new sheet goes to ``<name>.new.csv``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and _has_human_labels(path):  # never overwrite labels someone already entered
+        path = path.with_name(path.stem + ".new" + path.suffix)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -53,6 +57,14 @@ def export_sheet(rows: list[dict], path: str | Path, passages_by_id: dict | None
             })
     os.replace(tmp, path)
     return path
+
+
+def _has_human_labels(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return any((r.get("human_correctness") or "").strip() for r in csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return True  # unreadable: treat as precious
 
 
 def import_sheet(path: str | Path, expected: list[tuple[str, str]] | None = None, allow_partial: bool = False) -> dict:

@@ -52,6 +52,19 @@ class Hit:
                 "dense_rank": self.dense_rank, "text": p.text}
 
 
+def is_index_file(path: str | Path) -> bool:
+    """Whether ``path`` is a SQLite file with our ``meta`` table (any schema version, possibly stale)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return row is not None
+
+
 def corpus_sha256(passages: list[Passage]) -> str:
     h = hashlib.sha256()
     for p in passages:
@@ -94,6 +107,8 @@ class Index:
         passages = load_corpus() if passages is None else list(passages)
         if not passages:
             raise DataError("cannot build an index over zero passages")
+        if path.exists() and not is_index_file(path):
+            raise DataError(f"{path} exists and is not a rizzearch index; refusing to overwrite it (choose another path)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         if tmp.exists():
@@ -252,9 +267,14 @@ def default_index_path() -> Path:
 
 
 def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild: bool = False, progress: bool = False) -> Index:
-    """Open the index at ``path`` if it is current for the bundled corpus, else (re)build it."""
+    """Open the index at ``path`` if it is current for the bundled corpus, else (re)build it.
+
+    A file at ``path`` that is not a rizzearch index is never overwritten (DataError instead)."""
     path = Path(path) if path else default_index_path()
     passages = load_corpus()
+    if path.exists() and not is_index_file(path):  # never overwrite a file that is not ours
+        raise DataError(f"{path} exists and is not a rizzearch index (corrupt, or another file); "
+                        f"delete it or choose another --index path")
     if path.is_file() and not rebuild:
         try:
             idx = Index.open(path)
@@ -263,7 +283,7 @@ def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild
                 return idx
             idx.close()
         except DataError:
-            pass
+            pass  # our index, but from another schema version or damaged: rebuild it
     return Index.build(path, passages, dense=dense, progress=progress)
 
 
