@@ -254,6 +254,42 @@ def test_chunked_and_full_helper_agree_with_grads(setup):
         assert_close(x, y, atol=1e-6, rtol=1e-4, name=f"grad {i}")
 
 
+def test_inplace_backward_same_gradients(setup):
+    tok, ps, model = setup
+    grads = []
+    for inplace in (False, True):
+        loss, _ = orpo_batch_loss(model, ps.tensors, 0.5, "prompt+response", chunk_size=4, inplace_backward=inplace)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_close(b, a, name=f"grad {i}")
+
+
+def test_saturated_model_gives_finite_loss_and_gradients(setup):
+    """P -> 1 in a real forward: a model that puts all its mass on the chosen tokens."""
+    tok, ps, model = setup
+
+    class Confident(torch.nn.Module):
+        def __init__(self, inner, batch):
+            super().__init__()
+            self.inner, self.scale = inner, torch.nn.Parameter(torch.tensor(1.0))
+            ids, resp = batch["chosen_input_ids"], batch["chosen_response_mask"]
+            self.boost = torch.zeros(ids.shape[1], tok.vocab_size)
+            # every position predicts the next chosen token of row 0 with an enormous margin
+            self.boost[torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 1e4
+
+        def forward(self, tokens, state=None, attention_mask=None):
+            logits, st = self.inner(tokens, state, attention_mask=attention_mask)
+            return self.scale * logits + self.boost[: tokens.shape[1]], st
+
+    row0 = {k: v[:1] for k, v in ps.tensors.items()}
+    m = Confident(model, row0)
+    fw = preference_forward(m, row0)
+    assert float(fw.chosen.mean[0].detach()) == 0.0  # P(chosen) = 1 exactly in fp32: log(1 - P) = -inf without the cap
+    loss, _ = orpo_loss(fw.chosen.mean, fw.rejected.mean, fw.chosen_nll, lam=1.0)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_orpo_training_raises_the_margin(setup):
     """A few optimizer steps on one batch raise the chosen-vs-rejected margin and lower the loss."""
     tok, ps, _ = setup

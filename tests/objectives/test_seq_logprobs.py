@@ -53,6 +53,20 @@ def test_chunked_matches_reference_values_and_grads(B, T, V, chunk):
     assert torch.all(g_ours[ignored] == 0)
 
 
+def test_inplace_backward_gives_the_same_gradient():
+    base, targets = _case(3, 11, 29)
+    w = torch.randn(3, 11)
+    ref = token_logprobs_reference(base, targets)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), base)
+    x = base.detach().clone().requires_grad_(True)
+    logits = x * 1.0  # a non-leaf buffer, as a model's output is
+    out = token_logprobs(logits, targets, chunk_size=4, inplace_backward=True)
+    assert_close(out, ref, name="values")
+    (out * w).sum().backward()
+    assert_close(x.grad, g_ref, name="in-place gradient")
+    assert not torch.equal(logits.detach(), base.detach())  # the logits buffer now holds the gradient
+
+
 def test_gradcheck_float64():
     logits, targets = _case(2, 5, 7, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda z: token_logprobs(z, targets, chunk_size=3), (logits,))

@@ -89,7 +89,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits2d: Tensor, targets: Tensor, rows: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, logits2d: Tensor, targets: Tensor, rows: Tensor, chunk: int, inplace: bool) -> Tensor:
         N, acc = logits2d.shape[0], _acc_dtype(logits2d)
         out = torch.zeros(N, dtype=acc, device=logits2d.device)
         lse = torch.empty(rows.numel(), dtype=acc, device=logits2d.device)
@@ -100,14 +100,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             lse[s : s + chunk] = lse_c
             out[idx] = z.gather(-1, targets[idx, None]).squeeze(-1) - lse_c
         ctx.save_for_backward(logits2d, targets, rows, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.inplace = chunk, inplace
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits2d, targets, rows, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        grad = torch.zeros_like(logits2d)
+        # in place: the gradient overwrites the logits chunk by chunk (each chunk is read before it
+        # is written); positions that do not count are zeroed at the end
+        grad = logits2d if ctx.inplace else torch.zeros_like(logits2d)
         g_all = grad_out.to(lse.dtype)
         for s in range(0, rows.numel(), chunk):
             idx = rows[s : s + chunk]
@@ -116,18 +118,30 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             p.mul_(-g)
             p.scatter_add_(-1, targets[idx, None], g)
             grad.index_copy_(0, idx, p.to(grad.dtype))
-        return grad, None, None, None
+        if ctx.inplace:
+            skipped = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+            skipped[rows] = False
+            grad.masked_fill_(skipped[:, None], 0)
+        return grad, None, None, None, None
 
 
 def token_logprobs(
-    logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    *,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """log softmax(z_t)[y_t] per position, 0 where ignored -> (B, T) fp32 (fp64 for fp64), no full log-softmax.
 
     Same values and gradients as ``token_logprobs_reference``. Positions are processed
     ``chunk_size`` at a time (None: about ``DEFAULT_CHUNK_ELEMENTS / V`` positions); ignored
     positions cost nothing. Memory beyond ``logits``: one fp32 chunk plus one float per position
-    (the logsumexp saved for backward). The gradient w.r.t. ``logits`` is of course full size.
+    (the logsumexp saved for backward). The gradient w.r.t. ``logits`` is of course full size,
+    unless ``inplace_backward=True``: then backward writes it into the logits' own buffer (as
+    fused cross-entropy kernels do), so the backward pass adds only one chunk too. Use it only when
+    nothing else reads these logits after the backward pass (autograd raises if another op saved them).
     """
     _check_logits_targets("token_logprobs", logits, targets)
     B, T, V = logits.shape
@@ -143,7 +157,9 @@ def token_logprobs(
         raise ShapeError(f"token_logprobs: target {int(flat_t[i])} at position {divmod(i, T)} is outside the vocabulary [0, {V})")
     rows = valid.nonzero().squeeze(-1)  # (K,)
     safe = torch.where(valid, flat_t, 0).long()
-    out = _ChunkedTokenLogprobs.apply(logits.reshape(B * T, V), safe, rows, int(chunk_size))
+    if inplace_backward and not logits.is_contiguous():
+        raise ShapeError("token_logprobs: inplace_backward needs contiguous logits")
+    out = _ChunkedTokenLogprobs.apply(logits.reshape(B * T, V), safe, rows, int(chunk_size), bool(inplace_backward))
     return out.view(B, T)
 
 

@@ -170,6 +170,7 @@ def preference_forward(
     sides: tuple[str, ...] = ("chosen", "rejected"),
     chunk_size: int | None = None,
     chunked: bool = True,
+    inplace_backward: bool = False,
 ) -> PreferenceForward:
     """Run chosen and rejected through ONE forward (so DDP sees one call) and score the responses.
 
@@ -177,7 +178,8 @@ def preference_forward(
     are stacked to (2B, L) after trimming shared trailing padding. Right padding needs no
     attention mask in a causal model: padded positions come after every real one and are never
     scored. ``nll_mode`` None skips the NLL; ``sides=("chosen",)`` forwards only the chosen
-    sequences (SFT; ``rejected`` is then None).
+    sequences (SFT; ``rejected`` is then None). ``inplace_backward`` lets the backward pass write
+    the logits gradient into the logits buffer (``token_logprobs``), saving one [2B, L, V] tensor.
     """
     from rizzearch.data.preference import validate_batch
 
@@ -198,7 +200,10 @@ def preference_forward(
         union = torch.where(resp_t != IGNORE_INDEX, resp_t, full_t)
     else:
         union = resp_t
-    lp = token_logprobs(logits, union, chunk_size=chunk_size) if chunked else token_logprobs_reference(logits, union)
+    if chunked:
+        lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace_backward and logits.requires_grad)
+    else:
+        lp = token_logprobs_reference(logits, union)
 
     counted = resp_t != IGNORE_INDEX
     count = counted.sum(-1)  # (S*B,)
@@ -226,11 +231,14 @@ class ORPOConfig:
         lam: lambda, the weight of the odds-ratio term (paper: 0.1 for larger models, up to 1.0 studied; TRL's beta).
         nll_mode: "response" (NLL of the chosen response only; the paper's intent) or "prompt+response" (TRL's behaviour).
         chunk_size: positions per chunk of the chunked log-softmax (None: automatic, ~4M logits per chunk).
+        inplace_backward: write the logits gradient into the logits buffer (saves one [2B, L, V] tensor; fine for
+            models whose last layer is a plain linear head, an error for one that saves its output, e.g. a tanh soft-cap).
     """
 
     lam: float = 0.1
     nll_mode: Literal["response", "prompt+response"] = DEFAULT_NLL_MODE
     chunk_size: int | None = None
+    inplace_backward: bool = False
 
     def __post_init__(self):
         _check_lam(self.lam)
@@ -241,11 +249,16 @@ class ORPOConfig:
 
 
 def orpo_batch_loss(
-    model, batch: dict[str, Tensor], lam: float = 0.1, nll_mode: str = DEFAULT_NLL_MODE, chunk_size: int | None = None
+    model,
+    batch: dict[str, Tensor],
+    lam: float = 0.1,
+    nll_mode: str = DEFAULT_NLL_MODE,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, dict]:
     """``loss_fn(model, batch)`` for the training loop: one forward, then ``orpo_loss``."""
     _check_lam(lam)
-    fw = preference_forward(model, batch, nll_mode=nll_mode, chunk_size=chunk_size)
+    fw = preference_forward(model, batch, nll_mode=nll_mode, chunk_size=chunk_size, inplace_backward=inplace_backward)
     loss, metrics = orpo_loss(fw.chosen.mean, fw.rejected.mean, fw.chosen_nll, lam)
     metrics["tokens"] = fw.nll_tokens.detach()
     return loss, metrics
@@ -253,4 +266,5 @@ def orpo_batch_loss(
 
 def make_orpo_loss(config: ORPOConfig = ORPOConfig()):
     """The loop's ``loss_fn`` for an ORPOConfig."""
-    return partial(orpo_batch_loss, lam=config.lam, nll_mode=config.nll_mode, chunk_size=config.chunk_size)
+    return partial(orpo_batch_loss, lam=config.lam, nll_mode=config.nll_mode, chunk_size=config.chunk_size,
+                   inplace_backward=config.inplace_backward)
