@@ -27,9 +27,9 @@ Initialisation follows RWKV-LM v4neo (``RWKV_TimeMix``/``RWKV_ChannelMix`` and
 ``ffn.value/receptance``, orthogonal others (gain sqrt(out/in) when out > in, head x0.5), and a
 small uniform embedding. (HF's ``_init_weights`` sets time_first to all ones: a bug we do not copy.)
 
-Decoding (one token, no grad) runs the recurrent form with stacked per-layer weights (r/k/v as one
-batched matmul after one ``addcmul`` for the three token-shift lerps), cached until a parameter
-changes.
+Decoding (one token, no grad) runs the recurrent form on weights cached until a parameter changes:
+on CPU in float32 one fused C call per layer (``rizzearch.ops.wkv.fused_layer_step``), otherwise an
+eager step with r/k/v as one batched matmul after one ``addcmul`` for the three token-shift lerps.
 """
 
 from __future__ import annotations

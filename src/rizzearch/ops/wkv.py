@@ -37,6 +37,10 @@ without float64 (MPS) fall back to the reference.
 
 An optional ``mask[B, T]`` (False = padding) makes padded steps leave the state untouched (no
 decay, no contribution); their outputs are finite but meaningless.
+
+The end of the module holds a fused CPU kernel for decoding (one token through a whole RWKV-4
+layer in one C call, compiled with the system C compiler on first use and cached; ``RWKV`` falls
+back to its eager step when it is unavailable or ``RIZZ_RWKV_DECODE=eager``).
 """
 
 from __future__ import annotations
