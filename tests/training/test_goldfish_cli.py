@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from rizzearch import corpora
 from rizzearch.cli import main
 
 TINY = ["--model_config.n_layer", "1", "--model_config.d_model", "32", "--model_config.n_head", "2",
@@ -13,9 +14,17 @@ TINY = ["--model_config.n_layer", "1", "--model_config.d_model", "32", "--model_
         "--train.steps", "2", "--train.batch_size", "4", "--train.log_every", "1", "--progress", "false"]
 
 
-def test_train_with_goldfish_objective(tmp_path):
+@pytest.fixture
+def tiny(tmp_path):
+    """TINY on a 20 kB slice of tinyshakespeare, so each run tokenizes little."""
+    path = tmp_path / "small.txt"
+    path.write_text(corpora.path("tinyshakespeare").read_text()[:20_000])
+    return [*TINY, "--data.source", str(path)]
+
+
+def test_train_with_goldfish_objective(tmp_path, tiny):
     run = tmp_path / "gf"
-    args = ["train", "--out", str(run), *TINY, "--objective", "goldfish",
+    args = ["train", "--out", str(run), *tiny, "--objective", "goldfish",
             "--goldfish.k", "4", "--goldfish.h", "13", "--goldfish.strategy", "hash"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -35,14 +44,14 @@ def test_train_with_goldfish_objective(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, message", [("--goldfish.k", "1", "goldfish.k"), ("--goldfish.h", "0", "goldfish.h")])
-def test_bad_goldfish_settings_fail_before_training(tmp_path, capsys, flag, value, message):
+def test_bad_goldfish_settings_fail_before_training(tmp_path, tiny, capsys, flag, value, message):
     run = tmp_path / "bad"
-    assert main(["train", "--out", str(run), *TINY, "--objective", "goldfish", flag, value]) == 2
+    assert main(["train", "--out", str(run), *tiny, "--objective", "goldfish", flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
 
 
-def test_unknown_objective_is_named(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--objective", "goldfsh"]) == 2
+def test_unknown_objective_is_named(tmp_path, tiny, capsys):
+    assert main(["train", "--out", str(tmp_path / "x"), *tiny, "--objective", "goldfsh"]) == 2
     err = capsys.readouterr().err
     assert "goldfsh" in err and "goldfish" in err
