@@ -99,3 +99,13 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, pairs_file):
     with pytest.raises(ConfigError, match="already holds an alignment run"):
         align(method="sft", model="gpt", model_config=tiny_overrides("gpt"), data=_data(pairs_file), train=_train(),
               out=str(tmp_path / "r"), progress=False)
+
+
+def test_debug_config_runs_through_the_cli(tmp_path):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "align-debug.yaml"
+    rc = main(["align", "--config", str(cfg), "--train.steps", "2", "--data.limit", "24", "--progress", "false", "--out", str(tmp_path / "dbg")])
+    assert rc == 0
+    s = json.loads((tmp_path / "dbg" / "align_summary.json").read_text())
+    assert s["method"] == "orpo" and s["pairs"]["train"] + s["pairs"]["val"] == 24
