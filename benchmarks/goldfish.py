@@ -5,7 +5,7 @@ Times, interleaved in one process after warm-up: one full training step with the
 each strategy; also the full goldfish training step (mask + masked loss + metrics). Target
 (issue 5): the hashed mask at B=8, T=512 costs at most 3% of a training step.
 
-    python benchmarks/goldfish.py [--batch_size 8] [--seq_len 512] [--repeats 9]
+    python benchmarks/goldfish.py [--batch_size 8] [--seq_len 512] [--repeats 9] [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--h", type=int, default=13)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     info = print_header(f"Goldfish mask overhead vs a debug-GPT training step (B={a.batch_size}, T={a.seq_len})", ())
     torch.manual_seed(0)
     dev = torch.device(a.device)
