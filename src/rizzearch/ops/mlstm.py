@@ -451,7 +451,8 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int):
+    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int, has_state: bool):
+        ctx.set_materialize_grads(False)  # unused outputs (often the final state) arrive as None
         BH, T, d = q.shape
         e = v.shape[-1]
         NC = -(-T // L)
@@ -492,11 +493,15 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         upper = torch.full((L, L), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         P = torch.add((b - mrow)[..., :, None], cg[..., None, :]).add_(upper).exp_()  # (BH, NC, L, L)
         A = torch.matmul(qc, kc.transpose(-1, -2)).mul_(P)
-        qw = qc * w[..., None]  # (BH, NC, L, d)
-        inter = torch.matmul(qw, Cp)  # (BH, NC, L, e): w q^T C_prev
-        inter_n = torch.matmul(qw, np_[..., None])[..., 0]  # (BH, NC, L): w q.n_prev
-        num = torch.matmul(A, vc).add_(inter)
-        den = A.sum(-1).add_(inter_n)
+        num = torch.matmul(A, vc)
+        den = A.sum(-1)
+        inter = inter_n = None
+        if has_state or NC > 1:  # else the only chunk starts from the empty state: no inter-chunk term
+            qw = qc * w[..., None]  # (BH, NC, L, d)
+            inter = torch.matmul(qw, Cp)  # (BH, NC, L, e): w q^T C_prev
+            inter_n = torch.matmul(qw, np_[..., None])[..., 0]  # (BH, NC, L): w q.n_prev
+            num.add_(inter)
+            den.add_(inter_n)
         N = torch.maximum(den.abs(), torch.exp(-mrow))
         h = num.div_(N[..., None])
         # d N / d den: sign(den) where |den| wins the max, 0 where exp(-m) wins
@@ -512,6 +517,7 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         (q, k, v, g, Bc, mloc, C0, n0, m0, Cp, np_, Ce, ne, mend, W, W0, uloc, ku, KV, Ku, P, A, w, inter, inter_n, h, N, dN) = ctx.saved_tensors
         BH, T, d, e, NC, L, pad = ctx.shape
         gh = torch.zeros_like(h.view(BH, NC * L, e)) if gh is None else F.pad(gh, (0, 0, 0, pad))
+        state_out = gCT is not None or gnT is not None or gmT is not None  # is the final state in the loss?
         gCT = torch.zeros_like(C0) if gCT is None else gCT
         gnT = torch.zeros_like(n0) if gnT is None else gnT
         gmT = torch.zeros_like(mend[:, -1]) if gmT is None else gmT
@@ -524,42 +530,53 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         # num = A v + w q^T C_prev ;  den = A 1 + w q.n_prev
         gA = torch.matmul(gnum, vc.transpose(-1, -2)).add_(gden[..., None])  # (BH, NC, L, L)
         gv = torch.matmul(A.transpose(-1, -2), gnum)
-        ga = _rowdot(gnum, inter).addcmul_(gden, inter_n)  # d/da, a = m_prev + b (w = exp(a - mrow))
-        gnw = gnum * w[..., None]
-        gdw = gden * w
-        gq = torch.matmul(gnw, Cp.transpose(-1, -2)).add_(gdw[..., None] * np_[:, :, None, :])
-        gCp = torch.matmul(qc.transpose(-1, -2), gnw)  # (BH, NC, d, e): chunk outputs -> chunk-start C
-        gnp = torch.matmul(qc.transpose(-1, -2), gdw[..., None])[..., 0]  # (BH, NC, d)
         # A = (q k^T) * P ;  P = exp(log D - mrow)  =>  d log D = gA * A
         gS = gA * P
-        gq = gq.add_(torch.matmul(gS, kc))
+        gq = torch.matmul(gS, kc)
         gk = torch.matmul(gS.transpose(-1, -2), qc)
         glogD = gA.mul_(A)
         col = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
-        # the start state of chunk c+1 is the end state of chunk c
-        gCe = torch.cat([gCp[:, 1:], gCT[:, None]], 1)  # (BH, NC, d, e)
-        gne = torch.cat([gnp[:, 1:], gnT[:, None]], 1)
-        gC0 = gCp[:, 0] + torch.einsum("bc,bcij->bij", W0, gCe)
-        gn0 = gnp[:, 0] + torch.einsum("bc,bci->bi", W0, gne)
-        # Ce = W KV + W0 C0  =>  gKV = W^T gCe ;  d log W = (gCe . KV) * W
-        gKV = torch.matmul(W.transpose(-1, -2), gCe.view(BH, NC, d * e)).view(BH, NC, d, e)
-        gKu = torch.matmul(W.transpose(-1, -2), gne)
-        glogW = torch.matmul(gCe.view(BH, NC, d * e), KV.view(BH, NC, d * e).transpose(-1, -2))
-        glogW = glogW.add_(torch.matmul(gne, Ku.transpose(-1, -2))).mul_(W)  # (BH, NC, NC)
-        glogW0 = (torch.einsum("bcij,bij->bc", gCe, C0) + torch.einsum("bci,bi->bc", gne, n0)) * W0
-        # KV = K^T diag(uloc) V ;  Ku = K^T uloc ;  uloc = exp(g - mloc)
-        X = torch.matmul(ku, gKV)  # (BH, NC, L, e) = uloc * (k^T gKV)
-        gg = _rowdot(X, vc).add_(torch.matmul(ku, gKu[..., None])[..., 0])  # d/dg
-        gv = gv.add_(X)
-        gk = gk.add_(torch.matmul(vc * uloc[..., None], gKV.transpose(-1, -2)).add_(uloc[..., None] * gKu[:, :, None, :]))
-        # log W[c, c'] = mloc_c' + sum_{c' < r <= c} B_r ;  log W0[c] = m0 + sum_{r <= c} B_r
-        # (mloc and m_c are stabilisers: constants)
-        cum_excl = glogW.cumsum(-1) - glogW  # [c, r] = sum_{c' < r} glogW[c, c']
-        gB = cum_excl.tril().sum(-2) + glogW0.flip(-1).cumsum(-1).flip(-1)  # sum over c >= r
-        gm0 = glogW0.sum(-1) + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
-        gig = col + gg
-        gb = glogD.sum(-1) - col + ga - gg  # g = i - b + B
-        gB = gB + gg.sum(-1)
+        gig = col
+        gb = glogD.sum(-1) - col
+        gB = torch.zeros_like(Bc)
+        gm0 = torch.zeros_like(m0)
+        gC0, gn0 = torch.zeros_like(C0), torch.zeros_like(n0)
+        if inter is not None:  # the chunk-start states feed every chunk's output
+            ga = _rowdot(gnum, inter).addcmul_(gden, inter_n)  # d/da, a = m_prev + b (w = exp(a - mrow))
+            gnw = gnum * w[..., None]
+            gdw = gden * w
+            gq.add_(torch.matmul(gnw, Cp.transpose(-1, -2))).add_(gdw[..., None] * np_[:, :, None, :])
+            gCp = torch.matmul(qc.transpose(-1, -2), gnw)  # (BH, NC, d, e): chunk outputs -> chunk-start C
+            gnp = torch.matmul(qc.transpose(-1, -2), gdw[..., None])[..., 0]  # (BH, NC, d)
+            gb = gb + ga
+            gm0 = gm0 + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
+            gC0, gn0 = gC0 + gCp[:, 0], gn0 + gnp[:, 0]
+        if NC > 1 or state_out:
+            if inter is None:  # NC == 1: nothing flows back from later chunks
+                gCe, gne = gCT[:, None], gnT[:, None]
+            else:  # the start state of chunk c+1 is the end state of chunk c
+                gCe = torch.cat([gCp[:, 1:], gCT[:, None]], 1)  # (BH, NC, d, e)
+                gne = torch.cat([gnp[:, 1:], gnT[:, None]], 1)
+            gC0 = gC0 + torch.einsum("bc,bcij->bij", W0, gCe)
+            gn0 = gn0 + torch.einsum("bc,bci->bi", W0, gne)
+            # Ce = W KV + W0 C0  =>  gKV = W^T gCe ;  d log W = (gCe . KV) * W
+            gKV = torch.matmul(W.transpose(-1, -2), gCe.reshape(BH, NC, d * e)).view(BH, NC, d, e)
+            gKu = torch.matmul(W.transpose(-1, -2), gne)
+            glogW = torch.matmul(gCe.reshape(BH, NC, d * e), KV.view(BH, NC, d * e).transpose(-1, -2))
+            glogW = glogW.add_(torch.matmul(gne, Ku.transpose(-1, -2))).mul_(W)  # (BH, NC, NC)
+            glogW0 = (torch.einsum("bcij,bij->bc", gCe, C0) + torch.einsum("bci,bi->bc", gne, n0)) * W0
+            # KV = K^T diag(uloc) V ;  Ku = K^T uloc ;  uloc = exp(g - mloc)
+            X = torch.matmul(ku, gKV)  # (BH, NC, L, e) = uloc * (k^T gKV)
+            gg = _rowdot(X, vc).add_(torch.matmul(ku, gKu[..., None])[..., 0])  # d/dg, g = i - b + B
+            gv = gv.add_(X)
+            gk = gk.add_(torch.matmul(vc * uloc[..., None], gKV.transpose(-1, -2)).add_(uloc[..., None] * gKu[:, :, None, :]))
+            # log W[c, c'] = mloc_c' + sum_{c' < r <= c} B_r ;  log W0[c] = m0 + sum_{r <= c} B_r
+            # (mloc and m_c are stabilisers: constants)
+            cum_excl = glogW.cumsum(-1) - glogW  # [c, r] = sum_{c' < r} glogW[c, c']
+            gB = cum_excl.tril().sum(-2) + glogW0.flip(-1).cumsum(-1).flip(-1) + gg.sum(-1)  # sum over c >= r
+            gm0 = gm0 + glogW0.sum(-1)
+            gig = gig + gg
+            gb = gb - gg
         # The returned final m: its own gradient plus the rescaling of the returned C, n, routed to
         # the entry attaining m_T = max(m0 + sum_r B_r, max_c' [mloc_c' + sum_{r > c'} B_r]).
         G = gmT - (gCT * Ce[:, -1]).sum((-1, -2)) - (gnT * ne[:, -1]).sum(-1)  # (BH,)
@@ -583,7 +600,7 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         gv = gv.reshape(BH, NC * L, e)[:, :T]
         gig = gig.reshape(BH, NC * L)[:, :T]
         glogf = glogf.reshape(BH, NC * L)[:, :T]
-        return gq, gk, gv, gig, glogf, gC0, gn0, gm0, None
+        return gq, gk, gv, gig, glogf, gC0, gn0, gm0, None, None
 
 
 def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
@@ -603,7 +620,7 @@ def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
     ig = i.to(dt).reshape(B * NH, T)
     logf = F.logsigmoid(f.to(dt)).reshape(B * NH, T)
     L = max(1, min(chunk_size, T))
-    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L)
+    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L, initial_state is not None)
     state = (C.view(B, NH, Dqk, Dv), n.view(B, NH, Dqk), m.view(B, NH))
     return h.reshape(B, NH, T, Dv).to(q.dtype), state
 
