@@ -165,6 +165,7 @@ def hash_keys(targets: Tensor, h: int, seed: int = 0) -> Tensor:
     g(y) = mix32(y XOR salt1) mod P. Entries t < h are meaningless (no full window).
     Computed as a windowed difference of one cumulative sum: sum_i g_i BASE^-i, rescaled.
     """
+    targets = targets.long()
     B, T = targets.shape
     salt1, salt2 = _salts(seed)
     pw, inv = _powers(T + 1, str(targets.device))
@@ -197,7 +198,7 @@ def hash_keys_reference(row: Sequence[int], h: int, seed: int = 0) -> list[int |
 
 def product_keys(targets: Tensor, h: int) -> Tensor:
     """(prod_{j=0..h-1} y_{t-j}) mod 1,000,003 for each position t >= h-1; (B, T) int64."""
-    x = targets.clamp_min(0) % PRODUCT_TABLE_SIZE
+    x = targets.long().clamp_min(0) % PRODUCT_TABLE_SIZE
     B, T = x.shape
     keys = torch.zeros_like(x)
     if T >= h:
