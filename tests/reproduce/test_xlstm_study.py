@@ -26,7 +26,8 @@ def test_tiny_study_writes_results_report_and_plot(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| model | parameters |" in report and "xLSTM[0:1] (sLSTM)" in report and "## MQAR" in report
     assert (tmp_path / "xlstm.png").stat().st_size > 1000
-    assert (tmp_path / "runs" / "parity_slstm" / "metrics.jsonl").is_file()
+    assert (tmp_path / "runs" / "parity_slstm_seed0" / "metrics.jsonl").is_file()
+    assert all(len(r["seeds"]) >= 1 for r in m["parity"].values())
 
 
 def test_mqar_models_are_matched_in_size():
