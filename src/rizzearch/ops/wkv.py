@@ -153,9 +153,25 @@ def wkv_ref(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=
 # Fast form: closed-form max exponents + chunked linear scan
 
 
-def _chunks(T: int, chunk: int | None) -> tuple[int, int]:
-    L = chunk or max(1, math.isqrt(max(T - 1, 0)) + 1)  # ~sqrt(T): L + N sequential steps in all
-    return L, -(-T // L)
+_GRAIN = 32768  # ATen's parallel grain size: smaller element-wise ops run on one thread
+
+
+def _chunks(T: int, chunk: int | None, row: int = 1) -> tuple[int, int]:
+    """Chunk length L and count N for a scan over T steps whose per-step slices have ``row`` elements.
+
+    L ~ sqrt(T) minimises the L + N sequential steps. When N chunks side by side would make each
+    step's op big enough to be split across threads (``N * row > _GRAIN``) we take fewer, longer
+    chunks (up to 2x the steps): on a busy machine every multi-threaded tiny op waits for a thread.
+    """
+    if chunk:
+        return chunk, -(-T // chunk)
+    L = max(1, math.isqrt(max(T - 1, 0)) + 1)
+    N = -(-T // L)
+    cap = max(1, _GRAIN // max(row, 1))
+    if N > cap and -(-T // cap) <= 2 * L:
+        L = -(-T // cap)
+        N = -(-T // L)
+    return L, N
 
 
 def _pad_time(t: Tensor, pad: int, value: float) -> Tensor:
@@ -165,7 +181,7 @@ def _pad_time(t: Tensor, pad: int, value: float) -> Tensor:
 def _linear_scan(f: Tensor, x: Tensor, h0: Tensor, chunk: int | None = None) -> Tensor:
     """Forward of ``linear_scan`` (no autograd)."""
     B, T = x.shape[:2]
-    L, N = _chunks(T, chunk)
+    L, N = _chunks(T, chunk, x[:, 0].numel())
     pad = N * L - T  # padded steps carry the state through unchanged (f = 1, x = 0)
     f = _pad_time(f, pad, 1.0).reshape(B, N, L, *f.shape[2:])  # (B, N, L, ...) broadcastable against x
     x = _pad_time(x, pad, 0.0).reshape(B, N, L, *x.shape[2:])
@@ -235,7 +251,7 @@ def max_plus_scan(d: Tensor, k: Tensor, p0: Tensor, chunk: int | None = None) ->
     ``p_s = max(local_s, p_in - D_s)`` with ``D_s`` the in-chunk cumulative decay. No gradient.
     """
     B, T, C = k.shape
-    L, N = _chunks(T, chunk)
+    L, N = _chunks(T, chunk, B * C)
     pad = N * L - T
     d = d.expand(B, T, C) if d.dim() == 1 else d
     d = _pad_time(d, pad, 0.0).reshape(B, N, L, C)  # (B, N, L, C)
