@@ -136,6 +136,18 @@ def _to_float(v) -> float:
     return float(v.detach().float().mean()) if isinstance(v, Tensor) else float(v)
 
 
+def _count_tokens(batch: dict, rows: int) -> int:
+    """Tokens processed by one micro-batch: input_ids, else the attention masks, else every
+    2-D integer tensor (e.g. chosen + rejected sequences), else rows."""
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+    if masks:
+        return int(sum(int(m.sum()) for m in masks))
+    ids = [v for v in batch.values() if v.dim() == 2 and not v.is_floating_point()]
+    return int(sum(v.numel() for v in ids)) if ids else rows
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.dtype == "float32":
         return contextlib.nullcontext()
@@ -317,7 +329,7 @@ def train(
                     (loss / accum).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + _to_float(v)
-                n_tok = int(mb["input_ids"].numel()) if "input_ids" in mb else micro
+                n_tok = _count_tokens(mb, micro)
                 window_tokens += n_tok
                 tokens_seen += n_tok
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
