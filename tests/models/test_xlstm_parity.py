@@ -52,7 +52,7 @@ def official(kind: str, context_length: int = 64):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,T", [("mlstm", 37), ("mixed", 37), ("mixed", 100)], ids=["mLSTM-only", "xLSTM[1:1]", "xLSTM[1:1]-long"])
+@pytest.mark.parametrize("kind,T", [("mlstm", 37), ("mixed", 37), ("mixed", 90)], ids=["mLSTM-only", "xLSTM[1:1]", "xLSTM[1:1]-long"])
 def test_logits_and_step_decoding_match_official_forward(kind, T):
     from rizzearch.models.convert import from_official_xlstm
 
@@ -74,9 +74,9 @@ def test_logits_and_step_decoding_match_official_forward(kind, T):
         else:  # chunked prefill across several mLSTM chunks, then steps
             ours_small_chunks = type(ours)(type(ours.config)(**{**ours.config.__dict__, "chunk_size": 16})).eval()
             ours_small_chunks.load_state_dict(ours.state_dict())
-            a, state = ours_small_chunks(x[:, :70])
+            a, state = ours_small_chunks(x[:, :81])
             parts = [a]
-            for t in range(70, T):
+            for t in range(81, T):
                 logits, state = ours_small_chunks.step(x[:, t], state)
                 parts.append(logits[:, None])
             assert_close(torch.cat(parts, 1), want, atol=1e-4, rtol=1e-4, name="chunked prefill + steps vs official")

@@ -8,9 +8,10 @@ One recurrence, three forms that compute the same numbers:
 - ``mlstm_chunkwise``: chunk-level states ``(C, n, m)`` carried from chunk to chunk plus the
   parallel form inside each chunk; any ``T`` (the last chunk may be short), an initial state in,
   the final state out. ``backend="reference"`` is the spec (a loop of ``mlstm_parallel`` calls with
-  autograd); ``backend="fused"`` is one custom autograd Function over all chunks at once with a
-  hand-derived backward that recomputes the intra-chunk matrices instead of storing them.
-- ``mlstm_step``: one token of the recurrent form (paper eqs. 19-27).
+  autograd); ``backend="fused"`` is one custom autograd Function over all chunks at once (no
+  Python loop over chunks) with a hand-derived backward (``_MLSTMChunkwiseFn``).
+- ``mlstm_step``: one token of the recurrent form (paper eqs. 19-27); ``backend="fused"`` runs a
+  small C kernel for decoding (no gradient, float32, CPU) and batched torch ops otherwise.
 
 The recurrence, per batch row and head, with ``k`` scaled by ``1/sqrt(Dqk)`` (paper eq. 22):
 
@@ -405,6 +406,9 @@ def _chunk_view(x: Tensor, NC: int, L: int) -> Tensor:
     return x.view(x.shape[0], NC, L, *x.shape[2:])
 
 
+_EXP_FLOOR = -80.0  # exponents are clamped here before exp(): still a normal float32 (1.8e-35)
+
+
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
     """sum_e x[..., e] y[..., e] (einsum lowers this to a batched matmul: one pass, no temporary)."""
     return torch.einsum("...i,...i->...", x, y)
@@ -490,8 +494,11 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         a = mp[..., None] + b  # (BH, NC, L) log-weight of the chunk-start state
         mrow = torch.maximum(b + cg.cummax(-1).values, a)  # row maxima of log D, then the state
         w = torch.exp(a - mrow)
-        upper = torch.full((L, L), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        P = torch.add((b - mrow)[..., :, None], cg[..., None, :]).add_(upper).exp_()  # (BH, NC, L, L)
+        # exp() takes a slow path (10x+) for -inf and for results below the normal range: clamp
+        # the exponent to [_EXP_FLOOR, 0] (entries are <= 0 up to rounding; e^-80 ~ 1e-35 is
+        # negligible next to each row's maximum of 1), then zero the upper triangle
+        upper = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
+        P = torch.add((b - mrow)[..., :, None], cg[..., None, :]).clamp_(_EXP_FLOOR, 0.0).exp_().masked_fill_(upper, 0.0)  # (BH, NC, L, L)
         A = torch.matmul(qc, kc.transpose(-1, -2)).mul_(P)
         num = torch.matmul(A, vc)
         den = A.sum(-1)

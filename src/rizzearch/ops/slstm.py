@@ -22,9 +22,10 @@ Forms:
 - ``backend="fused"``: one custom autograd Function. The forward loop does one batched matmul and
   a dozen pointwise kernels per step and keeps the gate activations; the backward loop is derived
   by hand (docs/xlstm.md), with every factor that does not depend on the incoming gradient
-  precomputed for all steps at once, and the weight gradients (``R``, ``b``) reduced after the
-  loop with a single matmul. Stabilisers are constants in the backward (outputs do not depend on
-  them); the gradient of the returned final ``m`` is routed along its argmax chain.
+  precomputed for all steps at once, and the gradient of ``R`` reduced after the loop with a
+  single matmul (``b`` gets the summed gate gradients). Stabilisers are constants in the
+  backward (outputs do not depend on them); the gradient of the returned final ``m`` is routed
+  along its argmax chain.
 
 Shapes: gate inputs ``wx: (B, T, 4, NH, DH)`` (gate order i, f, z, o), ``R: (NH, DH, 4, DH)``
 (``raw[g] += h_{t-1} @ R[head, :, g, :]``), ``b: (4, NH, DH)``; state ``(h, c, n, m)``, each
