@@ -15,7 +15,7 @@ Every comparison first checks that both sides compute the same numbers (our refe
 also timed, for context). With a CUDA device every op also runs there and is checked against the
 CPU reference (and timed against the official mLSTM kernels on the same device).
 
-    python benchmarks/xlstm.py [--repeats 7] [--warmup 2] [--T 1024] [--threads N]
+    python benchmarks/xlstm.py [--repeats 7] [--warmup 2] [--T 1024] [--threads 1]
 """
 
 from __future__ import annotations
@@ -218,7 +218,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--T", type=int, default=1024, help="sequence length of the chunkwise and sLSTM benchmarks")
     p.add_argument("--step_calls", type=int, default=200, help="steps per timing sample")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for both sides (default 1: on a shared machine two OpenMP threads per process are many times slower; 0 keeps torch's default)",
+    )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
