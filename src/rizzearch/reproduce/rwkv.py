@@ -4,8 +4,8 @@ Two measurements, both against the GPT baseline (``rizzearch.models.gpt``, KV-ca
 
 (a) Decoding cost versus context length. Each model reads a context of 256 ... 4096 tokens
     (quick mode), then generates greedily one token at a time; we time the per-token step (median
-    over repeats, contexts interleaved) and record the bytes of state carried per sequence (RWKV:
-    5 vectors per layer; GPT: the KV cache). The paper's claim (Sec. 1 and 4, Fig. 7): RWKV's
+    over repeats, contexts interleaved, one CPU thread) and record the bytes of state carried per
+    sequence (RWKV: 5 vectors per layer; GPT: the KV cache). The paper's claim (Sec. 1 and 4, Fig. 7): RWKV's
     inference cost per token is constant in the context length (time and memory), a transformer's
     grows linearly. We check ``time(4096) <= 1.3 x time(256)`` for RWKV and that GPT's grows.
 
@@ -147,16 +147,28 @@ def time_decode(model, state, first: torch.Tensor, n: int, device) -> float:
 
 
 def decoding_cost(models: dict, tokens: torch.Tensor, size: Size, device, progress) -> list[dict]:
+    """Per-token decode time (median over interleaved repeats) and state bytes at each context.
+
+    Steps are timed on one CPU thread (restored afterwards): batch-1 decoding is latency-bound, and
+    on a shared machine two OpenMP threads make every small op wait for a descheduled thread,
+    which swamps the measurement (we saw 8 vs 0.6 ms/token for the same RWKV step).
+    """
     states = {name: contexts_states(name, m.eval(), tokens, size.contexts) for name, m in models.items()}
     first = tokens[:, -1]
-    for name, m in models.items():  # warm-up (allocator, caches)
-        time_decode(m, states[name][size.contexts[0]], first, 2, device)
-    times: dict[tuple[str, int], list[float]] = {}
-    for _ in range(size.decode_repeats):  # interleave models and contexts so load changes hit all alike
-        for n in size.contexts:
-            for name, m in models.items():
-                times.setdefault((name, n), []).append(time_decode(m, states[name][n], first, size.decode_tokens, device))
-                progress.update(1)
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for name, m in models.items():  # warm-up (allocator, caches, the fused kernel build)
+            time_decode(m, states[name][size.contexts[0]], first, 2, device)
+        times: dict[tuple[str, int], list[float]] = {}
+        for _ in range(size.decode_repeats):  # interleave models and contexts so load changes hit all alike
+            for n in size.contexts:
+                for name, m in models.items():
+                    times.setdefault((name, n), []).append(time_decode(m, states[name][n], first, size.decode_tokens, device))
+                    progress.update(1)
+    finally:
+        torch.set_num_threads(threads)
     rows = []
     for n in size.contexts:
         row = {"context": n}
@@ -312,7 +324,7 @@ def _write_report(out: Path, mode, size: Size, rows, training, claims, seconds) 
         "",
         f"Mode: {mode}; both models d_model={size.d_model}, {size.n_layer} layers; wall time {seconds:.0f} s.",
         "",
-        "## Decoding cost versus context (batch 1, greedy, median per-token step)",
+        "## Decoding cost versus context (batch 1, greedy, median per-token step, one CPU thread)",
         "",
         "| context | RWKV ms/token | GPT ms/token | RWKV state (KiB) | GPT KV cache (KiB) |",
         "|---:|---:|---:|---:|---:|",
