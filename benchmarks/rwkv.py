@@ -6,7 +6,9 @@ Targets (issue 4), all measured in this process, interleaved, median of several 
 - a full training step (hidden 256, 4 layers, vocab 1024, B=4, T=512; forward, backward, AdamW):
   at least 3x HF's throughput, same weights;
 - batch-1 decoding per token with the same weights: at most 0.7x the ``rwkv`` package's time
-  (strategy "cpu fp32", its default TorchScript mode), our weights exported with ``to_official_rwkv``.
+  (strategy "cpu fp32", its default TorchScript mode), our weights exported with ``to_official_rwkv``;
+  judged with one CPU thread on both sides (stable on a shared machine), also reported with the
+  default thread count.
 
 Every comparison first checks that both sides compute the same numbers. With a CUDA device the
 ops and the model also run there and are checked against the CPU reference.
@@ -143,7 +145,7 @@ def import_rwkv_package():
     return PackageRWKV
 
 
-def bench_decode(a, hidden, layers, vocab, repeats) -> dict:
+def bench_decode(a, hidden, layers, vocab, repeats, threads_list) -> dict:
     PackageRWKV = import_rwkv_package()
 
     torch.manual_seed(0)
@@ -178,15 +180,23 @@ def bench_decode(a, hidden, layers, vocab, repeats) -> dict:
             logits, s_ours = ours.step(torch.tensor([tok]), s_ours)
             assert_close(logits[0], out, atol=1e-4, rtol=1e-4, name="decode logits vs rwkv package")
             tok = int(out.argmax())
-        times = interleaved({"rwkv_pkg": run_pkg, "ours": run_ours}, repeats=repeats, warmup=1)
-    per_tok = {k: [t / n for t in v] for k, v in times.items()}
-    return {
-        "config": f"hidden {hidden}, {layers} layers, vocab {vocab}",
-        "rwkv_pkg_ms": 1e3 * statistics.median(per_tok["rwkv_pkg"]),
-        "ours_ms": 1e3 * statistics.median(per_tok["ours"]),
-        "spread": {k: summary(v)["spread"] for k, v in per_tok.items()},
-        "time_ratio": statistics.median(per_tok["ours"]) / statistics.median(per_tok["rwkv_pkg"]),
-    }
+        results = {}
+        default_threads = torch.get_num_threads()
+        try:
+            for threads in threads_list:  # same thread count for both sides
+                torch.set_num_threads(threads)
+                times = interleaved({"rwkv_pkg": run_pkg, "ours": run_ours}, repeats=repeats, warmup=1)
+                per_tok = {k: [t / n for t in v] for k, v in times.items()}
+                results[threads] = {
+                    "config": f"hidden {hidden}, {layers} layers, vocab {vocab}, {threads} thread(s)",
+                    "rwkv_pkg_ms": 1e3 * statistics.median(per_tok["rwkv_pkg"]),
+                    "ours_ms": 1e3 * statistics.median(per_tok["ours"]),
+                    "spread": {k: summary(v)["spread"] for k, v in per_tok.items()},
+                    "time_ratio": statistics.median(per_tok["ours"]) / statistics.median(per_tok["rwkv_pkg"]),
+                }
+        finally:
+            torch.set_num_threads(default_threads)
+    return results
 
 
 def check_cuda() -> dict:
@@ -247,11 +257,16 @@ def main(argv=None) -> dict:
                      "ours_s": res["train"]["ours"]["median_s"], "result": f"{res['train']['speedup']:.1f}x throughput", "target": ">= 3x"})
         print(f"train step: HF {res['train']['hf']['median_s']:.2f} s, ours {res['train']['ours']['median_s']:.3f} s", flush=True)
     if "decode" in a.only:
-        res["decode"] = bench_decode(a, 256, 4, 1024, a.decode_repeats)
-        decode_rows = [(res["decode"], "<= 0.7x")]
+        threads_list = sorted({1, torch.get_num_threads()})
+        by_threads = bench_decode(a, 256, 4, 1024, a.decode_repeats, threads_list)
+        res["decode"] = by_threads[1]  # the target is judged single-threaded: stable on a shared machine
+        res["decode_by_threads"] = by_threads
+        decode_rows = [(d, "<= 0.7x" if t == 1 else "(info)") for t, d in by_threads.items()]
         if not a.skip_big:
-            res["decode_169m"] = bench_decode(a, 768, 12, 50277, max(3, a.decode_repeats // 2))
-            decode_rows.append((res["decode_169m"], "(info)"))
+            big = bench_decode(a, 768, 12, 50277, max(3, a.decode_repeats // 2), threads_list)
+            res["decode_169m"] = big[1]
+            res["decode_169m_by_threads"] = big
+            decode_rows += [(d, "(info)") for d in big.values()]
         for d, target in decode_rows:
             rows.append({"what": f"decode/token B=1 ({d['config']})", "baseline": "rwkv pkg", "baseline_s": d["rwkv_pkg_ms"] / 1e3,
                          "ours_s": d["ours_ms"] / 1e3, "result": f"{d['time_ratio']:.2f}x the time", "target": target})

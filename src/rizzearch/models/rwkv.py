@@ -322,9 +322,12 @@ class RWKV(CausalLM):
         optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned parameters all rebuild it.
         """
         if self._slots is None:
-            self._slots = [(mod, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
-        params = [mod._parameters.get(name) for mod, name in self._slots]
-        key = tuple((id(p), p._version, p.data_ptr()) if p is not None else None for p in params)
+            self._slots = [(mod._parameters, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
+        params = [slots.get(name) for slots, name in self._slots]
+        if any(p is None for p in params):  # a parameter was removed: rescan
+            self._slots = None
+            return self._decode_weights()
+        key = (tuple(map(id, params)), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         if self._decode_cache is not None and self._decode_cache[0] == key:
             return self._decode_cache[1]
         self._fused_cache = None

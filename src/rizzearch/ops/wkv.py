@@ -424,10 +424,21 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + b[i];
 }
 
-/* Y (B, n_out) = X (B, n_in) @ W (n_in, n_out): W streamed once for all rows. */
+/* Y (B, n_out) = X (B, n_in) @ W (n_in, n_out): W streamed once for all rows, four input rows per
+   pass over Y (fewer loads/stores of Y per multiply-add). */
 static void matmul(const float *X, const float *W, int B, int n_in, int n_out, float *Y) {
     memset(Y, 0, sizeof(float) * (size_t)B * n_out);
-    for (int i = 0; i < n_in; i++) {
+    int i = 0;
+    for (; i + 4 <= n_in; i += 4) {
+        const float *r0 = W + (size_t)i * n_out, *r1 = r0 + n_out, *r2 = r1 + n_out, *r3 = r2 + n_out;
+        for (int b = 0; b < B; b++) {
+            const float *x = X + (size_t)b * n_in + i;
+            const float x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+            float *y = Y + (size_t)b * n_out;
+            for (int j = 0; j < n_out; j++) y[j] += x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j];
+        }
+    }
+    for (; i < n_in; i++) {
         const float *row = W + (size_t)i * n_out;
         for (int b = 0; b < B; b++) {
             const float xi = X[(size_t)b * n_in + i];
@@ -579,6 +590,7 @@ class FusedLayerWeights:
             _fields_ = fields
 
         self.tensors = t  # keeps the memory alive
+        self.scratch = torch.empty(0, dtype=torch.float32)
         self.C, self.A, self.F = att.key.in_features, att.key.out_features, ffn.key.out_features
         self.struct = Layer(self.C, self.A, self.F, block.ln1.eps, block.ln2.eps, *(v.data_ptr() for v in t.values()))
         self.ref = ctypes.byref(self.struct)
@@ -588,10 +600,13 @@ def fused_layer_step(lib, w: FusedLayerWeights, x: Tensor, att_x: Tensor, num: T
     """Run one layer for one token: x (B, C) float32 contiguous, updated in place; returns the new
     state tensors (att_x, num, den, max, ffn_x)."""
     B = x.shape[0]
-    outs = [torch.empty(B, n, dtype=torch.float32) for n in (w.C, w.A, w.A, w.A, w.C)]
-    scratch = torch.empty(B * (4 * w.C + 4 * w.A + w.F), dtype=torch.float32)
+    C, A = w.C, w.A
+    f32 = torch.float32
+    outs = [torch.empty(B, C, dtype=f32), torch.empty(B, A, dtype=f32), torch.empty(B, A, dtype=f32), torch.empty(B, A, dtype=f32), torch.empty(B, C, dtype=f32)]
+    if w.scratch.numel() < B * (4 * C + 4 * A + w.F):  # working memory, reused across calls
+        w.scratch = torch.empty(B * (4 * C + 4 * A + w.F), dtype=torch.float32)
     ins = [t if t.is_contiguous() else t.contiguous() for t in (att_x, num, den, mx, ffn_x)]
-    lib.rwkv_layer_step(w.ref, B, x.data_ptr(), *(t.data_ptr() for t in ins), *(t.data_ptr() for t in outs), scratch.data_ptr())
+    lib.rwkv_layer_step(w.ref, B, x.data_ptr(), *[t.data_ptr() for t in ins], *[t.data_ptr() for t in outs], w.scratch.data_ptr())
     return outs
 
 
