@@ -43,7 +43,15 @@ from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model
-from rizzearch.ops.wkv import EMPTY_MAX, MAX_FUSED_BATCH, FusedLayerWeights, decode_library, fused_layer_step, wkv
+from rizzearch.ops.wkv import (
+    EMPTY_MAX,
+    FUSED_MAX_ELEMENTS_MULTITHREAD,
+    MAX_FUSED_BATCH,
+    FusedLayerWeights,
+    decode_library,
+    fused_layer_step,
+    wkv,
+)
 
 STATE_KEYS = ("att_x", "num", "den", "max", "ffn_x")
 
@@ -363,6 +371,10 @@ class RWKV(CausalLM):
             or state["att_x"][0].dtype != torch.float32
         ):
             return None
+        cfg = self.config
+        C, A, Fd = cfg.d_model, cfg.att_dim, cfg.ffn_dim
+        if torch.get_num_threads() > 1 and C * (4 * A + 2 * Fd + C) > FUSED_MAX_ELEMENTS_MULTITHREAD:
+            return None  # large layers: multi-threaded BLAS beats the single-threaded kernel
         lib = decode_library()
         if lib is None:
             return None
