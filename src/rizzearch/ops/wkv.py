@@ -21,19 +21,18 @@ Forms (one math, compared in ``tests/ops/test_wkv.py`` for outputs, final states
 gradient, including the initial state's):
 
 - ``wkv_ref``: the plain loop over T above, differentiated by autograd. The spec.
-- ``wkv_chunked``: the fast form. The max exponents ``p_t`` have a closed form,
-  ``p_t = max_{i<=t}(k_i - (t-i) w)``, i.e. a cumulative max of ``k_i + i w`` (computed in float64
-  so ``i w`` loses nothing, without gradient: ``p`` only fixes the scale). Given ``p``, the scaled
-  state obeys a *linear* recurrence ``h_t = f_t h_{t-1} + x_t`` with ``0 <= f_t <= 1``, which is
-  evaluated chunk-wise (a short loop inside chunks of ~sqrt(T) steps, vectorised over chunks, then
-  a short loop over chunk carries), so the sequential depth is ~2 sqrt(T) instead of T and autograd
-  sees ~100 ops instead of ~20 T. Gradients reach the initial ``(a, b, p)`` and flow into the final
-  ``p`` exactly as in the loop (the final scale is re-attached with a factor ``e^{p_hat - p} = 1``).
+- ``wkv_chunked``: the fast form. The max exponents obey ``p_t = max(p_{t-1} - w, k_t)``, a
+  max-plus scan that does not depend on the values (computed without gradient: ``p`` only fixes the
+  scale). Given ``p``, the scaled state obeys a *linear* recurrence ``h_t = f_t h_{t-1} + x_t`` with
+  ``0 <= f_t <= 1``. Both scans run chunk-wise (a short loop inside chunks of ~sqrt(T) steps,
+  vectorised over chunks, then a short loop over chunk carries), so the sequential depth is
+  ~2 sqrt(T) instead of T; the linear scan has a hand-written backward (the same scan reversed).
+  Gradients reach the initial ``(a, b, p)`` and flow into the final ``p`` exactly as in the loop
+  (the final scale is re-attached with a factor ``e^{p_hat - p} = 1``).
 - ``T == 1`` (decoding) always runs one step of the loop: it is the cheapest form.
 
 ``wkv`` dispatches: the fast form is chosen at import (override with the environment variable
-``RIZZ_WKV_FORM=reference|chunked`` or ``set_wkv_form``/``wkv(..., form=...)`` in tests); devices
-without float64 (MPS) fall back to the reference.
+``RIZZ_WKV_FORM=reference|chunked`` or ``set_wkv_form``/``wkv(..., form=...)`` in tests).
 
 An optional ``mask[B, T]`` (False = padding) makes padded steps leave the state untouched (no
 decay, no contribution); their outputs are finite but meaningless.
@@ -305,14 +304,14 @@ def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, st
     out = (e1 * h_prev[:, :, 0] + e2 * vf) / (e1 * h_prev[:, :, 1] + e2)
 
     # Final state: re-attach the differentiable max exponent p_T = k_i* - (n_T - n_i*) w (or p0 - n_T w),
-    # with i* = argmax_i k_i + n_i w found in float64 (n_t = live steps in 0..t).
+    # n_t = live steps in 0..t. i* maximises k_i - (n_T - n_i) w, measured from the end so that every
+    # candidate near the maximum is a small number (no cancellation in float32).
     with torch.no_grad():
-        steps = torch.arange(1, T + 1, device=k.device, dtype=torch.float64)[None, :, None] if live is None else live.double().cumsum(1)
-        r = k_live.double() + steps * w.double()  # (B, T, C)
-        best, last_idx = r.max(1, keepdim=True)  # (B, 1, C)
-        from_init = p0.double()[:, None] > best  # (B, 1, C) the initial state still holds the max
-    n_T = steps[:, -1:].to(acc)  # (1 or B, 1, 1)
-    n_i = steps.to(acc).expand(B, T, C).gather(1, last_idx)  # (B, 1, C)
+        steps = torch.arange(1, T + 1, device=k.device, dtype=acc)[None, :, None] if live is None else live.to(acc).cumsum(1)
+        n_T = steps[:, -1:]  # (1 or B, 1, 1)
+        best, last_idx = torch.addcmul(k_live, n_T - steps, w, value=-1.0).max(1, keepdim=True)  # (B, 1, C)
+        from_init = (p0[:, None] - n_T * w) > best  # (B, 1, C) the initial state still holds the max
+        n_i = steps.expand(B, T, C).gather(1, last_idx)  # (B, 1, C)
     p_tok = kf.gather(1, last_idx) - (n_T - n_i) * w  # (B, 1, C)
     p_fin = torch.where(from_init, p0[:, None] - n_T * w, p_tok)[:, 0]  # (B, C)
     scale = torch.exp(p_hat[:, -1] - p_fin)  # == 1 up to rounding; carries d/dp_fin
@@ -379,8 +378,6 @@ def wkv(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None
     name = form or _FORM
     if name not in FORMS:
         raise ConfigError(f"wkv form: expected one of {list(FORMS)}, got {name!r}")
-    if name == "chunked" and k.device.type == "mps":  # no float64 there
-        name = "reference"
     fn = wkv_chunked if name == "chunked" else wkv_ref
     return fn(time_decay, time_first, k, v, state, mask)
 
