@@ -108,3 +108,27 @@ def test_bad_shapes_and_targets():
         token_logprobs(logits, torch.full_like(targets, 9))
     with pytest.raises(ShapeError, match="chunk_size"):
         token_logprobs(logits, targets, chunk_size=0)
+
+
+def test_inplace_is_chosen_automatically_only_when_safe():
+    """A linear head's logits take the in-place backward; logits that are a tanh's own output (tanh
+    saves its output for backward) do not; both give the same gradients as out of place."""
+    from rizzearch.objectives.lm import inplace_backward_is_safe, token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    x = torch.randn(2, 5, 8)
+    targets = torch.randint(0, 11, (2, 5))
+    for cap in (False, True):
+        grads = []
+        for mode in (False, None):
+            head.zero_grad()
+            logits = head(x)
+            if cap:
+                logits = torch.tanh(logits)
+            if mode is None:
+                assert inplace_backward_is_safe(logits) is (not cap)
+            token_logprobs(logits, targets, inplace_backward=mode).sum().backward()
+            grads.append(head.weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert not inplace_backward_is_safe(torch.randn(3, 4, 5))  # no graph: nothing to do in place

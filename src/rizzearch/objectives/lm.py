@@ -125,13 +125,37 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# autograd nodes that only alias their input (the logits share storage with the node's input)
+_VIEW_NODES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "TransposeBackward0",
+               "PermuteBackward0", "AsStridedBackward0", "SliceBackward0", "ExpandBackward0", "SqueezeBackward0",
+               "UnsqueezeBackward0"}
+# nodes whose backward reads only their inputs, never their output
+_OUTPUT_FREE_NODES = {"MmBackward0", "AddmmBackward0", "BmmBackward0", "BaddbmmBackward0", "AddBackward0", "MulBackward0"}
+
+
+def inplace_backward_is_safe(logits: Tensor) -> bool:
+    """True when writing the logits gradient into the logits buffer cannot corrupt autograd.
+
+    That holds when the logits come (through views only) from a node whose backward never reads
+    its own output, such as the matmul of a linear LM head. A head that saves its output (a tanh
+    soft-cap, a softmax) would see its saved tensor overwritten, so the answer is False there.
+    """
+    if not logits.requires_grad or logits.grad_fn is None or not logits.is_contiguous():
+        return False
+    node = logits.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_NODES:
+        nxt = [fn for fn, _ in node.next_functions if fn is not None]
+        node = nxt[0] if len(nxt) == 1 else None
+    return node is not None and type(node).__name__ in _OUTPUT_FREE_NODES
+
+
 def token_logprobs(
     logits: Tensor,
     targets: Tensor,
     ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
     *,
-    inplace_backward: bool = False,
+    inplace_backward: bool | None = False,
 ) -> Tensor:
     """log softmax(z_t)[y_t] per position, 0 where ignored -> (B, T) fp32 (fp64 for fp64), no full log-softmax.
 
@@ -142,6 +166,8 @@ def token_logprobs(
     unless ``inplace_backward=True``: then backward writes it into the logits' own buffer (as
     fused cross-entropy kernels do), so the backward pass adds only one chunk too. Use it only when
     nothing else reads these logits after the backward pass (autograd raises if another op saved them).
+    ``inplace_backward=None`` decides automatically (``inplace_backward_is_safe``): in place for a
+    plain linear head, out of place otherwise.
     """
     _check_logits_targets("token_logprobs", logits, targets)
     B, T, V = logits.shape
@@ -157,6 +183,8 @@ def token_logprobs(
         raise ShapeError(f"token_logprobs: target {int(flat_t[i])} at position {divmod(i, T)} is outside the vocabulary [0, {V})")
     rows = valid.nonzero().squeeze(-1)  # (K,)
     safe = torch.where(valid, flat_t, 0).long()
+    if inplace_backward is None:
+        inplace_backward = inplace_backward_is_safe(logits)
     if inplace_backward and not logits.is_contiguous():
         raise ShapeError("token_logprobs: inplace_backward needs contiguous logits")
     out = _ChunkedTokenLogprobs.apply(logits.reshape(B * T, V), safe, rows, int(chunk_size), bool(inplace_backward))

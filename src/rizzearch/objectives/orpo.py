@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, token_logprobs, token_logprobs_reference
+from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, inplace_backward_is_safe, token_logprobs, token_logprobs_reference
 
 # TRL's ORPOTrainer.get_batch_loss_metrics name -> our orpo_loss metric (TRL's beta is our lambda).
 # Beware TRL's names: its "log_odds_ratio" is mean log sigmoid(z) = -L_OR, and its "log_odds_chosen"
@@ -170,7 +170,7 @@ def preference_forward(
     sides: tuple[str, ...] = ("chosen", "rejected"),
     chunk_size: int | None = None,
     chunked: bool = True,
-    inplace_backward: bool = False,
+    inplace_backward: bool | None = None,
 ) -> PreferenceForward:
     """Run chosen and rejected through ONE forward (so DDP sees one call) and score the responses.
 
@@ -179,7 +179,8 @@ def preference_forward(
     attention mask in a causal model: padded positions come after every real one and are never
     scored. ``nll_mode`` None skips the NLL; ``sides=("chosen",)`` forwards only the chosen
     sequences (SFT; ``rejected`` is then None). ``inplace_backward`` lets the backward pass write
-    the logits gradient into the logits buffer (``token_logprobs``), saving one [2B, L, V] tensor.
+    the logits gradient into the logits buffer (``token_logprobs``), saving one [2B, L, V] tensor;
+    None (the default) does so whenever it is safe (a plain linear head: ``inplace_backward_is_safe``).
     """
     from rizzearch.data.preference import validate_batch
 
@@ -201,7 +202,8 @@ def preference_forward(
     else:
         union = resp_t
     if chunked:
-        lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace_backward and logits.requires_grad)
+        inplace = inplace_backward_is_safe(logits) if inplace_backward is None else (inplace_backward and logits.requires_grad)
+        lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace)
     else:
         lp = token_logprobs_reference(logits, union)
 
@@ -231,14 +233,15 @@ class ORPOConfig:
         lam: lambda, the weight of the odds-ratio term (paper: 0.1 for larger models, up to 1.0 studied; TRL's beta).
         nll_mode: "response" (NLL of the chosen response only; the paper's intent) or "prompt+response" (TRL's behaviour).
         chunk_size: positions per chunk of the chunked log-softmax (None: automatic, ~4M logits per chunk).
-        inplace_backward: write the logits gradient into the logits buffer (saves one [2B, L, V] tensor; fine for
-            models whose last layer is a plain linear head, an error for one that saves its output, e.g. a tanh soft-cap).
+        inplace_backward: write the logits gradient into the logits buffer (saves one [2B, L, V] tensor). None
+            (default): whenever it is safe, i.e. the logits come from a plain linear head (every registered model);
+            True forces it (an autograd error when the logits are the saved output of their op, e.g. a bare tanh); False never.
     """
 
     lam: float = 0.1
     nll_mode: Literal["response", "prompt+response"] = DEFAULT_NLL_MODE
     chunk_size: int | None = None
-    inplace_backward: bool = False
+    inplace_backward: bool | None = None
 
     def __post_init__(self):
         _check_lam(self.lam)
@@ -254,7 +257,7 @@ def orpo_batch_loss(
     lam: float = 0.1,
     nll_mode: str = DEFAULT_NLL_MODE,
     chunk_size: int | None = None,
-    inplace_backward: bool = False,
+    inplace_backward: bool | None = None,
 ) -> tuple[Tensor, dict]:
     """``loss_fn(model, batch)`` for the training loop: one forward, then ``orpo_loss``."""
     _check_lam(lam)
