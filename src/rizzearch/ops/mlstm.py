@@ -426,157 +426,199 @@ def _segsum(x: Tensor) -> Tensor:
     return S.masked_fill(~torch.ones(NC, NC, dtype=torch.bool, device=x.device).tril(), float("-inf"))
 
 
+def _decay_matrix(rb: Tensor, cg: Tensor, scale: float) -> Tensor:
+    """P[..., j, l] = scale * exp(b_j - mrow_j - b_l + i_l) for l <= j, 0 above the diagonal.
+
+    ``rb = b - mrow + log(scale)`` (row part), ``cg = i - b`` (column part), both (BH, NC, L).
+    exp() takes a slow path (10x+) for -inf and for results below the normal range, so the
+    exponent is clamped to [_EXP_FLOOR, 0] + log(scale) first (entries are <= 0 up to rounding;
+    e^-80 ~ 1e-35 is negligible next to each row's maximum of 1), then the upper triangle is zeroed.
+    """
+    ls = math.log(scale)
+    return torch.add(rb[..., :, None], cg[..., None, :]).clamp_(_EXP_FLOOR + ls, ls).exp_().tril_()  # (BH, NC, L, L)
+
+
+def _chunk_starts(Wp: Tensor, W0p: Tensor, KV: Tensor, C0p: Tensor) -> Tensor:
+    """Start state [C | n] of every chunk: ``Wp @ KV + W0p C0'`` -> (BH, NC, d, e1)."""
+    BH, NC, d, e1 = KV.shape
+    return torch.matmul(Wp, KV.view(BH, NC, d * e1)).view(BH, NC, d, e1).addcmul_(W0p[..., None, None], C0p[:, None])
+
+
 class _MLSTMChunkwiseFn(torch.autograd.Function):
     """mLSTM chunkwise forward over all chunks at once; backward derived by hand (docs/xlstm.md).
 
-    Inputs are fp32/fp64, already flattened to (BH, T, .), ``k`` already scaled, ``logf`` already
-    ``logsigmoid(f)``. Per chunk, with ``b`` the within-chunk cumulative log forget gate:
+    Inputs are fp32/fp64, already flattened to (BH, T, .), ``k`` unscaled (``scale`` = 1/sqrt(Dqk)
+    is applied inside), ``logf`` already ``logsigmoid(f)``. The normaliser rides along as one more
+    value column: with ``v' = [v | 1]`` the state ``C' = [C | n]`` (Dqk x (Dv + 1)) holds both
+    eq. 19 and eq. 20, and every product with ``v'`` or ``C'`` yields the numerator and the
+    denominator of eq. 21 at once. Per chunk, with ``b`` the within-chunk cumulative log forget gate:
 
         log D_jl = b_j - b_l + i_l  (l <= j)        row stabiliser mrow_j = max(max_l log D_jl, m_prev + b_j)
         P = exp(log D - mrow),  A = (q k^T) * P,   w_j = exp(m_prev + b_j - mrow_j)
-        num = A v + w q^T C_prev,  den = A 1 + w q.n_prev,  h = num / max(|den|, exp(-mrow))
+        [num | den] = A v' + w q^T C'_prev,        h = num / max(|den|, exp(-mrow))
 
     The row maximum is a prefix maximum, ``b_j + cummax_l(i_l - b_l)``, so the L x L matrix is
-    built in three passes (add, mask, exp) and never searched. Between chunks there is no Python
-    loop: each chunk's input is summarised as ``KV_c = K^T diag(exp(g - mloc_c)) V`` (``g`` the
-    log-weights at the chunk end, ``mloc_c`` their max), and the end state of every chunk is one
-    matrix product over chunks, ``C_c = sum_{c' <= c} W[c, c'] KV_c' + W0[c] C_0`` with
-    ``W[c, c'] = exp(mloc_c' + sum_{c' < r <= c} B_r - m_c)`` (``B_r`` = total log forget of chunk
-    r, ``m_c`` the row maximum = the recurrent stabiliser). The backward of that product needs no
-    reverse scan either.
+    built in a few in-place passes (add, clamp, exp, tril) and never searched. Between chunks there
+    is no Python loop: each chunk's input is summarised as ``KV_c = K^T diag(exp(g - mloc_c)) V'``
+    (``g`` the log-weights at the chunk end, ``mloc_c`` their max), and the end state of every
+    chunk is one matrix product over chunks, ``C_c = sum_{c' <= c} W[c, c'] KV_c' + W0[c] C_0``
+    with ``W[c, c'] = exp(mloc_c' + sum_{c' < r <= c} B_r - m_c)`` (``B_r`` = total log forget of
+    chunk r, ``m_c`` the row maximum = the recurrent stabiliser). The start states of the chunks
+    come straight out of that product with ``W`` shifted down one row (no concatenation), and its
+    backward needs no reverse scan either.
 
     Stabilisers are constants in the backward: ``h`` and the true (unstabilised) states do not
     depend on them, so their gradient paths cancel exactly; the one exception is the returned
     final ``m``, whose gradient (plus the implied rescaling of the returned ``C``, ``n``) is routed
     to the entry that attains the maximum.
 
-    Memory: besides the inputs it keeps the chunk-end states (NC x Dqk x Dv per head) and two
-    L x L matrices per chunk (P and A, together 2 T L per head), never a T x T matrix.
+    Speed (CPU): the work is twelve L x L x D batched matmuls (four forward, eight backward) plus
+    small products over chunks and about twenty elementwise passes. What costs as much as the
+    matmuls is memory: glibc hands large freed blocks back to the kernel, so every megabyte the
+    call's peak footprint grows costs ~256 page faults (~0.5 ms on a VM) on each call. So the
+    forward keeps only ``v'``, the chunk summaries ``KV`` and ``A``; the backward recomputes the
+    cheap ``P``, gate-weighted keys and chunk-start states when it needs them, works in place and
+    frees each temporary as soon as it is dead.
+
+    Memory kept for the backward: ``v'``, ``KV`` (NC x Dqk x (Dv + 1) per head) and ``A`` (T L per
+    head), never a T x T matrix.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int, has_state: bool):
+    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int, has_state: bool, scale: float):
         ctx.set_materialize_grads(False)  # unused outputs (often the final state) arrive as None
         BH, T, d = q.shape
         e = v.shape[-1]
+        e1 = e + 1
         NC = -(-T // L)
         pad = NC * L - T
         if pad:  # neutral tail: no input (i = -inf), no decay (log f = 0)
             q = F.pad(q, (0, 0, 0, pad))
             k = F.pad(k, (0, 0, 0, pad))
-            v = F.pad(v, (0, 0, 0, pad))
             ig = F.pad(ig, (0, pad), value=float("-inf"))
             logf = F.pad(logf, (0, pad), value=0.0)
-        qc, kc, vc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(v, NC, L)
+        vp = q.new_empty(BH, NC * L, e1)  # v' = [v | 1]: the normaliser as one more value column
+        vp[:, :T, :e] = v
+        vp[:, T:, :e] = 0.0
+        vp[..., e] = 1.0
+        qc, kc, vpc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(vp, NC, L)
         b = logf.view(BH, NC, L).cumsum(-1)  # (BH, NC, L) within-chunk cumulative log forget
         Bc = b[..., -1]  # (BH, NC) total log forget of each chunk
         cg = ig.view(BH, NC, L) - b  # i_l - b_l
         g = cg + Bc[..., None]  # (BH, NC, L) log-weight of each input at its chunk end
         mloc = g.amax(-1)  # (BH, NC)
         # chunk-end states as one product over chunks
-        Sg = _segsum(Bc)  # (BH, NC, NC)
-        S0 = Bc.cumsum(-1)  # (BH, NC) decay of the initial state up to each chunk end
-        logW = Sg + mloc[:, None, :]
-        logW0 = m0[:, None] + S0
+        logW = _segsum(Bc).add_(mloc[:, None, :])  # (BH, NC, NC)
+        logW0 = m0[:, None] + Bc.cumsum(-1)  # (BH, NC) log-weight of the initial state at each chunk end
         mend = torch.maximum(logW.amax(-1), logW0)  # (BH, NC) = m_c
-        W = torch.exp(logW - mend[..., None])  # (BH, NC, NC)
-        W0 = torch.exp(logW0 - mend)  # (BH, NC)
-        uloc = torch.exp(g - mloc[..., None])  # (BH, NC, L)
-        ku = kc * uloc[..., None]  # (BH, NC, L, d)
-        KV = torch.matmul(ku.transpose(-1, -2), vc)  # (BH, NC, d, e)
-        Ku = ku.sum(-2)  # (BH, NC, d)
-        Ce = torch.matmul(W, KV.view(BH, NC, d * e)).view(BH, NC, d, e).addcmul_(W0[..., None, None], C0[:, None])
-        ne = torch.matmul(W, Ku).addcmul_(W0[..., None], n0[:, None])  # (BH, NC, d)
+        W = logW.sub_(mend[..., None]).exp_()  # (BH, NC, NC)
+        W0 = logW0.sub_(mend).exp_()  # (BH, NC)
+        u = torch.exp(g - mloc[..., None]).mul_(scale)  # (BH, NC, L), the key scale 1/sqrt(Dqk) folded in
+        KV = torch.matmul((kc * u[..., None]).transpose(-1, -2), vpc)  # (BH, NC, d, e1) chunk summaries [K^T U V | K^T u]
+        C0p = torch.cat([C0, n0[..., None]], -1)  # (BH, d, e1) = [C0 | n0]
+        # start state of chunk c = end state of chunk c - 1 (the initial state for c = 0)
+        Wp = F.pad(W[:, :-1], (0, 0, 1, 0))  # (BH, NC, NC): W shifted down one row
+        W0p = torch.cat([torch.ones_like(W0[:, :1]), W0[:, :-1]], 1)  # (BH, NC)
+        use_inter = has_state or NC > 1  # else the only chunk starts from the empty state: no inter-chunk term
+        Cfin = torch.matmul(W[:, -1:], KV.view(BH, NC, d * e1)).view(BH, d, e1).addcmul_(W0[:, -1, None, None], C0p)
         mp = torch.cat([m0[:, None], mend[:, :-1]], 1)  # (BH, NC) chunk-start stabilisers
-        Cp = torch.cat([C0[:, None], Ce[:, :-1]], 1)  # (BH, NC, d, e) chunk-start states
-        np_ = torch.cat([n0[:, None], ne[:, :-1]], 1)
         # intra-chunk matrices
         a = mp[..., None] + b  # (BH, NC, L) log-weight of the chunk-start state
         mrow = torch.maximum(b + cg.cummax(-1).values, a)  # row maxima of log D, then the state
         w = torch.exp(a - mrow)
-        # exp() takes a slow path (10x+) for -inf and for results below the normal range: clamp
-        # the exponent to [_EXP_FLOOR, 0] (entries are <= 0 up to rounding; e^-80 ~ 1e-35 is
-        # negligible next to each row's maximum of 1), then zero the upper triangle
-        upper = torch.ones(L, L, dtype=torch.bool, device=q.device).triu_(1)
-        P = torch.add((b - mrow)[..., :, None], cg[..., None, :]).clamp_(_EXP_FLOOR, 0.0).exp_().masked_fill_(upper, 0.0)  # (BH, NC, L, L)
-        A = torch.matmul(qc, kc.transpose(-1, -2)).mul_(P)
-        num = torch.matmul(A, vc)
-        den = A.sum(-1)
-        inter = inter_n = None
-        if has_state or NC > 1:  # else the only chunk starts from the empty state: no inter-chunk term
-            qw = qc * w[..., None]  # (BH, NC, L, d)
-            inter = torch.matmul(qw, Cp)  # (BH, NC, L, e): w q^T C_prev
-            inter_n = torch.matmul(qw, np_[..., None])[..., 0]  # (BH, NC, L): w q.n_prev
-            num.add_(inter)
-            den.add_(inter_n)
-        N = torch.maximum(den.abs(), torch.exp(-mrow))
-        h = num.div_(N[..., None])
+        rb = (b - mrow).add_(math.log(scale))  # row part of log P (the key scale as log(scale): k stays unscaled)
+        A = torch.matmul(qc, kc.transpose(-1, -2)).mul_(_decay_matrix(rb, cg, scale))  # (BH, NC, L, L)
+        if use_inter:  # [num | den] = w q^T C'_prev + A v'
+            num = torch.matmul(qc, _chunk_starts(Wp, W0p, KV, C0p)).mul_(w[..., None])  # (BH, NC, L, e1)
+            num.view(BH * NC, L, e1).baddbmm_(A.view(BH * NC, L, L), vp.view(BH * NC, L, e1))
+        else:
+            num = torch.matmul(A, vpc)
+        den = num[..., e]
+        lo = torch.exp(-mrow)
+        N = torch.maximum(den.abs(), lo)
+        h = torch.div(num[..., :e], N[..., None])  # (BH, NC, L, e) contiguous
         # d N / d den: sign(den) where |den| wins the max, 0 where exp(-m) wins
-        dN = torch.sign(den) * (den.abs() > torch.exp(-mrow)).to(den.dtype)
-        ctx.save_for_backward(q, k, v, g, Bc, mloc, C0, n0, m0, Cp, np_, Ce, ne, mend, W, W0, uloc, ku, KV, Ku, P, A, w, inter, inter_n, h, N, dN)
-        ctx.shape = (BH, T, d, e, NC, L, pad)
+        dN = torch.sign(den).mul_(den.abs() > lo)
+        del num, den
+        ctx.save_for_backward(q, k, vp, g, cg, rb, Bc, mloc, C0p, m0, Cfin, W, W0, Wp, W0p, u, KV, A, w, h, N, dN)
+        ctx.shape = (BH, T, d, e, NC, L, pad, use_inter, scale)
         hT = h.view(BH, NC * L, e)[:, :T]
-        return hT, Ce[:, -1].clone(), ne[:, -1].clone(), mend[:, -1].clone()
+        return hT, Cfin[..., :e].contiguous(), Cfin[..., e].contiguous(), mend[:, -1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gh, gCT, gnT, gmT):
-        (q, k, v, g, Bc, mloc, C0, n0, m0, Cp, np_, Ce, ne, mend, W, W0, uloc, ku, KV, Ku, P, A, w, inter, inter_n, h, N, dN) = ctx.saved_tensors
-        BH, T, d, e, NC, L, pad = ctx.shape
-        gh = torch.zeros_like(h.view(BH, NC * L, e)) if gh is None else F.pad(gh, (0, 0, 0, pad))
+        (q, k, vp, g, cg, rb, Bc, mloc, C0p, m0, Cfin, W, W0, Wp, W0p, u, KV, A, w, h, N, dN) = ctx.saved_tensors
+        BH, T, d, e, NC, L, pad, use_inter, scale = ctx.shape
+        e1 = e + 1
+        de1 = d * e1
         state_out = gCT is not None or gnT is not None or gmT is not None  # is the final state in the loss?
-        gCT = torch.zeros_like(C0) if gCT is None else gCT
-        gnT = torch.zeros_like(n0) if gnT is None else gnT
-        gmT = torch.zeros_like(mend[:, -1]) if gmT is None else gmT
-        qc, kc, vc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(v, NC, L)
-        ghc = _chunk_view(gh, NC, L)
+        gCfin = C0p.new_zeros(BH, d, e1)  # d loss / d [C_T | n_T]
+        if gCT is not None:
+            gCfin[..., :e] = gCT
+        if gnT is not None:
+            gCfin[..., e] = gnT
+        qc, kc, vpc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(vp, NC, L)
 
         # h = num / N,  N = max(|den|, exp(-m))  (the exp(-m) branch carries no gradient)
-        gnum = ghc / N[..., None]  # (BH, NC, L, e)
-        gden = _rowdot(ghc, h).div_(N).mul_(dN).neg_()  # (BH, NC, L)
-        # num = A v + w q^T C_prev ;  den = A 1 + w q.n_prev
-        gA = torch.matmul(gnum, vc.transpose(-1, -2)).add_(gden[..., None])  # (BH, NC, L, L)
-        gv = torch.matmul(A.transpose(-1, -2), gnum)
+        # gnum' = [gh / N | -(gh . h) / N * dN]: the gradients of [num | den]
+        gnum = h.new_empty(BH, NC * L, e1)
+        if gh is None:
+            gnum.zero_()
+        else:
+            torch.div(gh, N.view(BH, NC * L)[:, :T, None], out=gnum[:, :T, :e])
+            gnum[:, T:, :e] = 0.0
+        gnum = _chunk_view(gnum, NC, L)
+        gnum[..., e] = _rowdot(gnum[..., :e], h).mul_(dN).neg_()
+        # [num | den] = A v' + w q^T C'_prev
+        gA = torch.matmul(gnum, vpc.transpose(-1, -2))  # (BH, NC, L, L)
+        gv = torch.matmul(A.transpose(-1, -2), gnum[..., :e])  # (BH, NC, L, e)
         # A = (q k^T) * P ;  P = exp(log D - mrow)  =>  d log D = gA * A
-        gS = gA * P
+        gS = _decay_matrix(rb, cg, scale).mul_(gA)  # d (q k^T)
         gq = torch.matmul(gS, kc)
         gk = torch.matmul(gS.transpose(-1, -2), qc)
+        del gS
         glogD = gA.mul_(A)
-        col = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
-        gig = col
-        gb = glogD.sum(-1) - col
+        gig = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
+        gb = glogD.sum(-1).sub_(gig)
+        del gA, glogD
         gB = torch.zeros_like(Bc)
         gm0 = torch.zeros_like(m0)
-        gC0, gn0 = torch.zeros_like(C0), torch.zeros_like(n0)
-        if inter is not None:  # the chunk-start states feed every chunk's output
-            ga = _rowdot(gnum, inter).addcmul_(gden, inter_n)  # d/da, a = m_prev + b (w = exp(a - mrow))
-            gnw = gnum * w[..., None]
-            gdw = gden * w
-            gq.add_(torch.matmul(gnw, Cp.transpose(-1, -2))).add_(gdw[..., None] * np_[:, :, None, :])
-            gCp = torch.matmul(qc.transpose(-1, -2), gnw)  # (BH, NC, d, e): chunk outputs -> chunk-start C
-            gnp = torch.matmul(qc.transpose(-1, -2), gdw[..., None])[..., 0]  # (BH, NC, d)
-            gb = gb + ga
+        gC0p = torch.zeros_like(C0p)
+        if use_inter:  # the chunk-start states feed every chunk's output
+            G2 = torch.matmul(gnum, _chunk_starts(Wp, W0p, KV, C0p).transpose(-1, -2))  # (BH, NC, L, d) = gnum' C'_prev^T
+            ga = _rowdot(qc, G2).mul_(w)  # d/da, a = m_prev + b (w = exp(a - mrow))
+            gq.addcmul_(G2, w[..., None])
+            del G2
+            gCp = torch.matmul(qc.transpose(-1, -2), gnum.mul_(w[..., None]))  # (BH, NC, d, e1)
+            gb.add_(ga)
             gm0 = gm0 + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
-            gC0, gn0 = gC0 + gCp[:, 0], gn0 + gnp[:, 0]
-        if NC > 1 or state_out:
-            if inter is None:  # NC == 1: nothing flows back from later chunks
-                gCe, gne = gCT[:, None], gnT[:, None]
-            else:  # the start state of chunk c+1 is the end state of chunk c
-                gCe = torch.cat([gCp[:, 1:], gCT[:, None]], 1)  # (BH, NC, d, e)
-                gne = torch.cat([gnp[:, 1:], gnT[:, None]], 1)
-            gC0 = gC0 + torch.einsum("bc,bcij->bij", W0, gCe)
-            gn0 = gn0 + torch.einsum("bc,bci->bi", W0, gne)
-            # Ce = W KV + W0 C0  =>  gKV = W^T gCe ;  d log W = (gCe . KV) * W
-            gKV = torch.matmul(W.transpose(-1, -2), gCe.reshape(BH, NC, d * e)).view(BH, NC, d, e)
-            gKu = torch.matmul(W.transpose(-1, -2), gne)
-            glogW = torch.matmul(gCe.reshape(BH, NC, d * e), KV.view(BH, NC, d * e).transpose(-1, -2))
-            glogW = glogW.add_(torch.matmul(gne, Ku.transpose(-1, -2))).mul_(W)  # (BH, NC, NC)
-            glogW0 = (torch.einsum("bcij,bij->bc", gCe, C0) + torch.einsum("bci,bi->bc", gne, n0)) * W0
-            # KV = K^T diag(uloc) V ;  Ku = K^T uloc ;  uloc = exp(g - mloc)
-            X = torch.matmul(ku, gKV)  # (BH, NC, L, e) = uloc * (k^T gKV)
-            gg = _rowdot(X, vc).add_(torch.matmul(ku, gKu[..., None])[..., 0])  # d/dg, g = i - b + B
-            gv = gv.add_(X)
-            gk = gk.add_(torch.matmul(vc * uloc[..., None], gKV.transpose(-1, -2)).add_(uloc[..., None] * gKu[:, :, None, :]))
+        del gnum
+        if use_inter or state_out:
+            if not use_inter:  # NC == 1 from the empty state: nothing flows back from chunk outputs
+                gCp = C0p.new_zeros(BH, NC, d, e1)
+            gCpf = gCp.view(BH, NC, de1)
+            gCff = gCfin.view(BH, 1, de1)
+            KVf = KV.view(BH, NC, de1)
+            # Cp = Wp KV + W0p C0' ;  C_T = W[-1] KV + W0[-1] C0'
+            gC0p = torch.matmul(W0p[:, None, :], gCpf).view(BH, d, e1).addcmul_(W0[:, -1, None, None], gCfin)
+            gKV = torch.matmul(Wp.transpose(-1, -2), gCpf).baddbmm_(W[:, -1, :, None], gCff).view(BH, NC, d, e1)
+            # d log W[c, c'] = (gC_c . KV_c') W[c, c'], gC_c = gradient of the end state of chunk c
+            # (= start state of chunk c + 1, or the final state)
+            gWe = torch.cat([torch.matmul(gCpf[:, 1:], KVf.transpose(-1, -2)), torch.matmul(gCff, KVf.transpose(-1, -2))], 1)
+            glogW = gWe.mul_(W)  # (BH, NC, NC)
+            gW0e = torch.cat([torch.matmul(gCpf[:, 1:], C0p.view(BH, de1, 1))[..., 0], (gCfin * C0p).sum((-1, -2))[:, None]], 1)
+            glogW0 = gW0e.mul_(W0)  # (BH, NC)
+            del gCp, gCpf
+            # KV = K^T diag(u) V' ;  u = exp(g - mloc) scale
+            ku = kc * u[..., None]  # (BH, NC, L, d)
+            gv.view(BH * NC, L, e).baddbmm_(ku.view(BH * NC, L, d), gKV.view(BH * NC, d, e1)[..., :e])
+            T2 = torch.matmul(vpc, gKV.transpose(-1, -2))  # (BH, NC, L, d) = v' gKV^T
+            del gKV
+            gg = _rowdot(ku, T2)  # d/dg, g = i - b + B
+            del ku
+            gk.addcmul_(T2, u[..., None])
+            del T2
             # log W[c, c'] = mloc_c' + sum_{c' < r <= c} B_r ;  log W0[c] = m0 + sum_{r <= c} B_r
             # (mloc and m_c are stabilisers: constants)
             cum_excl = glogW.cumsum(-1) - glogW  # [c, r] = sum_{c' < r} glogW[c, c']
@@ -586,7 +628,9 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
             gb = gb - gg
         # The returned final m: its own gradient plus the rescaling of the returned C, n, routed to
         # the entry attaining m_T = max(m0 + sum_r B_r, max_c' [mloc_c' + sum_{r > c'} B_r]).
-        G = gmT - (gCT * Ce[:, -1]).sum((-1, -2)) - (gnT * ne[:, -1]).sum(-1)  # (BH,)
+        G = -(gCfin * Cfin).sum((-1, -2))  # (BH,)
+        if gmT is not None:
+            G = G + gmT
         if bool((G != 0).any()):
             # the last row of the forward's max, recomputed exactly as there
             cand = torch.cat([_segsum(Bc)[:, -1] + mloc, (m0 + Bc.cumsum(-1)[:, -1])[:, None]], 1)  # (BH, NC + 1)
@@ -602,12 +646,12 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
             gB = gB + hit
         gb[..., -1] += gB
         glogf = gb.flip(-1).cumsum(-1).flip(-1)  # b = cumsum(log f)
-        gq = gq.reshape(BH, NC * L, d)[:, :T]
-        gk = gk.reshape(BH, NC * L, d)[:, :T]
-        gv = gv.reshape(BH, NC * L, e)[:, :T]
+        gq = gq.view(BH, NC * L, d)[:, :T]
+        gk = gk.view(BH, NC * L, d)[:, :T]
+        gv = gv.view(BH, NC * L, e)[:, :T]
         gig = gig.reshape(BH, NC * L)[:, :T]
         glogf = glogf.reshape(BH, NC * L)[:, :T]
-        return gq, gk, gv, gig, glogf, gC0, gn0, gm0, None, None
+        return gq, gk, gv, gig, glogf, gC0p[..., :e], gC0p[..., e], gm0, None, None, None
 
 
 def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
@@ -622,12 +666,12 @@ def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
         n0 = initial_state[1].to(dt).reshape(B * NH, Dqk)
         m0 = initial_state[2].to(dt).reshape(B * NH)
     qf = q.to(dt).reshape(B * NH, T, Dqk)
-    kf = (k.to(dt) / math.sqrt(Dqk)).reshape(B * NH, T, Dqk)
+    kf = k.to(dt).reshape(B * NH, T, Dqk)  # unscaled: the Function applies 1/sqrt(Dqk) itself
     vf = v.to(dt).reshape(B * NH, T, Dv)
     ig = i.to(dt).reshape(B * NH, T)
     logf = F.logsigmoid(f.to(dt)).reshape(B * NH, T)
     L = max(1, min(chunk_size, T))
-    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L, initial_state is not None)
+    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L, initial_state is not None, 1.0 / math.sqrt(Dqk))
     state = (C.view(B, NH, Dqk, Dv), n.view(B, NH, Dqk), m.view(B, NH))
     return h.reshape(B, NH, T, Dv).to(q.dtype), state
 
