@@ -71,6 +71,40 @@ def test_all_forms_agree_values_states_and_every_gradient(B, NH, T, Dqk, Dv, chu
             assert_close(a, b, atol=1e-9, rtol=1e-7, name=f"{form} d{name}")
 
 
+@pytest.mark.parametrize("used", ["h", "C", "n", "m", "hm", "hCn"])
+@pytest.mark.parametrize("state,T,chunk", [(True, 13, 4), (False, 13, 4), (False, 3, 4), (True, 3, 8)])
+def test_fused_gradients_when_only_some_outputs_are_used(used, state, T, chunk):
+    """The fused backward skips the terms of outputs that carry no gradient: check every subset path."""
+    x, s0 = make_inputs(2, 2, T, 3, 4, state=state, seed=3)
+    inputs = list(x) + (list(s0) if s0 else [])
+    grads = []
+    for be in ("reference", "fused"):
+        h, (C, n, m) = mlstm_chunkwise(*x, initial_state=s0, return_state=True, chunk_size=chunk, backend=be)
+        outs = {"h": h, "C": C, "n": n, "m": m}
+        g = torch.Generator().manual_seed(11)
+        loss = sum((outs[o] * torch.randn(outs[o].shape, generator=g, dtype=outs[o].dtype)).sum() for o in used)
+        grads.append(torch.autograd.grad(loss, inputs, allow_unused=True))
+    for name, a, b in zip(NAMES, *grads):
+        if b is None or a is None:  # unused by both forms (e.g. q when only C is in the loss)
+            assert a is None or not a.any(), f"d{name}: fused has a gradient where the reference has none"
+            assert b is None or not b.any(), f"d{name}: reference has a gradient where fused has none"
+            continue
+        assert_close(a, b, atol=1e-9, rtol=1e-7, name=f"d{name} (loss on {used})")
+
+
+def test_fused_without_state_matches_with_state():
+    """return_state=False takes a shorter path (no final state): same h and gradients."""
+    x, _ = make_inputs(2, 2, 21, 4, 4, state=False, seed=5)
+    gh = torch.randn(2, 2, 21, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    h1 = mlstm_chunkwise(*x, chunk_size=8, backend="fused")
+    g1 = torch.autograd.grad(h1, x, gh)
+    h2, _ = mlstm_chunkwise(*x, chunk_size=8, backend="fused", return_state=True)
+    g2 = torch.autograd.grad(h2, x, gh)
+    assert_close(h1, h2, atol=0, rtol=0, name="h")
+    for name, a, b in zip(NAMES, g1, g2):
+        assert_close(a, b, atol=1e-12, rtol=1e-10, name=f"d{name}")
+
+
 def test_fused_chunkwise_matches_reference_in_fp32():
     x, s0 = make_inputs(2, 2, 45, 8, 8, dtype=torch.float32)
     a, ga = outputs_and_grads("chunk_fused", x, s0, 16)

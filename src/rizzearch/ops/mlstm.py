@@ -438,10 +438,11 @@ def _decay_matrix(rb: Tensor, cg: Tensor, scale: float) -> Tensor:
     return torch.add(rb[..., :, None], cg[..., None, :]).clamp_(_EXP_FLOOR + ls, ls).exp_().tril_()  # (BH, NC, L, L)
 
 
-def _chunk_starts(Wp: Tensor, W0p: Tensor, KV: Tensor, C0p: Tensor) -> Tensor:
-    """Start state [C | n] of every chunk: ``Wp @ KV + W0p C0'`` -> (BH, NC, d, e1)."""
+def _chunk_starts(Wp: Tensor, W0p: Tensor, KV: Tensor, C0p: Tensor | None) -> Tensor:
+    """Start state [C | n] of every chunk: ``Wp @ KV + W0p C0'`` -> (BH, NC, d, e1) (``C0p=None``: empty)."""
     BH, NC, d, e1 = KV.shape
-    return torch.matmul(Wp, KV.view(BH, NC, d * e1)).view(BH, NC, d, e1).addcmul_(W0p[..., None, None], C0p[:, None])
+    Cp = torch.matmul(Wp, KV.view(BH, NC, d * e1)).view(BH, NC, d, e1)
+    return Cp if C0p is None else Cp.addcmul_(W0p[..., None, None], C0p[:, None])
 
 
 class _MLSTMChunkwiseFn(torch.autograd.Function):
@@ -485,7 +486,7 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int, has_state: bool, scale: float):
+    def forward(ctx, q, k, v, ig, logf, C0, n0, m0, L: int, has_state: bool, scale: float, need_state: bool):
         ctx.set_materialize_grads(False)  # unused outputs (often the final state) arrive as None
         BH, T, d = q.shape
         e = v.shape[-1]
@@ -512,15 +513,14 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         logW0 = m0[:, None] + Bc.cumsum(-1)  # (BH, NC) log-weight of the initial state at each chunk end
         mend = torch.maximum(logW.amax(-1), logW0)  # (BH, NC) = m_c
         W = logW.sub_(mend[..., None]).exp_()  # (BH, NC, NC)
-        W0 = logW0.sub_(mend).exp_()  # (BH, NC)
+        W0 = logW0.sub_(mend).exp_()  # (BH, NC); exactly 0 without an initial state (m0 = -inf)
         u = torch.exp(g - mloc[..., None]).mul_(scale)  # (BH, NC, L), the key scale 1/sqrt(Dqk) folded in
         KV = torch.matmul((kc * u[..., None]).transpose(-1, -2), vpc)  # (BH, NC, d, e1) chunk summaries [K^T U V | K^T u]
-        C0p = torch.cat([C0, n0[..., None]], -1)  # (BH, d, e1) = [C0 | n0]
+        C0p = torch.cat([C0, n0[..., None]], -1) if has_state else None  # (BH, d, e1) = [C0 | n0]
         # start state of chunk c = end state of chunk c - 1 (the initial state for c = 0)
         Wp = F.pad(W[:, :-1], (0, 0, 1, 0))  # (BH, NC, NC): W shifted down one row
         W0p = torch.cat([torch.ones_like(W0[:, :1]), W0[:, :-1]], 1)  # (BH, NC)
         use_inter = has_state or NC > 1  # else the only chunk starts from the empty state: no inter-chunk term
-        Cfin = torch.matmul(W[:, -1:], KV.view(BH, NC, d * e1)).view(BH, d, e1).addcmul_(W0[:, -1, None, None], C0p)
         mp = torch.cat([m0[:, None], mend[:, :-1]], 1)  # (BH, NC) chunk-start stabilisers
         # intra-chunk matrices
         a = mp[..., None] + b  # (BH, NC, L) log-weight of the chunk-start state
@@ -540,9 +540,16 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         # d N / d den: sign(den) where |den| wins the max, 0 where exp(-m) wins
         dN = torch.sign(den).mul_(den.abs() > lo)
         del num, den
+        Cfin = None
+        if need_state:  # C'_T = W[-1] KV + W0[-1] C0'
+            Cfin = torch.matmul(W[:, -1:], KV.view(BH, NC, d * e1)).view(BH, d, e1)
+            if has_state:
+                Cfin.addcmul_(W0[:, -1, None, None], C0p)
         ctx.save_for_backward(q, k, vp, g, cg, rb, Bc, mloc, C0p, m0, Cfin, W, W0, Wp, W0p, u, KV, A, w, h, N, dN)
         ctx.shape = (BH, T, d, e, NC, L, pad, use_inter, scale)
         hT = h.view(BH, NC * L, e)[:, :T]
+        if not need_state:
+            return hT, None, None, None
         return hT, Cfin[..., :e].contiguous(), Cfin[..., e].contiguous(), mend[:, -1].clone()
 
     @staticmethod
@@ -552,13 +559,18 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         BH, T, d, e, NC, L, pad, use_inter, scale = ctx.shape
         e1 = e + 1
         de1 = d * e1
-        state_out = gCT is not None or gnT is not None or gmT is not None  # is the final state in the loss?
-        gCfin = C0p.new_zeros(BH, d, e1)  # d loss / d [C_T | n_T]
-        if gCT is not None:
-            gCfin[..., :e] = gCT
-        if gnT is not None:
-            gCfin[..., e] = gnT
+        has_state = C0p is not None
+        state_out = gCT is not None or gnT is not None  # are the returned C, n in the loss?
+        gCfin = None  # d loss / d [C_T | n_T]
+        if state_out:
+            gCfin = h.new_zeros(BH, d, e1)
+            if gCT is not None:
+                gCfin[..., :e] = gCT
+            if gnT is not None:
+                gCfin[..., e] = gnT
         qc, kc, vpc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(vp, NC, L)
+        gm0 = torch.zeros_like(m0)
+        gC0p = None
 
         # h = num / N,  N = max(|den|, exp(-m))  (the exp(-m) branch carries no gradient)
         # gnum' = [gh / N | -(gh . h) / N * dN]: the gradients of [num | den]
@@ -573,65 +585,79 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         # [num | den] = A v' + w q^T C'_prev
         gA = torch.matmul(gnum, vpc.transpose(-1, -2))  # (BH, NC, L, L)
         gv = torch.matmul(A.transpose(-1, -2), gnum[..., :e])  # (BH, NC, L, e)
-        # A = (q k^T) * P ;  P = exp(log D - mrow)  =>  d log D = gA * A
-        gS = _decay_matrix(rb, cg, scale).mul_(gA)  # d (q k^T)
-        gq = torch.matmul(gS, kc)
-        gk = torch.matmul(gS.transpose(-1, -2), qc)
-        del gS
-        glogD = gA.mul_(A)
-        gig = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
-        gb = glogD.sum(-1).sub_(gig)
-        del gA, glogD
+        gq = gk = None
+        gb = torch.zeros_like(g)
+        gig = torch.zeros_like(g)
         gB = torch.zeros_like(Bc)
-        gm0 = torch.zeros_like(m0)
-        gC0p = torch.zeros_like(C0p)
         if use_inter:  # the chunk-start states feed every chunk's output
-            G2 = torch.matmul(gnum, _chunk_starts(Wp, W0p, KV, C0p).transpose(-1, -2))  # (BH, NC, L, d) = gnum' C'_prev^T
-            ga = _rowdot(qc, G2).mul_(w)  # d/da, a = m_prev + b (w = exp(a - mrow))
-            gq.addcmul_(G2, w[..., None])
-            del G2
+            gq = torch.matmul(gnum, _chunk_starts(Wp, W0p, KV, C0p).transpose(-1, -2))  # (BH, NC, L, d) = gnum' C'_prev^T
+            ga = _rowdot(qc, gq).mul_(w)  # d/da, a = m_prev + b (w = exp(a - mrow))
+            gq.mul_(w[..., None])
             gCp = torch.matmul(qc.transpose(-1, -2), gnum.mul_(w[..., None]))  # (BH, NC, d, e1)
             gb.add_(ga)
-            gm0 = gm0 + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
+            if has_state:
+                gm0 = gm0 + ga[:, 0].sum(-1)  # a = m_prev + b; m_prev of chunk 0 is m0
         del gnum
         if use_inter or state_out:
-            if not use_inter:  # NC == 1 from the empty state: nothing flows back from chunk outputs
-                gCp = C0p.new_zeros(BH, NC, d, e1)
-            gCpf = gCp.view(BH, NC, de1)
-            gCff = gCfin.view(BH, 1, de1)
+            gKV = None
             KVf = KV.view(BH, NC, de1)
-            # Cp = Wp KV + W0p C0' ;  C_T = W[-1] KV + W0[-1] C0'
-            gC0p = torch.matmul(W0p[:, None, :], gCpf).view(BH, d, e1).addcmul_(W0[:, -1, None, None], gCfin)
-            gKV = torch.matmul(Wp.transpose(-1, -2), gCpf).baddbmm_(W[:, -1, :, None], gCff).view(BH, NC, d, e1)
-            # d log W[c, c'] = (gC_c . KV_c') W[c, c'], gC_c = gradient of the end state of chunk c
-            # (= start state of chunk c + 1, or the final state)
-            gWe = torch.cat([torch.matmul(gCpf[:, 1:], KVf.transpose(-1, -2)), torch.matmul(gCff, KVf.transpose(-1, -2))], 1)
+            if use_inter:
+                # Cp = Wp KV + W0p C0' ;  C'_T = W[-1] KV + W0[-1] C0'
+                gCpf = gCp.view(BH, NC, de1)
+                gKV = torch.matmul(Wp.transpose(-1, -2), gCpf)  # (BH, NC, de1)
+                # d log W[c, c'] = (gC_c . KV_c') W[c, c'], gC_c = gradient of the end state of chunk c
+                # (= start state of chunk c + 1, then the final state)
+                gWe = F.pad(torch.matmul(gCpf[:, 1:], KVf.transpose(-1, -2)), (0, 0, 0, 1))  # (BH, NC, NC)
+                if has_state:
+                    gC0p = torch.matmul(W0p[:, None, :], gCpf).view(BH, d, e1)
+                    gW0e = F.pad(torch.matmul(gCpf[:, 1:], C0p.view(BH, de1, 1))[..., 0], (0, 1))  # (BH, NC)
+                del gCp, gCpf
+            else:
+                gWe = W.new_zeros(BH, NC, NC)
+                gW0e = W0.new_zeros(BH, NC)
+            if state_out:
+                gCff = gCfin.view(BH, 1, de1)
+                gKV = torch.matmul(W[:, -1, :, None], gCff) if gKV is None else gKV.baddbmm_(W[:, -1, :, None], gCff)
+                gWe[:, -1] = torch.matmul(gCff, KVf.transpose(-1, -2))[:, 0]
+                if has_state:
+                    gC0p = gCfin * W0[:, -1, None, None] if gC0p is None else gC0p.addcmul_(W0[:, -1, None, None], gCfin)
+                    gW0e[:, -1] = (gCfin * C0p).sum((-1, -2))
             glogW = gWe.mul_(W)  # (BH, NC, NC)
-            gW0e = torch.cat([torch.matmul(gCpf[:, 1:], C0p.view(BH, de1, 1))[..., 0], (gCfin * C0p).sum((-1, -2))[:, None]], 1)
-            glogW0 = gW0e.mul_(W0)  # (BH, NC)
-            del gCp, gCpf
+            gKV = gKV.view(BH, NC, d, e1)
             # KV = K^T diag(u) V' ;  u = exp(g - mloc) scale
             ku = kc * u[..., None]  # (BH, NC, L, d)
             gv.view(BH * NC, L, e).baddbmm_(ku.view(BH * NC, L, d), gKV.view(BH * NC, d, e1)[..., :e])
-            T2 = torch.matmul(vpc, gKV.transpose(-1, -2))  # (BH, NC, L, d) = v' gKV^T
+            gk = torch.matmul(vpc, gKV.transpose(-1, -2))  # (BH, NC, L, d) = v' gKV^T
             del gKV
-            gg = _rowdot(ku, T2)  # d/dg, g = i - b + B
+            gg = _rowdot(ku, gk)  # d/dg, g = i - b + B
             del ku
-            gk.addcmul_(T2, u[..., None])
-            del T2
+            gk.mul_(u[..., None])
             # log W[c, c'] = mloc_c' + sum_{c' < r <= c} B_r ;  log W0[c] = m0 + sum_{r <= c} B_r
             # (mloc and m_c are stabilisers: constants)
             cum_excl = glogW.cumsum(-1) - glogW  # [c, r] = sum_{c' < r} glogW[c, c']
-            gB = cum_excl.tril().sum(-2) + glogW0.flip(-1).cumsum(-1).flip(-1) + gg.sum(-1)  # sum over c >= r
-            gm0 = gm0 + glogW0.sum(-1)
-            gig = gig + gg
-            gb = gb - gg
+            gB = cum_excl.tril().sum(-2) + gg.sum(-1)  # sum over c >= r
+            if has_state:
+                glogW0 = gW0e.mul_(W0)  # (BH, NC)
+                gB = gB + glogW0.flip(-1).cumsum(-1).flip(-1)
+                gm0 = gm0 + glogW0.sum(-1)
+            gig.add_(gg)
+            gb.sub_(gg)
+        # A = (q k^T) * P ;  P = exp(log D - mrow)  =>  d (q k^T) = gA * P,  d log D = gA * A
+        gS = _decay_matrix(rb, cg, scale).mul_(gA)
+        gq = torch.matmul(gS, kc) if gq is None else gq.view(BH * NC, L, d).baddbmm_(gS.view(BH * NC, L, L), kc.reshape(BH * NC, L, d)).view(BH, NC, L, d)
+        gk = torch.matmul(gS.transpose(-1, -2), qc) if gk is None else gk.view(BH * NC, L, d).baddbmm_(gS.view(BH * NC, L, L).transpose(-1, -2), qc.reshape(BH * NC, L, d)).view(BH, NC, L, d)
+        del gS
+        glogD = gA.mul_(A)
+        col = glogD.sum(-2)  # (BH, NC, L): sum over rows j for each input l
+        gig.add_(col)
+        gb.add_(glogD.sum(-1)).sub_(col)
+        del gA, glogD
         # The returned final m: its own gradient plus the rescaling of the returned C, n, routed to
         # the entry attaining m_T = max(m0 + sum_r B_r, max_c' [mloc_c' + sum_{r > c'} B_r]).
-        G = -(gCfin * Cfin).sum((-1, -2))  # (BH,)
+        G = -(gCfin * Cfin).sum((-1, -2)) if state_out else None  # (BH,)
         if gmT is not None:
-            G = G + gmT
-        if bool((G != 0).any()):
+            G = gmT if G is None else G + gmT
+        if G is not None and bool((G != 0).any()):
             # the last row of the forward's max, recomputed exactly as there
             cand = torch.cat([_segsum(Bc)[:, -1] + mloc, (m0 + Bc.cumsum(-1)[:, -1])[:, None]], 1)  # (BH, NC + 1)
             win = cand.argmax(-1)  # (BH,) in 0..NC (NC = the initial state)
@@ -651,10 +677,11 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
         gv = gv.view(BH, NC * L, e)[:, :T]
         gig = gig.reshape(BH, NC * L)[:, :T]
         glogf = glogf.reshape(BH, NC * L)[:, :T]
-        return gq, gk, gv, gig, glogf, gC0p[..., :e], gC0p[..., e], gm0, None, None, None
+        gC0, gn0 = (gC0p[..., :e], gC0p[..., e]) if gC0p is not None else (None, None)
+        return gq, gk, gv, gig, glogf, gC0, gn0, gm0 if has_state else None, None, None, None, None
 
 
-def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
+def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size, need_state=True):
     B, NH, T, Dqk = q.shape
     Dv = v.shape[-1]
     dt = _compute_dtype(q.dtype)
@@ -671,8 +698,8 @@ def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size):
     ig = i.to(dt).reshape(B * NH, T)
     logf = F.logsigmoid(f.to(dt)).reshape(B * NH, T)
     L = max(1, min(chunk_size, T))
-    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L, initial_state is not None, 1.0 / math.sqrt(Dqk))
-    state = (C.view(B, NH, Dqk, Dv), n.view(B, NH, Dqk), m.view(B, NH))
+    h, C, n, m = _MLSTMChunkwiseFn.apply(qf, kf, vf, ig, logf, C0, n0, m0, L, initial_state is not None, 1.0 / math.sqrt(Dqk), need_state)
+    state = (C.view(B, NH, Dqk, Dv), n.view(B, NH, Dqk), m.view(B, NH)) if need_state else None
     return h.reshape(B, NH, T, Dv).to(q.dtype), state
 
 
@@ -714,7 +741,7 @@ def mlstm_chunkwise(
     if T == 0:
         return mlstm_parallel(q, k, v, i, f, initial_state=initial_state, return_state=return_state)
     if _resolve(backend) == "fused":
-        h, state = _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size)
+        h, state = _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size, need_state=return_state)
     else:
         h, state = _mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size)
     return (h, state) if return_state else h
