@@ -149,20 +149,25 @@ def test_decode_path_matches_autograd_path_and_tracks_updates():
     assert not torch.allclose(fast2, fast)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_decode_kernel_matches_eager_decoding(batch):
-    """The C layer kernel (default on CPU) and the eager recurrent step agree, odd widths included."""
+def test_fused_decode_kernel_matches_eager_decoding(batch, threads):
+    """The fused C kernel (default on CPU), on 1, 2 and 3 threads, and the eager recurrent step agree.
+
+    Widths that are not multiples of the kernel's 16-float vectors or of its 4-row blocks, and that
+    split unevenly across threads (a thread can get no columns at all: d_model 72 on 3 threads).
+    """
     from rizzearch.ops.wkv import decode_library, fused_decode
 
     if decode_library() is None:
         pytest.skip("no C compiler: the fused decoding kernel is unavailable (eager decoding is used)")
-    m = tiny(d_att=48, d_ffn=100)
+    m = tiny(d_model=72, d_att=40, d_ffn=100)
     x = torch.randint(0, V, (batch, 12))
     with torch.no_grad():
         _, state = m(x)
         runs = {}
         for enabled in (True, False):
-            with fused_decode(enabled):
+            with fused_decode(enabled, threads=threads if enabled else None):
                 st, outs, tok = state, [], x[:, -1]
                 for _ in range(6):
                     logits, st = m.step(tok, st)
@@ -174,6 +179,30 @@ def test_fused_decode_kernel_matches_eager_decoding(batch):
     for key in runs[False][1]:
         for a, b in zip(runs[True][1][key], runs[False][1][key]):
             assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"fused vs eager state {key}")
+
+
+def test_fused_decode_follows_parameter_changes_and_rejects_bad_tokens():
+    """The kernel reads the parameters in place: in-place updates and tied embeddings are seen; a token
+    outside the vocabulary raises like nn.Embedding does on the eager path."""
+    from rizzearch.ops.wkv import decode_library, fused_decode
+
+    if decode_library() is None:
+        pytest.skip("no C compiler: the fused decoding kernel is unavailable (eager decoding is used)")
+    m = tiny(tie_embeddings=True)
+    tok = torch.tensor([3, 5])
+    with torch.no_grad():
+        state = m.init_state(2)
+        with fused_decode(True, threads=2):
+            before, _ = m.step(tok, state)
+            m.blocks[1].att.time_decay.add_(0.5)  # the kernel uses -exp(time_decay): must be rebuilt
+            m.emb.weight.mul_(1.1)  # also the tied head
+            after, _ = m.step(tok, state)
+            with pytest.raises(IndexError, match="outside the vocabulary"):
+                m.step(torch.tensor([1, V]), state)
+        with fused_decode(False):
+            want, _ = m.step(tok, state)
+    assert not torch.allclose(before, after)
+    assert_close(after, want, atol=1e-5, rtol=1e-5, name="fused logits after in-place updates")
 
 
 def test_state_layout_and_dtypes():

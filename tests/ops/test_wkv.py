@@ -227,3 +227,49 @@ def test_cuda_matches_cpu_reference():
         assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4, name="cuda state")
     for x, y in zip(grads, ref_grads):
         assert_close(x.cpu(), y, atol=1e-4 * max(1.0, y.abs().max().item()), rtol=1e-3, name="cuda grad")
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused decoding kernel's build: fallbacks (its numerics are tested in tests/models/test_rwkv.py)
+
+
+def _decode_with_compiler(monkeypatch, tmp_path, cc: str):
+    """Build the kernel afresh with compiler ``cc`` (empty cache), then decode a tiny model both ways."""
+    import rizzearch.ops.wkv as W
+    from rizzearch.models import RWKV, RWKVConfig
+
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setenv("RIZZ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(W, "_DECODE_LIB", None)
+    lib = W.decode_library()
+    torch.manual_seed(0)
+    m = RWKV(RWKVConfig(vocab_size=50, n_layer=2, d_model=64)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        state, tok = m.init_state(2), torch.tensor([4, 9])
+        got, _ = m.step(tok, state)
+        monkeypatch.setattr(W, "_DECODE_LIB", False)
+        want, _ = m.step(tok, state)
+    return lib, m, got, want
+
+
+def test_decoding_falls_back_to_eager_without_a_compiler(monkeypatch, tmp_path):
+    lib, m, got, want = _decode_with_compiler(monkeypatch, tmp_path, str(tmp_path / "no-such-cc"))
+    assert lib is None and m._fused_cache is None
+    assert torch.equal(got, want)
+
+
+def test_kernel_builds_single_threaded_without_openmp(monkeypatch, tmp_path):
+    """A compiler that rejects -fopenmp (e.g. Apple clang) still gives a working one-thread kernel."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) echo "unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    lib, m, got, want = _decode_with_compiler(monkeypatch, tmp_path, str(wrapper))
+    assert lib is not None and not lib.openmp and m._fused_cache is not None
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="single-threaded kernel vs eager")

@@ -27,9 +27,10 @@ Initialisation follows RWKV-LM v4neo (``RWKV_TimeMix``/``RWKV_ChannelMix`` and
 ``ffn.value/receptance``, orthogonal others (gain sqrt(out/in) when out > in, head x0.5), and a
 small uniform embedding. (HF's ``_init_weights`` sets time_first to all ones: a bug we do not copy.)
 
-Decoding (one token, no grad) runs the recurrent form on weights cached until a parameter changes:
-on CPU in float32 one fused C call per layer (``rizzearch.ops.wkv.fused_layer_step``), otherwise an
-eager step with r/k/v as one batched matmul after one ``addcmul`` for the three token-shift lerps.
+Decoding (one token, no grad) runs the recurrent form: on CPU in float32 one fused C call for the
+whole model, multi-threaded (``rizzearch.ops.wkv.fused_step``, on the parameters themselves),
+otherwise an eager step on weights cached until a parameter changes, with r/k/v as one batched
+matmul after one ``addcmul`` for the three token-shift lerps.
 """
 
 from __future__ import annotations
@@ -43,15 +44,7 @@ from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model
-from rizzearch.ops.wkv import (
-    EMPTY_MAX,
-    FUSED_MAX_ELEMENTS_MULTITHREAD,
-    MAX_FUSED_BATCH,
-    FusedLayerWeights,
-    decode_library,
-    fused_layer_step,
-    wkv,
-)
+from rizzearch.ops.wkv import EMPTY_MAX, MAX_FUSED_BATCH, FusedModel, decode_library, fused_step, wkv
 
 STATE_KEYS = ("att_x", "num", "den", "max", "ffn_x")
 
@@ -223,7 +216,7 @@ class RWKV(CausalLM):
         if config.tie_embeddings:
             self.head.weight = self.emb.weight
         self._decode_cache: tuple | None = None  # see _decode_weights
-        self._fused_cache: list | None = None
+        self._fused_cache: tuple | None = None  # (parameter key, FusedModel), see _fused_model
         self._slots: list | None = None
         self.init_weights()
 
@@ -323,22 +316,23 @@ class RWKV(CausalLM):
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _decode_weights(self) -> list:
-        """Per-layer decode weights (stacked, transposed), cached until a parameter changes.
-
-        The cache key is ``(id, version, data pointer)`` of every parameter slot, so in-place
-        optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned parameters all rebuild it.
-        """
+    def _param_key(self) -> tuple:
+        """``(id, version, data pointer)`` of every parameter slot: decode caches keyed on it are
+        rebuilt after in-place optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned
+        parameters."""
         if self._slots is None:
             self._slots = [(mod._parameters, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
         params = [slots.get(name) for slots, name in self._slots]
         if any(p is None for p in params):  # a parameter was removed: rescan
             self._slots = None
-            return self._decode_weights()
-        key = (tuple(map(id, params)), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+            return self._param_key()
+        return (tuple(map(id, params)), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+
+    def _decode_weights(self) -> list:
+        """Per-layer eager decode weights (stacked, transposed), cached until a parameter changes."""
+        key = self._param_key()
         if self._decode_cache is not None and self._decode_cache[0] == key:
             return self._decode_cache[1]
-        self._fused_cache = None
         layers = []
         with torch.no_grad():
             for block in self.blocks:
@@ -361,8 +355,8 @@ class RWKV(CausalLM):
         self._decode_cache = (key, layers)
         return layers
 
-    def _fused_layers(self, token: Tensor, state: dict, mask: Tensor | None):
-        """The fused C layer kernels (``rizzearch.ops.wkv``) when they apply, else None."""
+    def _fused_model(self, token: Tensor, state: dict, mask: Tensor | None):
+        """The fused C kernel (``rizzearch.ops.wkv``) and the model's pointers when they apply, else None."""
         if (
             mask is not None
             or token.device.type != "cpu"
@@ -371,32 +365,23 @@ class RWKV(CausalLM):
             or state["att_x"][0].dtype != torch.float32
         ):
             return None
-        cfg = self.config
-        C, A, Fd = cfg.d_model, cfg.att_dim, cfg.ffn_dim
-        if torch.get_num_threads() > 1 and C * (4 * A + 2 * Fd + C) > FUSED_MAX_ELEMENTS_MULTITHREAD:
-            return None  # large layers: multi-threaded BLAS beats the single-threaded kernel
         lib = decode_library()
         if lib is None:
             return None
-        self._decode_weights()  # validates the cache (and clears the fused weights when params changed)
-        if self._fused_cache is None:
-            self._fused_cache = [FusedLayerWeights(block) for block in self.blocks]
-        return lib, self._fused_cache
+        key = self._param_key()
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            self._fused_cache = (key, FusedModel(self))
+        return lib, self._fused_cache[1]
 
     def _decode(self, token: Tensor, state: dict, mask: Tensor | None):
         """One token per row without autograd: the recurrent form with few, large ops per layer."""
+        fused = self._fused_model(token, state, mask)
+        if fused is not None:  # one C call for the whole model
+            logits, new = fused_step(*fused, token, state)
+            return logits[:, None], new
         C = self.config.d_model
         x = self.ln0(self.emb(token))  # (B, C)
         new = {k: [] for k in STATE_KEYS}
-        fused = self._fused_layers(token, state, mask)
-        if fused is not None:  # one C call per layer
-            lib, layers = fused
-            x = x.contiguous()
-            for i, fw in enumerate(layers):
-                outs = fused_layer_step(lib, fw, x, *(state[k][i] for k in STATE_KEYS))
-                for key, t in zip(STATE_KEYS, outs):
-                    new[key].append(t)
-            return self.head(self.ln_out(x))[:, None], new
         for i, lw in enumerate(self._decode_weights()):
             # time mix: the three token-shift lerps and projections as one addcmul and one bmm
             xx = F.layer_norm(x, (C,), *lw["ln1"][:2], lw["ln1"][2])
