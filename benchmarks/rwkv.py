@@ -7,8 +7,10 @@ Targets (issue 4), all measured in this process, interleaved, median of several 
   at least 3x HF's throughput, same weights;
 - batch-1 decoding per token with the same weights: at most 0.7x the ``rwkv`` package's time
   (strategy "cpu fp32", its default TorchScript mode), our weights exported with ``to_official_rwkv``;
-  judged with one CPU thread on both sides (stable on a shared machine), also reported with the
-  default thread count.
+  judged with one CPU thread on both sides and with the default thread count (the same on both
+  sides); the 169M-shaped model (hidden 768, 12 layers, vocab 50277) is reported for information.
+  Multi-threaded timings are only meaningful on a quiet machine: with another job on a core, every
+  OpenMP barrier (ours) or BLAS call (the package's) waits for a descheduled thread.
 
 Every comparison first checks that both sides compute the same numbers. With a CUDA device the
 ops and the model also run there and are checked against the CPU reference.
@@ -193,6 +195,7 @@ def bench_decode(a, hidden, layers, vocab, repeats, threads_list) -> dict:
                     "ours_ms": 1e3 * statistics.median(per_tok["ours"]),
                     "spread": {k: summary(v)["spread"] for k, v in per_tok.items()},
                     "time_ratio": statistics.median(per_tok["ours"]) / statistics.median(per_tok["rwkv_pkg"]),
+                    "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                 }
         finally:
             torch.set_num_threads(default_threads)
@@ -259,9 +262,9 @@ def main(argv=None) -> dict:
     if "decode" in a.only:
         threads_list = sorted({1, torch.get_num_threads()})
         by_threads = bench_decode(a, 256, 4, 1024, a.decode_repeats, threads_list)
-        res["decode"] = by_threads[1]  # the target is judged single-threaded: stable on a shared machine
+        res["decode"] = by_threads[1]  # single-threaded: the most stable number on a shared machine
         res["decode_by_threads"] = by_threads
-        decode_rows = [(d, "<= 0.7x" if t == 1 else "(info)") for t, d in by_threads.items()]
+        decode_rows = [(d, "<= 0.7x") for d in by_threads.values()]
         if not a.skip_big:
             big = bench_decode(a, 768, 12, 50277, max(3, a.decode_repeats // 2), threads_list)
             res["decode_169m"] = big[1]
@@ -273,23 +276,27 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         res["cuda"] = check_cuda()
     print_table(rows, ["what", "baseline", "baseline_s", "ours_s", "result", "target"])
+    if hasattr(os, "getloadavg"):
+        print(f"  load average (1 min) at end: {os.getloadavg()[0]}")
     passed = {}
     if "wkv" in res:
         passed["wkv_speedup"] = res["wkv"]["speedup"] >= TARGETS["wkv_speedup"]
     if "train" in res:
         passed["train_speedup"] = res["train"]["speedup"] >= TARGETS["train_speedup"]
-    if "decode" in res:
-        passed["decode_time_ratio"] = res["decode"]["time_ratio"] <= TARGETS["decode_time_ratio"]
+    if "decode" in res:  # met at every thread count measured (1 and the default)
+        passed["decode_time_ratio"] = all(d["time_ratio"] <= TARGETS["decode_time_ratio"] for d in res["decode_by_threads"].values())
     payload = {
         "benchmark": "rwkv",
         "wkv_speedup": res.get("wkv", {}).get("speedup"),
         "train_speedup": res.get("train", {}).get("speedup"),
         "decode_time_ratio": res.get("decode", {}).get("time_ratio"),
+        "decode_time_ratio_by_threads": {t: d["time_ratio"] for t, d in res.get("decode_by_threads", {}).items()},
         "decode_time_ratio_169m": res.get("decode_169m", {}).get("time_ratio"),
         "targets": TARGETS,
         "passed": passed,
         "cuda": res.get("cuda"),
         "load_average": load,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "machine": info,
         "details": res,
     }
