@@ -216,7 +216,7 @@ class RWKV(CausalLM):
         if config.tie_embeddings:
             self.head.weight = self.emb.weight
         self._decode_cache: tuple | None = None  # see _decode_weights
-        self._fused_cache: tuple | None = None  # (parameter key, FusedModel), see _fused_model
+        self._fused_cache: tuple | None = None  # (parameter data pointers, FusedModel), see _fused_model
         self._slots: list | None = None
         self.init_weights()
 
@@ -316,16 +316,21 @@ class RWKV(CausalLM):
 
     # -- decoding -----------------------------------------------------------------------------
 
-    def _param_key(self) -> tuple:
-        """``(id, version, data pointer)`` of every parameter slot: decode caches keyed on it are
-        rebuilt after in-place optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned
-        parameters."""
+    def _params(self) -> list:
+        """The current parameters, re-read from every module's slot (re-assigned parameters are seen)."""
         if self._slots is None:
             self._slots = [(mod._parameters, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
         params = [slots.get(name) for slots, name in self._slots]
         if any(p is None for p in params):  # a parameter was removed: rescan
             self._slots = None
-            return self._param_key()
+            return self._params()
+        return params
+
+    def _param_key(self) -> tuple:
+        """``(id, version, data pointer)`` of every parameter slot: decode caches keyed on it are
+        rebuilt after in-place optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned
+        parameters."""
+        params = self._params()
         return (tuple(map(id, params)), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
 
     def _decode_weights(self) -> list:
@@ -368,10 +373,14 @@ class RWKV(CausalLM):
         lib = decode_library()
         if lib is None:
             return None
-        key = self._param_key()
-        if self._fused_cache is None or self._fused_cache[0] != key:
-            self._fused_cache = (key, FusedModel(self))
-        return lib, self._fused_cache[1]
+        # The kernel reads the parameters in place, so in-place updates need no rebuild; new storage
+        # (load_state_dict(assign=True), .to(), re-assigned parameters) or a change to a value it
+        # derived or copied (-exp(time_decay)) does.
+        ptrs = tuple(p.data_ptr() for p in self._params())
+        cache = self._fused_cache
+        if cache is None or cache[0] != ptrs or not cache[1].is_current():
+            self._fused_cache = cache = (ptrs, FusedModel(self))
+        return lib, cache[1]
 
     def _decode(self, token: Tensor, state: dict, mask: Tensor | None):
         """One token per row without autograd: the recurrent form with few, large ops per layer."""

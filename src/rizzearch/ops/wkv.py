@@ -694,14 +694,20 @@ class FusedModel:
     """Pointers to an RWKV-4 model's float32 weights (used in place, no copies) + the C structs.
 
     Built from a ``rizzearch.models.rwkv.RWKV`` (its ``emb``, ``ln0``, ``blocks``, ``ln_out``,
-    ``head``); valid until a parameter changes (the model keys its cache on that).
+    ``head``). Parameters are read in place, so in-place updates are seen; the model rebuilds this
+    when a parameter gets new storage or ``is_current()`` is False (a derived or copied value is stale).
     """
 
     def __init__(self, model) -> None:
         import ctypes
 
-        def f32(t):  # the parameter itself when already float32 and contiguous
-            return t.detach().float().contiguous()
+        derived: list[tuple[Tensor, int]] = []  # (parameter, version) of every value computed from one
+
+        def f32(t):  # the parameter itself when already float32 and contiguous, else a copy
+            out = t.detach().float().contiguous()
+            if out.data_ptr() != t.data_ptr():
+                derived.append((t, t._version))
+            return out
 
         keep: list[Tensor] = []  # keeps every pointed-to tensor alive
 
@@ -728,11 +734,12 @@ class FusedModel:
                 "ln1_w": block.ln1.weight, "ln1_b": block.ln1.bias, "ln2_w": block.ln2.weight, "ln2_b": block.ln2.bias,
                 "mix_r": att.time_mix_r, "mix_k": att.time_mix_k, "mix_v": att.time_mix_v,
                 "w_r": att.receptance.weight, "w_k": att.key.weight, "w_v": att.value.weight, "w_o": att.output.weight,
-                "u": att.time_first, "neg_w": -torch.exp(att.time_decay.detach().float()),
+                "u": att.time_first, "neg_w": -torch.exp(att.time_decay.detach().float()),  # derived: see below
                 "fmix_k": ffn.time_mix_k, "fmix_r": ffn.time_mix_r,
                 "w_fk": ffn.key.weight, "w_fr": ffn.receptance.weight, "w_fv": ffn.value.weight,
             }  # fmt: skip
             layers[i] = Layer(block.ln1.eps, block.ln2.eps, *(ptr(f32(w[n])) for n in layer_fields))
+            derived.append((att.time_decay, att.time_decay._version))
         blk = model.blocks[0]
         self.C, self.A, self.F = blk.att.key.in_features, blk.att.key.out_features, blk.ffn.key.out_features
         self.L, self.V = len(model.blocks), model.head.out_features
@@ -744,9 +751,14 @@ class FusedModel:
         )  # fmt: skip
         self.layers = layers
         self.keep = keep
+        self.derived = derived
         self.ref = ctypes.byref(self.struct)
         self.scratch = torch.empty(0, dtype=torch.float32)
         self.layer_elements = self.C * (4 * self.A + 2 * self.F + self.C)  # matrix weights per layer
+
+    def is_current(self) -> bool:
+        """False once a parameter that a copied or derived value came from was changed in place."""
+        return all(p._version == v for p, v in self.derived)
 
 
 def decode_threads(fm: FusedModel) -> int:
