@@ -410,8 +410,10 @@ _EXP_FLOOR = -80.0  # exponents are clamped here before exp(): still a normal fl
 
 
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    """sum_e x[..., e] y[..., e] (einsum lowers this to a batched matmul: one pass, no temporary)."""
-    return torch.einsum("...i,...i->...", x, y)
+    """sum_e x[..., e] y[..., e] as one batched (1 x n)(n x 1) matmul: one pass, no temporary
+    (what einsum lowers it to, without einsum's parsing overhead)."""
+    n = x.shape[-1]
+    return torch.bmm(x.reshape(-1, 1, n), y.reshape(-1, n, 1)).view(x.shape[:-1])
 
 
 def _segsum(x: Tensor) -> Tensor:
@@ -420,10 +422,16 @@ def _segsum(x: Tensor) -> Tensor:
     Accumulated column by column (a cumsum of a masked matrix), so every entry is a short sum of
     the entries it spans, never a difference of two long prefix sums.
     """
-    NC = x.shape[-1]
-    strict = torch.ones(NC, NC, dtype=torch.bool, device=x.device).tril(-1)  # r > c'
-    S = x[..., :, None].expand(*x.shape, NC).masked_fill(~strict, 0.0).cumsum(-2)  # (..., NC, NC): rows c, cols c'
-    return S.masked_fill(~torch.ones(NC, NC, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+    not_strict, upper = _segsum_masks(x.shape[-1], x.device)
+    S = x[..., :, None].expand(*x.shape, x.shape[-1]).masked_fill(not_strict, 0.0).cumsum(-2)  # (..., NC, NC): rows c, cols c'
+    return S.masked_fill(upper, float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _segsum_masks(NC: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(r <= c' : not strictly below the diagonal, c' > c : above the diagonal), both (NC, NC) bool; read only."""
+    ones = torch.ones(NC, NC, dtype=torch.bool, device=device)
+    return ~ones.tril(-1), ~ones.tril()
 
 
 def _decay_matrix(rb: Tensor, cg: Tensor, scale: float) -> Tensor:
@@ -500,7 +508,8 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
             logf = F.pad(logf, (0, pad), value=0.0)
         vp = q.new_empty(BH, NC * L, e1)  # v' = [v | 1]: the normaliser as one more value column
         vp[:, :T, :e] = v
-        vp[:, T:, :e] = 0.0
+        if pad:
+            vp[:, T:, :e] = 0.0
         vp[..., e] = 1.0
         qc, kc, vpc = _chunk_view(q, NC, L), _chunk_view(k, NC, L), _chunk_view(vp, NC, L)
         b = logf.view(BH, NC, L).cumsum(-1)  # (BH, NC, L) within-chunk cumulative log forget
@@ -579,7 +588,8 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
             gnum.zero_()
         else:
             torch.div(gh, N.view(BH, NC * L)[:, :T, None], out=gnum[:, :T, :e])
-            gnum[:, T:, :e] = 0.0
+            if pad:
+                gnum[:, T:, :e] = 0.0
         gnum = _chunk_view(gnum, NC, L)
         gnum[..., e] = _rowdot(gnum[..., :e], h).mul_(dN).neg_()
         # [num | den] = A v' + w q^T C'_prev
