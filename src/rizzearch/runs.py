@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from rizzearch.errors import ConfigError
+
+
+def cache_dir(*parts: str) -> Path:
+    """The per-user cache folder for built kernels, the legal RAG index and converted weights.
+
+    ``$RIZZ_CACHE`` if set, else ``$XDG_CACHE_HOME/rizzearch``, else ``~/.cache/rizzearch``; ``parts``
+    name a subfolder. Read at each call, so setting the variable later (tests, notebooks) takes effect.
+    Nothing is created here: writers create what they need.
+    """
+    root = os.environ.get("RIZZ_CACHE")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rizzearch")
+    return Path(root, *parts)
 
 
 def make_run_dir(out: str | None, command: str, *, allow_existing: bool = True) -> Path:

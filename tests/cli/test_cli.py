@@ -170,3 +170,18 @@ def test_positional_arguments_become_options():
     assert conv([], ["stray"]) == ["stray"]
     parser, fn = build_parser("bench")
     assert parser.parse_args(conv(["names"], ["train_throughput"], frozenset({"names"}))).names == ["train_throughput"]
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from rizzearch.rag.index import default_index_path
+    from rizzearch.runs import cache_dir
+
+    monkeypatch.delenv("RIZZ_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir("kernels") == tmp_path / "xdg" / "rizzearch" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_dir() == Path.home() / ".cache" / "rizzearch"
+    monkeypatch.setenv("RIZZ_CACHE", str(tmp_path / "c"))  # read at each call, not at import
+    assert cache_dir("native") == tmp_path / "c" / "native"
+    assert default_index_path() == tmp_path / "c" / "legal_rag_index.sqlite"
+    assert not (tmp_path / "c").exists()  # nothing is created by asking

@@ -239,7 +239,7 @@ def _decode_with_compiler(monkeypatch, tmp_path, cc: str):
     from rizzearch.models import RWKV, RWKVConfig
 
     monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("RIZZ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RIZZ_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(W, "_DECODE_LIB", None)
     lib = W.decode_library()
     torch.manual_seed(0)

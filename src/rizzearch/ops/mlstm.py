@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
+from rizzearch.runs import cache_dir
 
 __all__ = [
     "mlstm_parallel",
@@ -358,7 +359,7 @@ def _native_step_lib():
         if not cc or os.environ.get("RIZZEARCH_NO_NATIVE"):
             return None
         tag = hashlib.sha256((_STEP_C_SOURCE + cc).encode()).hexdigest()[:16]
-        root = Path(os.environ.get("RIZZEARCH_CACHE", Path.home() / ".cache" / "rizzearch")) / "native"
+        root = cache_dir("native")
         lib = root / f"mlstm_step_{tag}.so"
         if not lib.is_file():
             root.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
+from rizzearch.runs import cache_dir
 
 WKVState = tuple[Tensor, Tensor, Tensor]  # (numerator a, denominator b, max exponent p), each (B, C) fp32
 
@@ -673,7 +674,7 @@ def decode_library():
                 cpu += next((line for line in f if line.startswith("model name")), "")
         except OSError:
             pass
-        root = Path(os.environ.get("RIZZ_CACHE_DIR", Path.home() / ".cache" / "rizzearch")) / "kernels"
+        root = cache_dir("kernels")
         try:
             lib_path = _build(cc, [*base, "-fopenmp"], root, cpu)
         except (OSError, subprocess.SubprocessError):  # no OpenMP (e.g. Apple clang): one thread

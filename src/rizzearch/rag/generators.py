@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.rag.corpus import Passage
 from rizzearch.rag.text import content_set, content_tokens, idf_table, split_sentences, weighted_recall
+from rizzearch.runs import cache_dir as default_cache_dir
 
 SYSTEM_PROMPT = (
     "You are a careful legal research assistant. Answer the question in one or two sentences. "
@@ -423,7 +424,7 @@ class SmolLM2Generator:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as e:  # pragma: no cover - depends on the installation
             raise ConfigError(f"generator smollm2 needs transformers ({e})") from e
-        cache = Path(cache_dir) if cache_dir else Path(os.environ.get("RIZZ_CACHE", Path.home() / ".cache" / "rizzearch")) / "smollm2"
+        cache = Path(cache_dir) if cache_dir else default_cache_dir("smollm2")
         from safetensors.torch import load_model, save_model
         from transformers import AutoConfig
 

@@ -31,6 +31,7 @@ import numpy as np
 from rizzearch.errors import DataError
 from rizzearch.rag.corpus import Passage, load_corpus
 from rizzearch.rag.text import STOPWORDS, words
+from rizzearch.runs import cache_dir
 
 SCHEMA_VERSION = "1"
 RRF_K = 60
@@ -258,12 +259,9 @@ class Index:
         return [p for p in self.passages if p.doc == doc or p.doc.startswith(doc + "/")]
 
 
-_DEFAULT = Path(os.environ.get("RIZZ_CACHE", Path.home() / ".cache" / "rizzearch")) / "legal_rag_index.sqlite"
-
-
 def default_index_path() -> Path:
-    """``$RIZZ_CACHE/legal_rag_index.sqlite`` (default ``~/.cache/rizzearch``)."""
-    return Path(os.environ.get("RIZZ_CACHE", str(_DEFAULT.parent))) / "legal_rag_index.sqlite"
+    """``legal_rag_index.sqlite`` in the cache folder (:func:`rizzearch.runs.cache_dir`)."""
+    return cache_dir("legal_rag_index.sqlite")
 
 
 def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild: bool = False, progress: bool = False) -> Index:
