@@ -128,3 +128,20 @@ def test_bad_input_names_the_tensor():
         slstm_step(wx[:, 0].long(), R, b)
     with pytest.raises(ValueError, match="unknown sLSTM backend"):
         slstm_forward(wx, R, b, backend="nope")
+
+
+def test_backend_switch_is_per_module_and_restored():
+    from rizzearch.ops import mlstm as M
+
+    old_s, old_m = S.BACKEND, M.BACKEND
+    with S.use_backend("reference"):
+        assert S.BACKEND == "reference" and M.BACKEND == old_m
+        with pytest.raises(ValueError, match="unknown sLSTM backend 'x'"):
+            S.set_backend("x")
+        assert S.BACKEND == "reference"  # a bad name changes nothing
+    assert S.BACKEND == old_s
+    S.set_backend("reference")
+    try:
+        assert S.BACKEND == "reference"
+    finally:
+        S.set_backend(old_s)

@@ -42,7 +42,6 @@ variable ``RIZZEARCH_MLSTM_BACKEND``, with ``set_backend()`` / ``use_backend()``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
+from rizzearch.ops._common import backend_switch, compute_dtype, no_autocast
 from rizzearch.runs import cache_dir
 
 __all__ = [
@@ -73,24 +73,6 @@ State = tuple[Tensor, Tensor, Tensor]
 
 # ----------------------------------------------------------------------------------------------
 # Validation and small helpers
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half/bfloat16/fp32 inputs, fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _no_autocast(fn):
-    """Run an op with autocast off: it casts to its fp32 compute dtype itself, and autocast would
-    otherwise run its matmuls (and so its states) in bf16."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(dev, enabled=False):
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 def _check_inputs(q, k, v, i, f, state, *, step: bool, name: str) -> tuple[int, int, int, int, int]:
@@ -147,36 +129,14 @@ def empty_state(B: int, NH: int, Dqk: int, Dv: int, device=None, dtype=torch.flo
     )
 
 
-def _resolve(backend: str | None) -> str:
-    b = BACKEND if backend is None else backend
-    if b not in BACKENDS:
-        raise ValueError(f"unknown mLSTM backend {b!r}; choose from {BACKENDS}")
-    return b
-
-
-def set_backend(name: str) -> None:
-    """Set the default backend of ``mlstm_chunkwise`` and ``mlstm_step`` (``"reference"`` or ``"fused"``)."""
-    global BACKEND
-    BACKEND = _resolve(name)
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Temporarily switch the default backend (``with use_backend("reference"): ...``)."""
-    global BACKEND
-    old = BACKEND
-    BACKEND = _resolve(name)
-    try:
-        yield
-    finally:
-        BACKEND = old
+_resolve, set_backend, use_backend = backend_switch(__name__, "mLSTM")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference forms (the spec; differentiated by autograd)
 
 
-@_no_autocast
+@no_autocast
 def mlstm_parallel(
     q: Tensor,
     k: Tensor,
@@ -206,7 +166,7 @@ def mlstm_parallel(
         h (B, NH, T, Dv) in q's dtype, and the final state when ``return_state``.
     """
     B, NH, T, Dqk, Dv = _check_inputs(q, k, v, i, f, initial_state, step=False, name="mlstm_parallel")
-    dt = _compute_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     if T == 0:
         h = q.new_zeros(B, NH, 0, Dv)
         st = initial_state if initial_state is not None else empty_state(B, NH, Dqk, Dv, q.device, dt)
@@ -257,7 +217,7 @@ def _mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size):
 
 def _mlstm_step_reference(q, k, v, i, f, state):
     """One recurrent step, written as in the paper (eqs. 19-21 with the stabiliser)."""
-    dt = _compute_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     Dqk = q.shape[-1]
     C, n, m = (s.to(dt) for s in state)
     qf, vf = q.to(dt), v.to(dt)
@@ -276,7 +236,7 @@ def _mlstm_step_reference(q, k, v, i, f, state):
 
 def _mlstm_step_fused(q, k, v, i, f, state):
     """The same step with fewer kernels: batched matmuls (baddbmm) on (B*NH) matrices."""
-    dt = _compute_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     B, NH, Dqk = q.shape
     Dv = v.shape[-1]
     C, n, m = (s.to(dt) for s in state)
@@ -695,7 +655,7 @@ class _MLSTMChunkwiseFn(torch.autograd.Function):
 def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size, need_state=True):
     B, NH, T, Dqk = q.shape
     Dv = v.shape[-1]
-    dt = _compute_dtype(q.dtype)
+    dt = compute_dtype(q.dtype)
     if initial_state is None:
         C0, n0, m0 = empty_state(B * NH, 1, Dqk, Dv, q.device, dt)
         C0, n0, m0 = C0[:, 0], n0[:, 0], m0[:, 0]
@@ -718,7 +678,7 @@ def _mlstm_chunkwise_fused(q, k, v, i, f, initial_state, chunk_size, need_state=
 # Public entry points
 
 
-@_no_autocast
+@no_autocast
 def mlstm_chunkwise(
     q: Tensor,
     k: Tensor,
@@ -758,7 +718,7 @@ def mlstm_chunkwise(
     return (h, state) if return_state else h
 
 
-@_no_autocast
+@no_autocast
 def mlstm_step(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State | None = None, *, backend: str | None = None):
     """One recurrent mLSTM step (paper eqs. 19-21, stabilised).
 
@@ -776,7 +736,7 @@ def mlstm_step(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: Sta
     """
     B, NH, _, Dqk, Dv = _check_inputs(q, k, v, i, f, state, step=True, name="mlstm_step")
     if state is None:
-        state = empty_state(B, NH, Dqk, Dv, q.device, _compute_dtype(q.dtype))
+        state = empty_state(B, NH, Dqk, Dv, q.device, compute_dtype(q.dtype))
     be = _resolve(backend)
     if be == "fused":
         if _native_ok(q, k, v, i, f, *state) and _native_step_lib() is not None:

@@ -37,8 +37,6 @@ overridable with ``RIZZEARCH_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import warnings
 
@@ -47,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
+from rizzearch.ops._common import backend_switch, compute_dtype, no_autocast
 
 __all__ = ["slstm_forward", "slstm_step", "empty_state", "set_backend", "use_backend", "BACKENDS"]
 
@@ -56,52 +55,13 @@ BACKEND = "reference"  # replaced at import by _select_backend()
 State = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _no_autocast(fn):
-    """Run an op with autocast off: it casts to its fp32 compute dtype itself, and autocast would
-    otherwise run its matmuls (and so its states) in bf16."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(dev, enabled=False):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
 def empty_state(B: int, NH: int, DH: int, device=None, dtype=torch.float32) -> State:
     """The state before any token: ``h = c = n = 0``, ``m = -inf``."""
     z = torch.zeros(B, NH, DH, device=device, dtype=dtype)
     return (z, z.clone(), z.clone(), torch.full((B, NH, DH), float("-inf"), device=device, dtype=dtype))
 
 
-def _resolve(backend: str | None) -> str:
-    b = BACKEND if backend is None else backend
-    if b not in BACKENDS:
-        raise ValueError(f"unknown sLSTM backend {b!r}; choose from {BACKENDS}")
-    return b
-
-
-def set_backend(name: str) -> None:
-    """Set the default backend of ``slstm_forward`` (``"reference"`` or ``"fused"``)."""
-    global BACKEND
-    BACKEND = _resolve(name)
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Temporarily switch the default backend."""
-    global BACKEND
-    old = BACKEND
-    BACKEND = _resolve(name)
-    try:
-        yield
-    finally:
-        BACKEND = old
+_resolve, set_backend, use_backend = backend_switch(__name__, "sLSTM")
 
 
 def _check(wx: Tensor, R: Tensor, b: Tensor, state, *, step: bool, name: str) -> tuple[int, int, int, int]:
@@ -274,7 +234,7 @@ def _forward_fused(wx, R, b, state):
 # Public entry points
 
 
-@_no_autocast
+@no_autocast
 def slstm_forward(
     wx: Tensor,
     R: Tensor,
@@ -303,7 +263,7 @@ def slstm_forward(
     B, T, NH, DH = _check(wx, R, b, initial_state, step=False, name="slstm_forward")
     if mask is not None and tuple(mask.shape) != (B, T):
         raise ShapeError(f"slstm_forward: mask: expected shape {(B, T)}, got {tuple(mask.shape)}")
-    dt = _compute_dtype(wx.dtype)
+    dt = compute_dtype(wx.dtype)
     state = empty_state(B, NH, DH, wx.device, dt) if initial_state is None else tuple(s.to(dt) for s in initial_state)
     wxf, Rf, bf = wx.to(dt), R.to(dt), b.to(dt)
     if mask is not None and bool(mask.all()):
@@ -318,7 +278,7 @@ def slstm_forward(
     return (y, state) if return_state else y
 
 
-@_no_autocast
+@no_autocast
 def slstm_step(wx: Tensor, R: Tensor, b: Tensor, state: State | None = None, *, backend: str | None = None):
     """One sLSTM step.
 
@@ -333,7 +293,7 @@ def slstm_step(wx: Tensor, R: Tensor, b: Tensor, state: State | None = None, *, 
     """
     B, _, NH, DH = _check(wx, R, b, state, step=True, name="slstm_step")
     _resolve(backend)
-    dt = _compute_dtype(wx.dtype)
+    dt = compute_dtype(wx.dtype)
     state = empty_state(B, NH, DH, wx.device, dt) if state is None else tuple(s.to(dt) for s in state)
     h, new = _step_reference(wx.to(dt), R.to(dt), b.to(dt), state)
     return h.to(wx.dtype), new
