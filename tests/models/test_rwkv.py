@@ -205,6 +205,33 @@ def test_fused_decode_follows_parameter_changes_and_rejects_bad_tokens():
     assert_close(after, want, atol=1e-5, rtol=1e-5, name="fused logits after in-place updates")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_edits_through_data_need_clear_decode_cache(fused):
+    """``param.data`` edits are invisible to version counters; ``clear_decode_cache`` makes decoding see them."""
+    from rizzearch.ops.wkv import fused_decode
+
+    m = tiny()
+    tok = torch.tensor([3, 5])
+
+    def two_steps():  # time_decay only acts on the state update, so it shows in the second step's logits
+        _, st = m.step(tok, state)
+        return m.step(tok, st)[0]
+
+    with torch.no_grad(), fused_decode(fused):
+        _, state = m(torch.randint(0, V, (2, 6)))
+        before = two_steps()  # builds the cache
+        m.blocks[0].att.time_decay.data.add_(1.0)  # derived value in the fused path
+        m.blocks[1].att.value.weight.data.mul_(2.0)  # cached copy in the eager path
+        stale = two_steps()
+        m.clear_decode_cache()
+        got = two_steps()
+    with torch.enable_grad():  # the autograd path reads the parameters directly
+        want = two_steps().detach()
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="decode after .data edits")
+    assert not torch.allclose(got, before)
+    assert not torch.allclose(stale, want, atol=1e-4)  # the docstring's warning: without it, not (all) seen
+
+
 def test_state_layout_and_dtypes():
     m = tiny(d_att=48, d_ffn=100).to(torch.bfloat16)
     logits, state = m(torch.randint(0, V, (2, 7)))

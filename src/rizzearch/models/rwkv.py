@@ -316,6 +316,16 @@ class RWKV(CausalLM):
 
     # -- decoding -----------------------------------------------------------------------------
 
+    def clear_decode_cache(self) -> None:
+        """Drop the cached decoding weights so the next decode step rebuilds them.
+
+        Not needed after optimizer steps, ``load_state_dict``, ``.to()`` or in-place edits under
+        ``torch.no_grad()``: parameter version counters and data pointers catch those. Edits through
+        ``param.data`` bypass the version counter (PyTorch does not track them), so call this after them.
+        """
+        self._decode_cache = None
+        self._fused_cache = None
+
     def _params(self) -> list:
         """The current parameters, re-read from every module's slot (re-assigned parameters are seen)."""
         if self._slots is None:
