@@ -36,7 +36,7 @@ state ``C: (B, NH, Dqk, Dv)``, ``n: (B, NH, Dqk)``, ``m: (B, NH)``.
 
 Backend selection. ``BACKEND`` is chosen at import: ``"fused"`` after a tiny self-check against the
 reference (falling back to ``"reference"`` if the check fails), overridable with the environment
-variable ``RIZZEARCH_MLSTM_BACKEND``, with ``set_backend()`` / ``use_backend()`` or with the
+variable ``RIZZ_MLSTM_BACKEND``, with ``set_backend()`` / ``use_backend()`` or with the
 ``backend=`` argument of each call (what the tests use).
 """
 
@@ -316,7 +316,7 @@ def _native_step_lib():
         from pathlib import Path
 
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not cc or os.environ.get("RIZZEARCH_NO_NATIVE"):
+        if not cc or os.environ.get("RIZZ_NO_NATIVE"):
             return None
         tag = hashlib.sha256((_STEP_C_SOURCE + cc).encode()).hexdigest()[:16]
         root = cache_dir("native")
@@ -772,7 +772,7 @@ def _self_check() -> bool:
 
 
 def _select_backend() -> str:
-    env = os.environ.get("RIZZEARCH_MLSTM_BACKEND")
+    env = os.environ.get("RIZZ_MLSTM_BACKEND")
     if env:
         return _resolve(env)
     return "fused" if _self_check() else "reference"

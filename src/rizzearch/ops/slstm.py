@@ -32,7 +32,7 @@ Shapes: gate inputs ``wx: (B, T, 4, NH, DH)`` (gate order i, f, z, o), ``R: (NH,
 ``(B, NH, DH)``; output ``y: (B, T, NH, DH)``.
 
 ``BACKEND`` is chosen at import (``"fused"`` after a tiny self-check, else ``"reference"``),
-overridable with ``RIZZEARCH_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`` or ``backend=``.
+overridable with ``RIZZ_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`` or ``backend=``.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def _self_check() -> bool:
 
 
 def _select_backend() -> str:
-    env = os.environ.get("RIZZEARCH_SLSTM_BACKEND")
+    env = os.environ.get("RIZZ_SLSTM_BACKEND")
     if env:
         return _resolve(env)
     return "fused" if _self_check() else "reference"
