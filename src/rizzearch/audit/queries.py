@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError
 
 DATA = Path(__file__).resolve().parent / "data" / "queries.jsonl"
@@ -32,15 +32,7 @@ def load_queries(path: str | Path | None = None, *, categories: list[str] | tupl
     out: list[dict] = []
     seen: set[str] = set()
     per_cat: dict[str, int] = {}
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(q, dict):
-            raise DataError(f"{p}:{lineno}: each line must be a JSON object")
+    for lineno, q in read_jsonl(p):
         missing = [k for k in REQUIRED if k not in q]
         if missing:
             raise DataError(f"{p}:{lineno}: missing field(s) {missing}")

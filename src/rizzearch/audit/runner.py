@@ -18,6 +18,7 @@ from pathlib import Path
 from rizzearch.audit.citations import Authorities
 from rizzearch.audit.labels import label_response
 from rizzearch.audit.metrics import compute_metrics
+from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError, RizzError
 
 
@@ -30,15 +31,13 @@ def _load_answers(path: Path) -> dict[tuple[str, str], dict]:
         path.write_bytes(keep)
         raw = keep
     out = {}
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = (row["system"], row["query_id"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{path}:{lineno}: corrupt answer row ({e}); fix or remove that line to resume") from e
-        out[key] = row  # later lines (a retried error) win
+    try:
+        for lineno, row in read_jsonl(path, raw.decode("utf-8")):
+            if "system" not in row or "query_id" not in row:
+                raise DataError(f"{path}:{lineno}: corrupt answer row (no 'system' or 'query_id')")
+            out[(row["system"], row["query_id"])] = row  # later lines (a retried error) win
+    except DataError as e:
+        raise DataError(f"{e}; fix or remove that line to resume") from e
     return out
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.models.base import generate
 
@@ -344,14 +345,8 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
         for f in sorted(p.glob("*.txt")):
             docs.append((f.name, f.read_text(encoding="utf-8")))
     elif p.suffix == ".jsonl":
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        for n, obj in read_jsonl(p):
+            if not isinstance(obj.get("text"), str):
                 raise DataError(f"{p}:{n}: expected an object with a string field 'text'")
             docs.append((str(obj.get("id", obj.get("title", f"{p.stem}-{len(docs)}"))), obj["text"]))
     else:

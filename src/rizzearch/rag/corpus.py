@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from rizzearch import corpora
+from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError
 from rizzearch.rag.text import from_roman, normalize_space, roman, split_sentences
 
@@ -210,13 +211,10 @@ def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> lis
     if not index.is_file():
         raise DataError(f"{index}: missing (the scotus folder needs an index.jsonl)")
     out: list[Passage] = []
-    for lineno, line in enumerate(index.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, row in read_jsonl(index):
         try:
-            row = json.loads(line)
             cite, fname, case = row["cite"], row["file"], row["case_name"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except KeyError as e:
             raise DataError(f"{index}:{lineno}: bad index row ({e})") from e
         f = root / fname
         if not f.is_file():
