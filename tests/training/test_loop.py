@@ -8,13 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from rizzearch.data.batches import EvalWindows, RandomWindows
-from rizzearch.errors import ConfigError
+from rizzearch.errors import ConfigError, DataError
 from rizzearch.models import build_model
 from rizzearch.objectives.lm import lm_loss
 from rizzearch.testing import assert_close
@@ -72,6 +73,22 @@ def test_resume_equals_uninterrupted(tmp_path):
     rows = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]  # noqa: E731
     assert strip(rows(tmp_path / "cut")) == strip(rows(tmp_path / "full"))
+
+
+def test_resume_after_a_metrics_line_cut_short(tmp_path):
+    """A kill in the middle of a metrics write leaves half a line: resume drops it and carries on;
+    a corrupt line in the middle is an error naming the file and line."""
+    config = cfg(steps=4, ckpt_every=2)
+    run(tmp_path, config)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines) + '{"step": 5, "lo')
+    _, res = run(tmp_path, replace(config, steps=6), resume=True)
+    assert res.steps == 6
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)] == [1, 2, 3, 4, 5, 6]
+    metrics.write_text(lines[0] + "{oops\n" + "".join(lines[1:]))
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
+        run(tmp_path, replace(config, steps=8), resume=True)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):

@@ -25,6 +25,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
@@ -183,14 +184,12 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
 
 
 def _load_history(path: Path, upto: int) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("step", 0) <= upto:
-                    rows.append(row)
-    return rows
+    """The logged rows up to step ``upto``; a last line cut short by a kill is dropped."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    text = text[: text.rfind("\n") + 1]
+    return [row for _, row in read_jsonl(path, text) if row.get("step", 0) <= upto]
 
 
 def train(
