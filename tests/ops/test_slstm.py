@@ -145,3 +145,18 @@ def test_backend_switch_is_per_module_and_restored():
         assert S.BACKEND == "reference"
     finally:
         S.set_backend(old_s)
+
+
+@pytest.mark.parametrize("var,module", [("RIZZ_SLSTM_BACKEND", "slstm"), ("RIZZ_MLSTM_BACKEND", "mlstm")])
+def test_backend_from_the_environment(var, module):
+    import os
+    import subprocess
+    import sys
+
+    code = f"from rizzearch.ops import {module} as m; print(m.BACKEND)"
+    env = {**os.environ, var: "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env[var] = "warp-speed"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown" in bad.stderr and "'warp-speed'" in bad.stderr

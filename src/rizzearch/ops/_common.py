@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 
 import torch
@@ -58,3 +59,12 @@ def backend_switch(module_name: str, what: str):
     set_backend.__doc__ = f'Set the default {what} backend (one of {module.BACKENDS}).'
     use_backend.__doc__ = f'Temporarily switch the default {what} backend (``with use_backend("reference"): ...``).'
     return resolve, set_backend, use_backend
+
+
+def default_backend(env_var: str, resolve, self_check) -> str:
+    """The import-time default: ``$env_var`` if set (checked by ``resolve``), else ``"fused"`` when
+    ``self_check()`` passes (it warns when it does not), else ``"reference"``."""
+    env = os.environ.get(env_var)
+    if env:
+        return resolve(env)
+    return "fused" if self_check() else "reference"

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
-from rizzearch.ops._common import backend_switch, compute_dtype, no_autocast
+from rizzearch.ops._common import backend_switch, compute_dtype, default_backend, no_autocast
 from rizzearch.runs import cache_dir
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 BACKENDS = ("reference", "fused")
-BACKEND = "reference"  # replaced at import by _select_backend()
+BACKEND = "reference"  # replaced at import by default_backend()
 
 State = tuple[Tensor, Tensor, Tensor]
 
@@ -771,11 +771,4 @@ def _self_check() -> bool:
         return False
 
 
-def _select_backend() -> str:
-    env = os.environ.get("RIZZ_MLSTM_BACKEND")
-    if env:
-        return _resolve(env)
-    return "fused" if _self_check() else "reference"
-
-
-BACKEND = _select_backend()
+BACKEND = default_backend("RIZZ_MLSTM_BACKEND", _resolve, _self_check)

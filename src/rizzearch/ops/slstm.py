@@ -37,7 +37,6 @@ overridable with ``RIZZ_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`` or 
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -45,12 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
-from rizzearch.ops._common import backend_switch, compute_dtype, no_autocast
+from rizzearch.ops._common import backend_switch, compute_dtype, default_backend, no_autocast
 
 __all__ = ["slstm_forward", "slstm_step", "empty_state", "set_backend", "use_backend", "BACKENDS"]
 
 BACKENDS = ("reference", "fused")
-BACKEND = "reference"  # replaced at import by _select_backend()
+BACKEND = "reference"  # replaced at import by default_backend()
 
 State = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -321,11 +320,4 @@ def _self_check() -> bool:
         return False
 
 
-def _select_backend() -> str:
-    env = os.environ.get("RIZZ_SLSTM_BACKEND")
-    if env:
-        return _resolve(env)
-    return "fused" if _self_check() else "reference"
-
-
-BACKEND = _select_backend()
+BACKEND = default_backend("RIZZ_SLSTM_BACKEND", _resolve, _self_check)
