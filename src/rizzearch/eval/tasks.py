@@ -61,24 +61,40 @@ def parity_batch(batch_size: int, min_len: int, max_len: int, generator: torch.G
     return {"input_ids": bits + BIT0, "targets": targets, "lengths": lengths}
 
 
-class ParityData:
-    """BatchSource of parity training batches (see ``parity_batch``)."""
+class _SeededBatches:
+    """A BatchSource whose batch number ``p`` is drawn from a generator seeded by ``(seed, p)``, so
+    its position is its whole state (saved in checkpoints, resumed bit for bit)."""
 
-    def __init__(self, batch_size: int, min_len: int, max_len: int, seed: int = 0):
-        self.batch_size, self.min_len, self.max_len, self.seed = batch_size, min_len, max_len, seed
+    def __init__(self, seed: int):
+        self.seed = seed
         self.position = 0
-        parity_batch(1, min_len, max_len, _gen(seed, 0))  # validate the lengths now
+
+    def _make(self, generator: torch.Generator) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def next_batch(self) -> dict[str, Tensor]:
-        b = parity_batch(self.batch_size, self.min_len, self.max_len, _gen(self.seed, self.position))
+        b = self._make(_gen(self.seed, self.position))
         self.position += 1
-        return {"input_ids": b["input_ids"], "targets": b["targets"]}
+        return b
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+class ParityData(_SeededBatches):
+    """BatchSource of parity training batches (see ``parity_batch``)."""
+
+    def __init__(self, batch_size: int, min_len: int, max_len: int, seed: int = 0):
+        super().__init__(seed)
+        self.batch_size, self.min_len, self.max_len = batch_size, min_len, max_len
+        parity_batch(1, min_len, max_len, _gen(seed, 0))  # validate the lengths now
+
+    def _make(self, generator: torch.Generator) -> dict[str, Tensor]:
+        b = parity_batch(self.batch_size, self.min_len, self.max_len, generator)
+        return {"input_ids": b["input_ids"], "targets": b["targets"]}
 
 
 @torch.no_grad()
@@ -155,23 +171,15 @@ def mqar_batch(batch_size: int, spec: MQARSpec, generator: torch.Generator) -> d
     return {"input_ids": ids, "targets": targets}
 
 
-class MQARData:
+class MQARData(_SeededBatches):
     """BatchSource of MQAR batches (see ``mqar_batch``)."""
 
     def __init__(self, batch_size: int, spec: MQARSpec = MQARSpec(), seed: int = 0):
-        self.batch_size, self.spec, self.seed = batch_size, spec, seed
-        self.position = 0
+        super().__init__(seed)
+        self.batch_size, self.spec = batch_size, spec
 
-    def next_batch(self) -> dict[str, Tensor]:
-        b = mqar_batch(self.batch_size, self.spec, _gen(self.seed, self.position))
-        self.position += 1
-        return b
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+    def _make(self, generator: torch.Generator) -> dict[str, Tensor]:
+        return mqar_batch(self.batch_size, self.spec, generator)
 
 
 @torch.no_grad()
