@@ -1,14 +1,22 @@
-"""Helpers shared by the recurrent ops: fp32 compute dtype, autocast guard, backend switching."""
+"""Helpers shared by the recurrent ops: fp32 compute dtype, autocast guard, backend switching, and the
+build of their small native C kernels."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from rizzearch.runs import cache_dir
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,3 +76,30 @@ def default_backend(env_var: str, resolve, self_check) -> str:
     if env:
         return resolve(env)
     return "fused" if self_check() else "reference"
+
+
+def c_compiler() -> str | None:
+    """The system C compiler: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH; None if there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build_c_library(source: str, stem: str, cc: str, flags: list[str], *, folder: str, tag_extra: str = "") -> Path:
+    """Compile ``source`` (no headers beyond libc and libm) into a shared library; return its path.
+
+    Built once per user and cached in ``cache_dir(folder)`` as ``{stem}_{hash}.so``, the hash
+    covering the source, the compiler, ``flags`` and ``tag_extra`` (e.g. the CPU model for
+    ``-march=native``). Compiled in a temporary folder and renamed into place, so concurrent builders
+    never see a partial file. Raises ``OSError`` or ``subprocess.SubprocessError`` when it cannot build.
+    """
+    tag = hashlib.sha256("\0".join([source, cc, *flags, tag_extra]).encode()).hexdigest()[:16]
+    root = cache_dir(folder)
+    lib = root / f"{stem}_{tag}.so"
+    if not lib.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            src, out = Path(tmp) / f"{stem}.c", Path(tmp) / f"{stem}.so"
+            src.write_text(source)
+            cmd = [cc, *flags, "-fPIC", "-shared", str(src), "-o", str(out), "-lm"]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.replace(out, lib)  # atomic
+    return lib

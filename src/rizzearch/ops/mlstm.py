@@ -52,8 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
-from rizzearch.ops._common import backend_switch, compute_dtype, default_backend, no_autocast
-from rizzearch.runs import cache_dir
+from rizzearch.ops._common import backend_switch, build_c_library, c_compiler, compute_dtype, default_backend, no_autocast
 
 __all__ = [
     "mlstm_parallel",
@@ -307,36 +306,19 @@ def _native_step_lib():
     if _native_lib is not None:
         return _native_lib or None
     _native_lib = False
+    cc = c_compiler()
+    if not cc or os.environ.get("RIZZ_NO_NATIVE"):
+        return None
     try:
         import ctypes
-        import hashlib
-        import shutil
-        import subprocess
-        import tempfile
-        from pathlib import Path
 
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not cc or os.environ.get("RIZZ_NO_NATIVE"):
-            return None
-        tag = hashlib.sha256((_STEP_C_SOURCE + cc).encode()).hexdigest()[:16]
-        root = cache_dir("native")
-        lib = root / f"mlstm_step_{tag}.so"
-        if not lib.is_file():
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                src = Path(tmp) / "mlstm_step.c"
-                src.write_text(_STEP_C_SOURCE)
-                out = Path(tmp) / "lib.so"
-                subprocess.run([cc, "-O3", "-fPIC", "-shared", "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
-                os.replace(out, lib)  # atomic: concurrent builders never see a partial file
-        handle = ctypes.CDLL(str(lib))
+        handle = ctypes.CDLL(str(build_c_library(_STEP_C_SOURCE, "mlstm_step", cc, ["-O3"], folder="native")))
         fn = handle.mlstm_step_f32
         fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 12
         fn.restype = None
         _native_lib = fn
     except Exception as e:  # no compiler, read-only home, ...: the torch step is always there
         warnings.warn(f"mLSTM native step unavailable ({type(e).__name__}: {e}); using the torch step", stacklevel=2)
-        _native_lib = False
     return _native_lib or None
 
 

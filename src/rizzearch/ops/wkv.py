@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.runs import cache_dir
+from rizzearch.ops._common import build_c_library, c_compiler
 
 WKVState = tuple[Tensor, Tensor, Tensor]  # (numerator a, denominator b, max exponent p), each (B, C) fp32
 
@@ -626,26 +626,6 @@ THREADED_MIN_ELEMENTS = 200_000
 _DECODE_THREADS: int | None = None  # forced thread count (tests, benchmarks); None = the policy above
 
 
-def _build(cc: str, flags: list[str], root, tag_extra: str):
-    """Compile ``_DECODE_C`` with ``flags`` (cached on disk by source, flags, compiler and CPU)."""
-    import hashlib
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    tag = hashlib.sha256((_DECODE_C + " ".join(flags) + cc + tag_extra).encode()).hexdigest()[:16]
-    lib_path = Path(root) / f"rwkv_decode_{tag}.so"
-    if not lib_path.is_file():
-        Path(root).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src = Path(tmp) / "rwkv_decode.c"
-            src.write_text(_DECODE_C)
-            out = Path(tmp) / "rwkv_decode.so"
-            subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
-    return lib_path
-
-
 def decode_library():
     """Build (once, cached on disk) and load the fused decoding kernel; None when unavailable.
 
@@ -659,26 +639,23 @@ def decode_library():
         return None
     import ctypes
     import platform
-    import shutil
     import subprocess
-    from pathlib import Path
 
     try:
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        cc = c_compiler()
         if cc is None:
             raise OSError("no C compiler")
-        base = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"]
-        cpu = platform.machine() + platform.processor()
+        base = ["-O3", "-march=native", "-fno-math-errno"]
+        cpu = platform.machine() + platform.processor()  # -march=native: one build per CPU model
         try:
             with open("/proc/cpuinfo") as f:
                 cpu += next((line for line in f if line.startswith("model name")), "")
         except OSError:
             pass
-        root = cache_dir("kernels")
         try:
-            lib_path = _build(cc, [*base, "-fopenmp"], root, cpu)
+            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, [*base, "-fopenmp"], folder="kernels", tag_extra=cpu)
         except (OSError, subprocess.SubprocessError):  # no OpenMP (e.g. Apple clang): one thread
-            lib_path = _build(cc, base, root, cpu)
+            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, base, folder="kernels", tag_extra=cpu)
         lib = ctypes.CDLL(str(lib_path))
         fn = lib.rwkv_step
         fn.restype = ctypes.c_int
