@@ -167,7 +167,8 @@ def token_logprobs(
     fused cross-entropy kernels do), so the backward pass adds only one chunk too. Use it only when
     nothing else reads these logits after the backward pass (autograd raises if another op saved them).
     ``inplace_backward=None`` decides automatically (``inplace_backward_is_safe``): in place for a
-    plain linear head, out of place otherwise.
+    plain linear head, out of place otherwise. Without a graph (no grad) there is no backward, so
+    nothing is done in place.
     """
     _check_logits_targets("token_logprobs", logits, targets)
     B, T, V = logits.shape
@@ -185,9 +186,10 @@ def token_logprobs(
     safe = torch.where(valid, flat_t, 0).long()
     if inplace_backward is None:
         inplace_backward = inplace_backward_is_safe(logits)
+    inplace_backward = bool(inplace_backward) and logits.requires_grad
     if inplace_backward and not logits.is_contiguous():
         raise ShapeError("token_logprobs: inplace_backward needs contiguous logits")
-    out = _ChunkedTokenLogprobs.apply(logits.reshape(B * T, V), safe, rows, int(chunk_size), bool(inplace_backward))
+    out = _ChunkedTokenLogprobs.apply(logits.reshape(B * T, V), safe, rows, int(chunk_size), inplace_backward)
     return out.view(B, T)
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, inplace_backward_is_safe, token_logprobs, token_logprobs_reference
+from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, token_logprobs, token_logprobs_reference
 
 # TRL's ORPOTrainer.get_batch_loss_metrics name -> our orpo_loss metric (TRL's beta is our lambda).
 # Beware TRL's names: its "log_odds_ratio" is mean log sigmoid(z) = -L_OR, and its "log_odds_chosen"
@@ -202,8 +202,7 @@ def preference_forward(
     else:
         union = resp_t
     if chunked:
-        inplace = inplace_backward_is_safe(logits) if inplace_backward is None else (inplace_backward and logits.requires_grad)
-        lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace)
+        lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace_backward)
     else:
         lp = token_logprobs_reference(logits, union)
 
