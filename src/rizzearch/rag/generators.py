@@ -258,14 +258,21 @@ class ExtractiveGenerator:
         self.idf = idf
         self.default_idf = max(idf.values()) if idf else 1.0
         self.max_chars, self.rank_penalty = max_chars, rank_penalty
-        self._cache: dict[str, tuple[str, list]] = {}
+        self._cache: dict[str, tuple] = {}
 
-    def _sentences(self, p: Passage) -> list[tuple[str, set[str]]]:
+    def _parsed(self, p: Passage) -> tuple[set[str], list[tuple[str, set[str], set[str]]]]:
+        """``(title tokens, [(sentence, its tokens, its tokens | title tokens)])`` of ``p``, computed once per passage."""
         got = self._cache.get(p.id)
-        if got is None or got[0] != p.text:
-            got = (p.text, [(s, content_set(s)) for s in split_sentences(p.text) if len(s) >= 12])
+        if got is None or got[0] != (p.text, p.title):
+            title = content_set(p.title)
+            sents = []
+            for s in split_sentences(p.text):
+                if len(s) >= 12:
+                    toks = content_set(s)
+                    sents.append((s, toks, toks | title))
+            got = ((p.text, p.title), title, sents)
             self._cache[p.id] = got
-        return got[1]
+        return got[1], got[2]
 
     def candidates(self, question: str, passages: list[Passage]) -> list[tuple[float, str, Passage]]:
         """All (score, span, passage), best first (stable order for ties).
@@ -281,14 +288,14 @@ class ExtractiveGenerator:
         out = []
         for rank, p in enumerate(passages):
             pen = rank * self.rank_penalty
+            title, sents = self._parsed(p)
             if p.source == "rule_qa":
-                title_cov = weighted_recall(q, content_set(p.title), idf, dflt)
+                title_cov = weighted_recall(q, title, idf, dflt)
                 if title_cov >= 0.6:
                     out.append((title_cov + 1.0 - pen, p.text[: self.max_chars], p))
                     continue
-            title = content_set(p.title)
-            for s, toks in self._sentences(p):
-                cov = weighted_recall(q, toks | title, idf, dflt)
+            for s, toks, with_title in sents:
+                cov = weighted_recall(q, with_title, idf, dflt)
                 prec = len(q & toks) / max(1, len(toks))
                 out.append((cov + 0.1 * prec - pen, s[: self.max_chars], p))
         out.sort(key=lambda x: -x[0])
