@@ -23,6 +23,7 @@ from rizzearch.objectives.orpo import (
     orpo_batch_loss,
     orpo_loss,
     preference_forward,
+    score_pairs,
 )
 from rizzearch.testing import assert_close
 
@@ -212,6 +213,22 @@ def test_helper_matches_rowwise_spec_and_calls_model_once(setup):
         for i in range(3):
             want, *_ = _unpadded_side(model, ps.tensors, side, i)
             assert_close(got.mean[i], want, name=f"{side}[{i}] mean logp")
+
+
+def test_score_pairs_scores_in_eval_mode_by_batch_and_restores_the_mode(setup):
+    tok, ps, model = setup
+    modes = []
+    handle = model.register_forward_hook(lambda mod, args, out: modes.append(mod.training))
+    model.train()
+    try:
+        fws = list(score_pairs(model, ps.tensors, batch_size=2))
+    finally:
+        handle.remove()
+    assert modes == [False, False] and model.training  # 3 pairs in batches of 2
+    full = preference_forward(model, ps.tensors, nll_mode=None)
+    for side in ("chosen", "rejected"):
+        got = torch.cat([getattr(f, side).mean for f in fws])
+        assert_close(got, getattr(full, side).mean.detach(), name=f"{side} by batches")
 
 
 def test_nll_modes(setup):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.objectives.orpo import preference_forward
+from rizzearch.objectives.orpo import preference_forward, score_pairs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -95,20 +95,10 @@ def precompute_reference_logps(model, tensors: dict[str, Tensor], batch_size: in
     One no-grad pass over the data in eval mode (dropout off); the result is meant to be merged
     into the training tensors so each batch carries its reference values.
     """
-    from rizzearch.data.preference import PairEvalBatches
-
-    was = model.training
-    model.eval()
     out: dict[str, list[Tensor]] = {k: [] for k in REF_KEYS}
-    try:
-        for batch in PairEvalBatches(tensors, batch_size).batches():
-            if device is not None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-            fw = preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
-            out["ref_chosen_logps"].append(fw.chosen.sum.float().cpu())
-            out["ref_rejected_logps"].append(fw.rejected.sum.float().cpu())
-    finally:
-        model.train(was)
+    for fw in score_pairs(model, tensors, batch_size, chunk_size=chunk_size, device=device):
+        out["ref_chosen_logps"].append(fw.chosen.sum.float().cpu())
+        out["ref_rejected_logps"].append(fw.rejected.sum.float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +222,27 @@ def preference_forward(
         n_tok = mask.sum()
         nll = -(lp[:B] * mask).sum() / n_tok
     return PreferenceForward(chosen, rejected, nll, n_tok)
+
+
+@torch.no_grad()
+def score_pairs(model, tensors: dict[str, Tensor], batch_size: int = 32, *, chunk_size: int | None = None,
+                device=None) -> Iterator[PreferenceForward]:
+    """``preference_forward`` (no NLL) over fixed, in-order batches of a preference set's tensors.
+
+    Eval mode (dropout off) and no grad while the batches are scored; the model's mode is restored
+    once the iteration ends. Used for DPO's reference log-probs and the held-out preference metrics.
+    """
+    from rizzearch.data.preference import PairEvalBatches
+
+    was = model.training
+    model.eval()
+    try:
+        for batch in PairEvalBatches(tensors, batch_size).batches():
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            yield preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
+    finally:
+        model.train(was)
 
 
 @dataclass(frozen=True)

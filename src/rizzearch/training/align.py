@@ -30,7 +30,6 @@ from torch import Tensor
 
 from rizzearch.data.batches import RowBatches
 from rizzearch.data.preference import (
-    PairEvalBatches,
     PreferenceSet,
     check_budget,
     encode_pairs,
@@ -39,7 +38,7 @@ from rizzearch.data.preference import (
 )
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.objectives.dpo import DPOConfig, make_dpo_loss, precompute_reference_logps
-from rizzearch.objectives.orpo import ORPOConfig, make_orpo_loss, preference_forward
+from rizzearch.objectives.orpo import ORPOConfig, make_orpo_loss, score_pairs
 from rizzearch.objectives.sft import make_sft_loss
 from rizzearch.training.distributed import device_for, init_distributed
 from rizzearch.training.loop import TrainConfig, TrainResult
@@ -137,24 +136,16 @@ def evaluate_preferences(model, tensors: dict[str, Tensor], batch_size: int = 32
     wrong); chosen_logp / rejected_logp: mean over pairs of the mean token log-probs; logp_margin;
     chosen_nll: token-mean NLL of the chosen responses.
     """
-    was = model.training
-    model.eval()
     wins = n = 0
     sums = {"chosen_logp": 0.0, "rejected_logp": 0.0}
     nll_sum = nll_tok = 0.0
-    try:
-        for batch in PairEvalBatches(tensors, batch_size).batches():
-            if device is not None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-            fw = preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
-            wins += int((fw.chosen.mean > fw.rejected.mean).sum())
-            n += fw.chosen.mean.shape[0]
-            sums["chosen_logp"] += float(fw.chosen.mean.sum())
-            sums["rejected_logp"] += float(fw.rejected.mean.sum())
-            nll_sum -= float(fw.chosen.sum.sum())
-            nll_tok += float(fw.chosen.count.sum())
-    finally:
-        model.train(was)
+    for fw in score_pairs(model, tensors, batch_size, chunk_size=chunk_size, device=device):
+        wins += int((fw.chosen.mean > fw.rejected.mean).sum())
+        n += fw.chosen.mean.shape[0]
+        sums["chosen_logp"] += float(fw.chosen.mean.sum())
+        sums["rejected_logp"] += float(fw.rejected.mean.sum())
+        nll_sum -= float(fw.chosen.sum.sum())
+        nll_tok += float(fw.chosen.count.sum())
     out = {"pref_accuracy": wins / n, **{k: v / n for k, v in sums.items()}}
     out["logp_margin"] = out["chosen_logp"] - out["rejected_logp"]
     out["chosen_nll"] = nll_sum / nll_tok
