@@ -56,13 +56,13 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if (self.d_model // self.n_head) % 2:
             raise ValueError(f"head dim d_model/n_head = {self.d_model // self.n_head} must be even for RoPE")
-        for name in ("vocab_size", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def rope_angles(positions: Tensor, head_dim: int, base: float) -> Tensor:
