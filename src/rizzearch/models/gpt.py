@@ -84,7 +84,6 @@ class Attention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rope_base = cfg.rope_base
 
     def forward(self, x, rot, cache_k, cache_v, key_valid, query_start):
         B, T, C = x.shape
