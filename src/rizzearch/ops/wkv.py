@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.ops._common import build_c_library, c_compiler
+from rizzearch.ops._common import build_c_library, c_compiler, compute_dtype
 
 WKVState = tuple[Tensor, Tensor, Tensor]  # (numerator a, denominator b, max exponent p), each (B, C) fp32
 
@@ -93,11 +93,6 @@ def _check(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state, 
         raise ShapeError(f"wkv: mask must have shape {(B, T)}, got {tuple(mask.shape)}")
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float32 for every activation dtype (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _state32(state, B: int, C: int, device, dtype=torch.float32) -> WKVState:
     if state is None:
         return tuple(s.to(dtype) for s in init_wkv_state(B, C, device))  # type: ignore[return-value]
@@ -117,7 +112,7 @@ def wkv_step(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state
     ``p' = q'``. Rows with ``mask == False`` keep their state.
     """
     a, b, p = state
-    acc = _acc(k.dtype)
+    acc = compute_dtype(k.dtype)
     k, v = k.to(acc), v.to(acc)
     neg_w = -torch.exp(time_decay.to(acc))
     u = time_first.to(acc)
@@ -141,7 +136,7 @@ def wkv_ref(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=
     """Reference: ``wkv_step`` in a Python loop over T. Returns (out (B, T, C) in v's dtype, state)."""
     _check(time_decay, time_first, k, v, state, mask)
     B, T, C = k.shape
-    st = _state32(state, B, C, k.device, _acc(k.dtype))
+    st = _state32(state, B, C, k.device, compute_dtype(k.dtype))
     outs = []
     for t in range(T):
         y, st = wkv_step(time_decay, time_first, k[:, t], v[:, t], st, None if mask is None else mask[:, t])
@@ -275,7 +270,7 @@ def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, st
     """Fast form (see module docstring). Same arguments and results as ``wkv_ref``."""
     _check(time_decay, time_first, k, v, state, mask)
     B, T, C = k.shape
-    acc = _acc(k.dtype)
+    acc = compute_dtype(k.dtype)
     a0, b0, p0 = _state32(state, B, C, k.device, acc)
     if T == 0:
         return v.new_zeros(B, 0, C), (a0, b0, p0)
@@ -374,7 +369,7 @@ def wkv(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None
     _check(time_decay, time_first, k, v, state, mask)
     B, T, C = k.shape
     if T == 1:
-        st = _state32(state, B, C, k.device, _acc(k.dtype))
+        st = _state32(state, B, C, k.device, compute_dtype(k.dtype))
         y, st = wkv_step(time_decay, time_first, k[:, 0], v[:, 0], st, None if mask is None else mask[:, 0])
         return y[:, None].to(v.dtype), st
     name = form or _FORM
