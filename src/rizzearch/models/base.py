@@ -21,10 +21,9 @@ Models return logits only; losses live in ``rizzearch.objectives``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -401,15 +400,3 @@ def _beam_search(model, last: Tensor, state: State, n_new: int, W: int, length_p
     ranked = scores / lengths.pow(length_penalty) if length_penalty else scores
     best = ranked.argmax(-1)  # (B,)
     return seqs[torch.arange(B, device=device), best]
-
-
-def count_parameters_table(models: Iterable[tuple[str, nn.Module]]) -> str:
-    """A small Markdown table of parameter counts (used by studies that match model sizes)."""
-    rows = ["| model | parameters |", "|---|---:|"]
-    for name, m in models:
-        rows.append(f"| {name} | {sum(p.numel() for p in m.parameters()):,} |")
-    return "\n".join(rows)
-
-
-def perplexity(loss_nats: float) -> float:
-    return math.exp(min(loss_nats, 50.0))
