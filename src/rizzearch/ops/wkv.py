@@ -319,26 +319,19 @@ def wkv_chunked(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, st
 # Dispatch
 
 
-def _default_form() -> str:
-    form = os.environ.get("RIZZ_WKV_FORM", "chunked")
+def _check_form(form: str, where: str = "wkv form") -> str:
     if form not in FORMS:
-        raise ConfigError(f"RIZZ_WKV_FORM: expected one of {list(FORMS)}, got {form!r}")
+        raise ConfigError(f"{where}: expected one of {list(FORMS)}, got {form!r}")
     return form
 
 
-_FORM = _default_form()
+_FORM = _check_form(os.environ.get("RIZZ_WKV_FORM", "chunked"), "RIZZ_WKV_FORM")
 
 
 def set_wkv_form(form: str) -> None:
     """Choose the form ``wkv`` uses for T > 1 ("reference" or "chunked")."""
     global _FORM
-    if form not in FORMS:
-        raise ConfigError(f"wkv form: expected one of {list(FORMS)}, got {form!r}")
-    _FORM = form
-
-
-def get_wkv_form() -> str:
-    return _FORM
+    _FORM = _check_form(form)
 
 
 @contextmanager
@@ -372,10 +365,7 @@ def wkv(time_decay: Tensor, time_first: Tensor, k: Tensor, v: Tensor, state=None
         st = _state32(state, B, C, k.device, compute_dtype(k.dtype))
         y, st = wkv_step(time_decay, time_first, k[:, 0], v[:, 0], st, None if mask is None else mask[:, 0])
         return y[:, None].to(v.dtype), st
-    name = form or _FORM
-    if name not in FORMS:
-        raise ConfigError(f"wkv form: expected one of {list(FORMS)}, got {name!r}")
-    fn = wkv_chunked if name == "chunked" else wkv_ref
+    fn = wkv_chunked if _check_form(form or _FORM) == "chunked" else wkv_ref
     return fn(time_decay, time_first, k, v, state, mask)
 
 
