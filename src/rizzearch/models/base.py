@@ -125,15 +125,17 @@ class CausalLM(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at context ``seq_len``.
 
-        Default: 6 x the parameters that take part in matmuls (everything but the embedding
-        lookup; a tied LM head counts once because its matmul is real). Models with a
-        sequence-length dependent term (attention) override this.
+        Default: 6 x the weights that take part in matmuls, i.e. every parameter with two or more
+        dimensions outside the embedding lookup (a tied LM head counts, because its matmul is
+        real). Models override this to add their sequence-length terms (attention, chunkwise scans).
         """
-        n = self.num_params(non_embedding=True)
-        emb = [m for m in self.modules() if isinstance(m, nn.Embedding)]
-        head = getattr(self, "lm_head", None)
-        if head is not None and emb and head.weight is emb[0].weight:
-            n += head.weight.numel()
+        n = sum(
+            p.numel()
+            for m in self.modules()
+            if not isinstance(m, nn.Embedding)
+            for p in m.parameters(recurse=False)
+            if p.dim() >= 2
+        )
         return 6.0 * n
 
     def _check_tokens(self, tokens: Tensor, attention_mask: Tensor | None) -> None:

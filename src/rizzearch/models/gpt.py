@@ -204,7 +204,4 @@ class GPT(CausalLM):
     def flops_per_token(self, seq_len: int) -> float:
         """6 N (matmul parameters incl. the LM head) + 6 L T d for causal attention scores and values."""
         cfg = self.config
-        n_matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
-        if cfg.tie_embeddings:
-            n_matmul += self.lm_head.weight.numel()
-        return 6.0 * n_matmul + 6.0 * cfg.n_layer * seq_len * cfg.d_model
+        return super().flops_per_token(seq_len) + 6.0 * cfg.n_layer * seq_len * cfg.d_model

@@ -439,7 +439,4 @@ class RWKV(CausalLM):
     def flops_per_token(self, seq_len: int) -> float:
         """6 N over matmul weights (+ the head) + ~20 element ops per WKV channel per layer (no T term)."""
         cfg = self.config
-        n = sum(p.numel() for name, p in self.named_parameters() if p.dim() == 2 and not name.startswith("emb."))
-        if cfg.tie_embeddings:
-            n += self.head.weight.numel()
-        return 6.0 * n + 3 * 20.0 * cfg.n_layer * cfg.att_dim
+        return super().flops_per_token(seq_len) + 3 * 20.0 * cfg.n_layer * cfg.att_dim

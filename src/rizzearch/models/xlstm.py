@@ -511,13 +511,9 @@ class XLSTM(CausalLM):
         ``2 L NH (Dqk + Dv)`` with ``L = min(seq_len, chunk_size)``, plus the state read/write
         ``4 NH Dqk Dv``; training counts 3x the forward.
         """
-        cfg = self.config
-        n = sum(p.numel() for name, p in self.named_parameters() if p.dim() >= 2 and not name.startswith("embed"))
-        if cfg.tie_embeddings:
-            n += self.lm_head.weight.numel()
-        L = min(seq_len, cfg.chunk_size)
+        L = min(seq_len, self.config.chunk_size)
         extra = 0.0
         for b in self.blocks:
             if b.kind == "m":
                 extra += 2 * L * b.NH * 2 * b.Dh + 4 * b.NH * b.Dh * b.Dh
-        return 6.0 * n + 3.0 * extra
+        return super().flops_per_token(seq_len) + 3.0 * extra
