@@ -163,7 +163,6 @@ def document_losses(model, docs: Sequence[Sequence[int]], batch_size: int = 16, 
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
-    out: list[tuple[float, int]] = []
     try:
         order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
         res: dict[int, tuple[float, int]] = {}
@@ -180,10 +179,9 @@ def document_losses(model, docs: Sequence[Sequence[int]], batch_size: int = 16, 
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="none").view(y.shape)
             for r, i in enumerate(idx):
                 res[i] = (float(nll[r].sum()), len(docs[i]) - 1)
-        out = [res[i] for i in range(len(docs))]
     finally:
         model.train(was)
-    return out
+    return [res[i] for i in range(len(docs))]
 
 
 def _check_settings(prompt_tokens: int, new_tokens: int, num_beams: int, batch_size: int) -> None:

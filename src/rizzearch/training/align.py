@@ -216,7 +216,7 @@ def run_stage(
     return result, record
 
 
-def _build_tokenizer(data: PreferenceDataConfig, pairs, run: Path):
+def _build_tokenizer(data: PreferenceDataConfig, pairs):
     from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
     if data.tokenizer == "byte":
@@ -291,7 +291,7 @@ def align(
             raise CheckpointError(f"{init}: no tokenizer.json next to the checkpoint")
         model_name = meta["model"]
     else:
-        tok = _build_tokenizer(data, pairs, run)
+        tok = _build_tokenizer(data, pairs)
         overrides = dict(model_config or {})
         overrides.setdefault("vocab_size", tok.vocab_size)
         if int(overrides["vocab_size"]) < tok.vocab_size:

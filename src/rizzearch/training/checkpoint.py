@@ -168,7 +168,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
     tokenizer is looked up next to the checkpoint, then in the run folder; when found, its
     vocabulary must match the checkpoint's (else ``CheckpointError``).
     """
-    from rizzearch.data.tokenizer import Tokenizer, tokenizer_fingerprint
+    from rizzearch.data.tokenizer import Tokenizer
 
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)

@@ -7,14 +7,13 @@ signatures below are the CLI and YAML schema (see ``rizzearch.cli``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from rizzearch.data.batches import EvalWindows, RandomWindows
-from rizzearch.data.text import TextDataset, prepare_text, read_source, split_text
+from rizzearch.data.text import prepare_text, read_source, split_text
 from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_fingerprint, train_bpe
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import build_model, generate
