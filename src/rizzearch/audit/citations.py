@@ -190,6 +190,7 @@ class Authorities:
     const_docs: dict  # tuple path -> [Passage]
     us_years: list  # sorted (volume, year) points of our U.S. Reports opinions
     idf: tuple | None = None  # (idf table, default idf), filled lazily by the labeller
+    tokens: dict = field(default_factory=dict)  # passage id -> content tokens of text and title, filled lazily by the labeller
 
 
 def _const_key(p: Passage) -> list[tuple]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from rizzearch.audit.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, extract_citations
 from rizzearch.errors import DataError
-from rizzearch.rag.text import content_set, content_tokens, idf_table, split_sentences, weighted_recall
+from rizzearch.rag.text import content_set, content_tokens, corpus_idf, split_sentences, weighted_recall
 
 CORRECTNESS = ("correct", "incorrect", "refusal")
 GROUNDEDNESS = ("grounded", "misgrounded", "ungrounded")
@@ -73,17 +73,21 @@ class LabelConfig:
 def _idf(auth: Authorities) -> tuple[dict, float]:
     """IDF table over the corpus passages, computed once per Authorities object."""
     if auth.idf is None:
-        idf = idf_table(p.text for p in auth.passages)
-        auth.idf = (idf, max(idf.values()) if idf else 1.0)
+        auth.idf = corpus_idf(p.text for p in auth.passages)
     return auth.idf
 
 
 def _doc_tokens(auth: Authorities, pids: list[str]) -> set[str]:
+    """Content tokens of the passages ``pids`` (text and title); each passage is tokenised once per Authorities."""
     toks: set[str] = set()
     for pid in pids:
-        p = auth.by_id.get(pid)
-        if p is not None:
-            toks |= content_set(p.text) | content_set(p.title)
+        got = auth.tokens.get(pid)
+        if got is None:
+            p = auth.by_id.get(pid)
+            if p is None:
+                continue
+            got = auth.tokens[pid] = content_set(p.text) | content_set(p.title)
+        toks |= got
     return toks
 
 

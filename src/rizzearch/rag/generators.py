@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.rag.corpus import Passage
-from rizzearch.rag.text import content_set, content_tokens, idf_table, split_sentences, weighted_recall
+from rizzearch.rag.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
 from rizzearch.runs import cache_dir as default_cache_dir
 
 SYSTEM_PROMPT = (
@@ -371,7 +371,7 @@ class MemoryGenerator:
             keep_doc[d] = _unit(d, seed) < prob
         self.memory = [p for p in passages if keep_doc[p.doc]]
         self.remembered_docs = sorted(d for d, k in keep_doc.items() if k)
-        self.extractor = ExtractiveGenerator(idf=idf_table(p.text for p in passages), rank_penalty=0.0)
+        self.extractor = ExtractiveGenerator(idf=corpus_idf(p.text for p in passages)[0], rank_penalty=0.0)
 
     def _recall_ref(self, p: Passage) -> str:
         if p.source != "scotus" or _unit("cite:" + p.doc, self.seed) >= self.cite_noise:

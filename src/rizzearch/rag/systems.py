@@ -24,7 +24,7 @@ from rizzearch.errors import DataError
 from rizzearch.rag.corpus import Passage
 from rizzearch.rag.generators import GenerationRequest, Generator, build_messages
 from rizzearch.rag.index import Hit, Index
-from rizzearch.rag.text import ORDINALS, content_set, content_tokens, from_roman, weighted_recall, words
+from rizzearch.rag.text import ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
 
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
 
@@ -352,13 +352,7 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
 
 
 def _index_idf(index: Index) -> dict:
-    cached = getattr(index, "_idf_cache", None)
-    if cached is None:
-        from rizzearch.rag.text import idf_table
-
-        cached = idf_table(p.text for p in index.passages)
-        index._idf_cache = cached
-    return cached
+    return corpus_idf(p.text for p in index.passages)[0]
 
 
 def make_system(name: str, index: Index, generator: Generator | str = "extractive", *, k: int = 4, mode: str = "hybrid",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -110,6 +111,21 @@ def idf_table(texts: Iterable[str]) -> dict[str, float]:
         n += 1
         df.update(content_set(t))
     return {w: math.log(1.0 + n / c) for w, c in df.items()}
+
+
+def corpus_idf(texts: Iterable[str]) -> tuple[dict[str, float], float]:
+    """``(idf_table(texts), default)`` with ``default`` the largest IDF (for unseen words), memoised on the texts.
+
+    The index, the citation authorities and the closed-book memory all weigh words over the same corpus;
+    this computes that table once per process. Treat the returned table as read-only.
+    """
+    return _corpus_idf(tuple(texts))
+
+
+@lru_cache(maxsize=4)
+def _corpus_idf(texts: tuple[str, ...]) -> tuple[dict[str, float], float]:
+    idf = idf_table(texts)
+    return idf, (max(idf.values()) if idf else 1.0)
 
 
 def weighted_recall(needles: Iterable[str], haystack: set[str], idf: dict[str, float], default_idf: float) -> float:
