@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from rizzearch.rag.corpus import Passage
-from rizzearch.rag.text import content_set, from_roman
+from rizzearch.rag.text import content_set, from_roman, roman
 
 EXISTS, NONEXISTENT, UNVERIFIABLE = "exists", "nonexistent", "unverifiable"
 
@@ -145,8 +145,6 @@ def _const_cites(text: str) -> list[Citation]:
             if n is None:
                 continue
             kind = "art" if m.group("art") else "amend"
-            from rizzearch.rag.text import roman
-
             path, norm = [kind, n], f"U.S. Const. {kind}. {roman(n)}"
             if m.group("sec"):
                 path += ["s", int(m.group("sec"))]
@@ -260,22 +258,29 @@ def _expected_us_year(auth: Authorities, vol: int) -> float | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _reporter_editions() -> dict:
+    """Reporter abbreviation (an edition, or a variation of one) -> its reporters-db edition, built once.
+
+    The first reporters-db entry naming the abbreviation wins, and within an entry its editions come before
+    its variations."""
+    from reporters_db import REPORTERS
+
+    out: dict = {}
+    for entries in REPORTERS.values():
+        for e in entries:
+            for abbr, edition in e["editions"].items():
+                out.setdefault(abbr, edition)
+            for var, target in e.get("variations", {}).items():
+                if target in e["editions"]:
+                    out.setdefault(var, e["editions"][target])
+    return out
+
+
 def _reporter_check(c: Citation) -> tuple[str, str]:
     import datetime
 
-    from reporters_db import REPORTERS
-
-    reps = None
-    for key, entries in REPORTERS.items():
-        for e in entries:
-            if c.reporter in e["editions"]:
-                reps = e["editions"][c.reporter]
-                break
-            if c.reporter in e.get("variations", {}) and e["variations"][c.reporter] in e["editions"]:
-                reps = e["editions"][e["variations"][c.reporter]]
-                break
-        if reps:
-            break
+    reps = _reporter_editions().get(c.reporter)
     if reps is None:
         return NONEXISTENT, f"reporter {c.reporter!r} is not in reporters-db"
     this_year = datetime.date.today().year
