@@ -19,6 +19,7 @@ training (including the reference pass) is counted, so methods can be compared o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -109,17 +110,13 @@ class ForwardCounter:
             self.sequences += int(args[0].shape[0])
             self.tokens += int(args[0].numel())
 
+    @contextlib.contextmanager
     def paused(self):
-        counter = self
-
-        class _Pause:
-            def __enter__(self):
-                counter._active = False
-
-            def __exit__(self, *exc):
-                counter._active = True
-
-        return _Pause()
+        self._active = False
+        try:
+            yield
+        finally:
+            self._active = True
 
     def snapshot(self) -> dict:
         return {"forward_calls": self.calls, "forward_sequences": self.sequences, "forward_tokens": self.tokens}
