@@ -44,6 +44,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
+from rizzearch.data.text import resolve_source
 from rizzearch.errors import ConfigError, DataError
 
 SIDES = ("chosen", "rejected")
@@ -262,15 +263,6 @@ def _pairs_record(obj: dict, where: str, problems: _Problems) -> PreferencePair 
     return PreferencePair(messages, chosen, rejected, where)
 
 
-def resolve_source(source: str) -> Path:
-    """A bundled corpus name or a file path -> the file."""
-    from rizzearch import corpora
-
-    if source in corpora.list():
-        return corpora.path(source)
-    return Path(source)
-
-
 def read_preferences(
     source: str | Path,
     format: Literal["auto", "pairs", "hh"] = "auto",
@@ -281,7 +273,7 @@ def read_preferences(
 
     ``format="auto"`` picks ``pairs`` when the first record has a ``prompt`` field, else ``hh``.
     """
-    path = resolve_source(str(source))
+    path = resolve_source(source)
     problems = _Problems(on_error)
     if format not in ("auto", "pairs", "hh"):
         raise ConfigError(f"data.format: expected auto, pairs or hh, got {format!r}")

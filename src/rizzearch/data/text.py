@@ -22,15 +22,19 @@ from rizzearch.errors import DataError
 SHARD_TOKENS = 1 << 24  # 16M tokens per shard file
 
 
+def resolve_source(source: str | Path) -> Path:
+    """A bundled corpus name or a file path -> the file."""
+    from rizzearch import corpora
+
+    src = str(source)
+    return corpora.path(src) if src in corpora.list() else Path(src)
+
+
 def read_source(source: str | Path) -> tuple[str, str]:
     """Text of a bundled corpus name or a file path -> (text, description). Errors name the file."""
     from rizzearch import corpora
 
-    src = str(source)
-    if src in corpora.list():
-        path = corpora.path(src)
-    else:
-        path = Path(src)
+    path = resolve_source(source)
     if path.is_dir():
         raise DataError(f"{path}: is a folder; give a text file or a bundled corpus name ({', '.join(corpora.list())})")
     if not path.exists():
