@@ -254,10 +254,6 @@ class Index:
         if self.vectors is not None and questions:
             self.embedder.prime(list(questions))
 
-    # ------------------------------------------------------------------ lookups used by the audit
-    def doc_passages(self, doc: str) -> list[Passage]:
-        return [p for p in self.passages if p.doc == doc or p.doc.startswith(doc + "/")]
-
 
 def default_index_path() -> Path:
     """``legal_rag_index.sqlite`` in the cache folder (:func:`rizzearch.runs.cache_dir`)."""

@@ -155,7 +155,7 @@ def entity_in(e: Entity, p: Passage) -> bool:
         n = int(e.key)
         if p.meta.get("amendment") == n:
             return True
-        return 0 < n < len(ORDINALS) and f"{ORDINALS[n]} amendment" in text.replace("-", "-")
+        return 0 < n < len(ORDINALS) and f"{ORDINALS[n]} amendment" in text
     return False
 
 
@@ -195,9 +195,8 @@ class ClosedBook(System):
 
     name = "closed_book"
 
-    def __init__(self, generator: Generator, entity_finder: EntityFinder | None = None):
+    def __init__(self, generator: Generator):
         self.generator = generator
-        self.entities = entity_finder
 
     def answer(self, question: str) -> Answer:
         question = check_question(question)
