@@ -38,7 +38,7 @@ import random
 import re
 from pathlib import Path
 
-from rizzearch.rag.corpus import load_corpus
+from rizzearch.rag.corpus import REVIEW_PHRASES, date_words, load_corpus
 from rizzearch.rag.text import ORDINALS, split_sentences
 
 DATA = Path(__file__).resolve().parent / "data" / "queries.jsonl"
@@ -126,13 +126,6 @@ def _q(qid, category, family, question, gold, passages, false_premise=False, ali
             "aliases": list(aliases), "false_premise": false_premise, "gold_passages": list(passages)}
 
 
-def _date_words(iso: str) -> str:
-    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-              "November", "December"]
-    y, m, d = (int(x) for x in iso.split("-"))
-    return f"{months[m - 1]} {d}, {y}"
-
-
 def build_queries() -> list[dict]:
     """The full query set, deterministic for a given corpus."""
     rng = random.Random(SEED)
@@ -192,8 +185,7 @@ def build_queries() -> list[dict]:
                    and all(w.strip(",") in _COURT_WORDS for w in p.meta["court_below"].split())]
     for p in rng.sample(clean_below, min(34, len(clean_below))):
         m = p.meta
-        how = {"appeal": "on appeal from", "certiorari": "on certiorari to", "error": "on writ of error to",
-               "certificate": "on a certificate from"}[m["review"]]
+        how = REVIEW_PHRASES[m["review"]]
         out.append(_q(f"court_below-{p.doc.split('/')[1]}", "jurisdiction_time", "court_below",
                       f"{m['case_name']} ({m['year']}) reached the Supreme Court {how} which lower court?",
                       m["court_below"], [p.id]))
@@ -201,7 +193,7 @@ def build_queries() -> list[dict]:
     for p in rng.sample(dated, 16):
         m = p.meta
         out.append(_q(f"decision_date-{p.doc.split('/')[1]}", "jurisdiction_time", "decision_date",
-                      f"On what date did the Supreme Court decide {m['case_name']}?", _date_words(m["decided"]), [p.id]))
+                      f"On what date did the Supreme Court decide {m['case_name']}?", date_words(m["decided"]), [p.id]))
 
     authored = [p for p in metas if p.meta.get("opinion_by")]
     authors = sorted({p.meta["opinion_by"] for p in authored})

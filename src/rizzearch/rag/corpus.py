@@ -197,7 +197,13 @@ def court_below(raw: str) -> tuple[str, str] | None:
     return None
 
 
-def _date_words(iso: str | None) -> str | None:
+# How a case reached the Supreme Court (``court_below``'s first field), as a phrase.
+REVIEW_PHRASES = {"appeal": "on appeal from", "certiorari": "on certiorari to", "error": "on writ of error to",
+                  "certificate": "on a certificate from"}
+
+
+def date_words(iso: str | None) -> str | None:
+    """``"1954-05-17"`` -> ``"May 17, 1954"``; None for anything that is not an ISO date."""
     if not iso or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", iso):
         return None
     y, m, d = (int(x) for x in iso.split("-"))
@@ -229,13 +235,11 @@ def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> lis
                 "decided": row.get("decided"), "opinion_by": author,
                 "court_below": below[1] if below else None, "review": below[0] if below else None}
         facts = [f"{case}, {cite}" + (f" ({year})" if year else "") + "."]
-        when = _date_words(row.get("decided"))
+        when = date_words(row.get("decided"))
         if when:
             facts.append(f"{case} was decided by the Supreme Court of the United States on {when}.")
         if below:
-            verb = {"appeal": "on appeal from", "certiorari": "on certiorari to", "error": "on writ of error to",
-                    "certificate": "on a certificate from"}[below[0]]
-            facts.append(f"The Supreme Court heard {case} {verb} the {below[1]}.")
+            facts.append(f"The Supreme Court heard {case} {REVIEW_PHRASES[below[0]]} the {below[1]}.")
         if author:
             facts.append(f"In {case}, Justice {author} delivered the opinion of the Court.")
         else:
