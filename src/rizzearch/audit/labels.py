@@ -29,12 +29,12 @@ import re
 from dataclasses import dataclass
 
 from rizzearch.audit.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, extract_citations
+from rizzearch.audit.queries import CATEGORIES
 from rizzearch.errors import DataError
 from rizzearch.rag.text import content_set, content_tokens, corpus_idf, split_sentences, weighted_recall
 
 CORRECTNESS = ("correct", "incorrect", "refusal")
 GROUNDEDNESS = ("grounded", "misgrounded", "ungrounded")
-CATEGORIES = ("general", "jurisdiction_time", "false_premise", "factual_recall")
 DERIVED = ("accurate", "incomplete", "hallucinated")
 
 REFUSAL = re.compile(
