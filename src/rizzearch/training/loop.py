@@ -25,6 +25,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from rizzearch.data.batches import split_batch
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.training import checkpoint as ckpt_io
@@ -313,12 +314,10 @@ def train(
             rows = next(iter(batch.values())).shape[0]
             if rows != cfg.batch_size:
                 raise ConfigError(f"data source returned {rows} rows, train.batch_size is {cfg.batch_size}")
-            per_rank = rows // info.world_size
-            mine = {k: v[info.rank * per_rank : (info.rank + 1) * per_rank].to(device) for k, v in batch.items()}
+            mine = {k: v.to(device) for k, v in split_batch(batch, info.world_size)[info.rank].items()}
             sums: dict[str, float] = {}
             bad = False
-            for i in range(accum):
-                mb = {k: v[i * micro : (i + 1) * micro] for k, v in mine.items()}
+            for i, mb in enumerate(split_batch(mine, accum)):
                 sync = contextlib.nullcontext() if (i == accum - 1 or not info.enabled) else ddp_model.no_sync()
                 with sync:
                     with _autocast(cfg, device):
