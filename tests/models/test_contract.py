@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rizzearch.errors import ShapeError
+from rizzearch.errors import CheckpointError, ShapeError
 from rizzearch.models import build_model, generate, model_names
 from rizzearch.models.base import select_state, tiny_overrides
 from rizzearch.testing import assert_close
@@ -133,3 +133,16 @@ def test_bad_input_is_named(model):
         model(torch.randint(0, V, (5,)))
     with pytest.raises(ShapeError, match="attention_mask"):
         model(torch.randint(0, V, (2, 5)), attention_mask=torch.ones(2, 4))
+
+
+def test_incompatible_state_dict_is_named(model):
+    """load_state_dict raises RizzErrors naming the tensor (wrong shape) or the keys (missing), for every model."""
+    name = model.registry_name
+    wide = build_model(name, **{**tiny_overrides(name), "vocab_size": V, "d_model": 32})
+    with pytest.raises(ShapeError, match=r"state_dict\['[\w.]+'\]: expected shape \([\d, ]+\), got \([\d, ]+\)"):
+        model.load_state_dict(wide.state_dict())
+    sd = model.state_dict()
+    dropped = next(iter(sd))
+    with pytest.raises(CheckpointError, match=rf"missing \['{dropped}'\]"):
+        model.load_state_dict({k: v for k, v in sd.items() if k != dropped})
+    model.load_state_dict(sd)  # its own weights load

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rizzearch.errors import ConfigError, ShapeError
+from rizzearch.errors import CheckpointError, ConfigError, ShapeError
 
 State = Any  # nested dict / list / tuple of tensors, batch on dim 0
 
@@ -106,6 +106,30 @@ class CausalLM(nn.Module):
         mask = None if attention_mask is None else attention_mask.view(-1, 1)
         logits, state = self(token[:, None], state, attention_mask=mask)
         return logits[:, 0], state
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` whose errors are ``RizzError``s that name the problem: a tensor
+        of the wrong shape (``ShapeError``, expected and actual shape), missing or unexpected keys
+        (``CheckpointError``, with ``strict``)."""
+        own = self.state_dict()
+        what = type(self).__name__
+        for name, t in state_dict.items():
+            if name in own and tuple(t.shape) != tuple(own[name].shape):
+                raise ShapeError(
+                    f"state_dict['{name}']: expected shape {tuple(own[name].shape)}, got {tuple(t.shape)} "
+                    f"(weights of another {what} config?)"
+                )
+        if strict:
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"state_dict does not match this {what} model: missing {missing[:5]}"
+                    f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- sizes ------------------------------------------------------------------------------
 

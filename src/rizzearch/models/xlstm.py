@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rizzearch.errors import CheckpointError, ShapeError
+from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model, where_state
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_step
 from rizzearch.ops.slstm import slstm_forward, slstm_step
@@ -483,26 +483,7 @@ class XLSTM(CausalLM):
         logits = self.lm_head(layer_norm(x, self.norm, self.config.norm_eps))  # (B, T, V)
         return logits, {"blocks": states}
 
-    # -- checkpoints and sizes ------------------------------------------------------------------
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` that names the offending tensor, expected and actual shape."""
-        own = self.state_dict()
-        for name, t in state_dict.items():
-            if name in own and tuple(t.shape) != tuple(own[name].shape):
-                raise ShapeError(
-                    f"state_dict['{name}']: expected shape {tuple(own[name].shape)}, got {tuple(t.shape)} "
-                    f"(weights of another xLSTM config? this model is {self.config.ratio}, d_model={self.config.d_model})"
-                )
-        if strict:
-            missing = sorted(set(own) - set(state_dict))
-            unexpected = sorted(set(state_dict) - set(own))
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"state_dict does not match this {self.config.ratio} model: missing {missing[:5]}"
-                    f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-                )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    # -- sizes ----------------------------------------------------------------------------------
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N (matmul parameters incl. the LM head) + the chunkwise mLSTM's sequence terms.
