@@ -76,9 +76,8 @@ def audit(
         raise DataError("no queries selected (check --categories / --limit / --queries)")
     idx = open_or_build(index, dense=dense and mode != "bm25", progress=progress)
     auth = build_authorities(idx.passages)
-    gen_kw = dict(base_url=base_url, model=model, timeout=timeout, retries=retries)
-    systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed,
-                              **(gen_kw if generator == "endpoint" else {})) for s in system}
+    systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed, base_url=base_url, model=model,
+                              timeout=timeout, retries=retries) for s in system}
     j = None
     if judge:
         from rizzearch.audit.judge import LLMJudge

@@ -55,8 +55,7 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
 
     question = check_question(question)
     idx = open_or_build(index, dense=mode != "bm25")
-    kw = dict(base_url=base_url, model=model, timeout=timeout, retries=retries) if generator == "endpoint" else {}
-    sysm = make_system(system, idx, generator, k=k, mode=mode, **kw)
+    sysm = make_system(system, idx, generator, k=k, mode=mode, base_url=base_url, model=model, timeout=timeout, retries=retries)
     ans = sysm.answer(question)
     rec = ans.to_dict()
     if label and ans.status == "answered":
