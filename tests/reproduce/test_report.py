@@ -26,6 +26,16 @@ OK_STUDY = textwrap.dedent('''
                              {{"accuracy": 0.95, "nested": {{"loss": 1.5}}}})
 ''').format(png=PNG.hex())
 BAD_STUDY = "def run(out_dir, **kw):\n    raise RuntimeError('the model diverged at step 7')\n"
+LATE_FAILURE = textwrap.dedent('''
+    from pathlib import Path
+    from rizzearch.reproduce.common import Claim, write_results
+
+    def run(out_dir, **kw):
+        counter = Path(out_dir) / "runs.txt"
+        counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
+        write_results(out_dir, "late", [Claim("c", "s", 1, 1, True)], {})
+        raise RuntimeError("the plot failed after results.json was written")
+''')
 
 
 @pytest.fixture
@@ -62,6 +72,16 @@ def test_failed_study_is_reported_and_others_run_then_resume(fake_studies, tmp_p
     assert (out / "good" / "runs.txt").read_text() == "1"
     rr.reproduce(out=str(out), parity=False, force=True)
     assert (out / "good" / "runs.txt").read_text() == "2"
+
+
+def test_study_failing_after_writing_results_is_rerun_on_resume(fake_studies, tmp_path, monkeypatch):
+    (tmp_path / "fakestudies" / "late.py").write_text(LATE_FAILURE)
+    monkeypatch.setattr(rr, "STUDIES", {"late": rr.Study("late", "fakestudies.late", "Late paper (2024)", 1)})
+    out = tmp_path / "run"
+    combined = rr.reproduce(out=str(out), parity=False)
+    assert combined["metrics"]["studies"]["late"]["status"] == "failed" and combined["claims"] == []
+    rr.reproduce(out=str(out), parity=False)
+    assert (out / "late" / "runs.txt").read_text() == "2"
 
 
 def test_single_study_writes_into_out(fake_studies, tmp_path):

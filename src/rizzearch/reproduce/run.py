@@ -67,7 +67,8 @@ def _is_done(study_dir: Path) -> bool:
 def _run_child(study: Study, study_dir: Path, full: bool, tiny: bool, device: str, seed: int) -> dict:
     """Run one study in a child process; return its status record (never raises for study errors)."""
     study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "error.txt").unlink(missing_ok=True)
+    for stale in ("error.txt", "results.json"):
+        (study_dir / stale).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "rizzearch.reproduce.run", study.name, str(study_dir), "--module", study.module,
            "--full", str(full), "--tiny", str(tiny), "--device", device, "--seed", str(seed)]
     t0 = time.perf_counter()
@@ -86,6 +87,8 @@ def _run_child(study: Study, study_dir: Path, full: bool, tiny: bool, device: st
         status["status"] = "ok"
     else:
         status["status"] = "failed"
+        # a study that wrote results.json and then failed (its plot, its report) is not done: resume reruns it
+        (study_dir / "results.json").unlink(missing_ok=True)
         err_file = study_dir / "error.txt"
         tail = log_path.read_text().strip().splitlines()[-15:]
         status["error"] = err_file.read_text().strip() if err_file.is_file() else "\n".join(tail) or f"exit code {proc.returncode}"
