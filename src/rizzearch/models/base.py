@@ -172,6 +172,14 @@ class CausalLM(nn.Module):
                 f"attention_mask: expected shape {tuple(tokens.shape)} (same as tokens), got {tuple(attention_mask.shape)}"
             )
 
+    @staticmethod
+    def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+        """``attention_mask`` as bool (B, T), or None when it marks no padding (the unpadded path)."""
+        if attention_mask is None:
+            return None
+        mask = attention_mask.bool()
+        return None if bool(mask.all()) else mask
+
 
 # ----------------------------------------------------------------------------------------------
 # Registry

@@ -298,11 +298,7 @@ class RWKV(CausalLM):
             state = self.init_state(B, tokens.device)
         else:
             self._check_state(state, B)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.to(torch.bool)
-            if bool(mask.all()):
-                mask = None
+        mask = self._padding_mask(attention_mask)
         if T == 1 and not torch.is_grad_enabled():
             return self._decode(tokens[:, 0], state, mask)
         x = self.ln0(self.emb(tokens))  # (B, T, C)

@@ -465,9 +465,7 @@ class XLSTM(CausalLM):
         B, T = tokens.shape
         if state is not None:
             self._check_state(state, B, tokens.device)
-        mask = None if attention_mask is None else attention_mask.bool()
-        if mask is not None and bool(mask.all()):
-            mask = None
+        mask = self._padding_mask(attention_mask)
         if mask is not None and T == 1:  # one token: compute, then keep the old state where padded
             old = state if state is not None else self.init_state(B, tokens.device)
             logits, new = self._run(tokens, old, None)
