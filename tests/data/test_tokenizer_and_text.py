@@ -9,10 +9,23 @@ import torch
 from rizzearch import corpora
 from rizzearch.data.batches import EvalWindows, RandomWindows, RowBatches, split_batch
 from rizzearch.data.text import TextDataset, prepare_text, split_text
-from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_fingerprint, train_bpe
-from rizzearch.errors import DataError
+from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, make_tokenizer, tokenizer_fingerprint, train_bpe
+from rizzearch.errors import ConfigError, DataError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20 + "Unicode: naïve café ✓\n"
+
+
+def test_make_tokenizer_from_the_setting(tmp_path):
+    def never():
+        raise AssertionError("texts are read only for bpe")
+
+    byte = make_tokenizer("byte", 300, never)
+    assert byte.vocab_size == 258
+    path = byte.save(tmp_path / "tok.json")
+    assert tokenizer_fingerprint(make_tokenizer(str(path), 300, never)) == tokenizer_fingerprint(byte)
+    assert make_tokenizer("bpe", 300, lambda: [TEXT]).vocab_size > 258
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        make_tokenizer("wordpiece", 300, never)
 
 
 def test_byte_tokenizer_round_trip_and_ids():

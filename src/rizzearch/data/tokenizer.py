@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from rizzearch.errors import DataError
+from rizzearch.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -132,6 +132,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tok)
+
+
+def make_tokenizer(spec: str, vocab_size: int, texts: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The tokenizer a ``data.tokenizer`` setting names: "byte" (one token per byte), "bpe" (a
+    byte-level BPE of ``vocab_size`` trained on ``texts()``, called only then), or a tokenizer.json path."""
+    if spec == "byte":
+        return byte_tokenizer()
+    if spec == "bpe":
+        return train_bpe(texts(), vocab_size)
+    if spec.endswith(".json"):
+        return Tokenizer.load(spec)
+    raise ConfigError(f"data.tokenizer: expected 'bpe', 'byte' or a tokenizer.json path, got {spec!r}")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -214,17 +214,11 @@ def run_stage(
 
 
 def _build_tokenizer(data: PreferenceDataConfig, pairs):
-    from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+    from rizzearch.data.tokenizer import make_tokenizer
 
-    if data.tokenizer == "byte":
-        return byte_tokenizer()
-    if data.tokenizer == "bpe":
-        tpl = get_template(data.template)
-        texts = [tpl.render_prompt(p.messages) + tpl.render_response(p.chosen) + "\n" + tpl.render_response(p.rejected) for p in pairs]
-        return train_bpe(texts, data.vocab_size)
-    if data.tokenizer.endswith(".json"):
-        return Tokenizer.load(data.tokenizer)
-    raise ConfigError(f"data.tokenizer: expected 'bpe', 'byte' or a tokenizer.json path, got {data.tokenizer!r}")
+    tpl = get_template(data.template)
+    return make_tokenizer(data.tokenizer, data.vocab_size, lambda: [
+        tpl.render_prompt(p.messages) + tpl.render_response(p.chosen) + "\n" + tpl.render_response(p.rejected) for p in pairs])
 
 
 def align(

@@ -14,7 +14,7 @@ import torch
 
 from rizzearch.data.batches import EvalWindows, RandomWindows
 from rizzearch.data.text import prepare_text, read_source, split_text
-from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer, tokenizer_fingerprint, train_bpe
+from rizzearch.data.tokenizer import Tokenizer, make_tokenizer, tokenizer_fingerprint
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import build_model, generate
 from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
@@ -52,16 +52,7 @@ def build_tokenizer(data: DataConfig, run: Path) -> Tokenizer:
     existing = run / "tokenizer.json"
     if existing.is_file():
         return Tokenizer.load(existing)
-    if data.tokenizer == "byte":
-        tok = byte_tokenizer()
-    elif data.tokenizer == "bpe":
-        text, _ = read_source(data.source)
-        train_text, _ = split_text(text, data.val_fraction)
-        tok = train_bpe([train_text], data.vocab_size)
-    elif data.tokenizer.endswith(".json"):
-        tok = Tokenizer.load(data.tokenizer)
-    else:
-        raise ConfigError(f"data.tokenizer: expected 'bpe', 'byte' or a tokenizer.json path, got {data.tokenizer!r}")
+    tok = make_tokenizer(data.tokenizer, data.vocab_size, lambda: [split_text(read_source(data.source)[0], data.val_fraction)[0]])
     tok.save(existing)
     return tok
 
