@@ -99,10 +99,8 @@ class XLSTMConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "slstm_at", tuple(int(i) for i in self.slstm_at))
-        for name in ("vocab_size", "d_model", "n_blocks", "mlstm_heads", "slstm_heads", "qkv_blocksize", "round_to"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("conv_kernel", "slstm_conv_kernel", "chunk_size"):
+        for name in ("vocab_size", "d_model", "n_blocks", "mlstm_heads", "slstm_heads", "qkv_blocksize", "round_to",
+                     "conv_kernel", "slstm_conv_kernel", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = [i for i in self.slstm_at if not 0 <= i < self.n_blocks]
@@ -158,6 +156,13 @@ def small_init_(t: Tensor, dim: int) -> Tensor:
 def wang_init_(t: Tensor, dim: int, n_blocks: int) -> Tensor:
     """GPT-NeoX "wang init" for output projections: N(0, 2 / (n_blocks sqrt(dim)))."""
     return nn.init.normal_(t, 0.0, 2.0 / n_blocks / math.sqrt(dim))
+
+
+def conv_init_(weight: Tensor, bias: Tensor) -> None:
+    """PyTorch's Conv1d default for a depthwise conv: U(-1/sqrt(K), 1/sqrt(K)). weight: (D, K), bias: (D,)."""
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
 
 
 def layer_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -260,9 +265,7 @@ class MLSTMBlock(nn.Module):
                 nn.init.zeros_(lin.bias)
         for p in (self.q_proj, self.k_proj, self.v_proj):
             small_init_(p.weight, E)  # the official code uses d_model here, not the inner width
-        bound = 1.0 / math.sqrt(cfg.conv_kernel)  # PyTorch's Conv1d default for a depthwise conv
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        conv_init_(self.conv_weight, self.conv_bias)
         nn.init.zeros_(self.igate.weight)
         nn.init.normal_(self.igate.bias, 0.0, 0.1)
         nn.init.zeros_(self.fgate.weight)
@@ -338,9 +341,7 @@ class SLSTMBlock(nn.Module):
         cfg = self.cfg
         E = cfg.d_model
         nn.init.ones_(self.norm)
-        bound = 1.0 / math.sqrt(cfg.slstm_conv_kernel)
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        conv_init_(self.conv_weight, self.conv_bias)
         for g in (self.igate, self.fgate, self.zgate, self.ogate):
             small_init_(g.weight, E)
         nn.init.zeros_(self.R)
@@ -433,7 +434,7 @@ class XLSTM(CausalLM):
         dtype = dtype if dtype is not None else self.embed.weight.dtype
         return {"blocks": [b.init_state(batch_size, device, dtype) for b in self.blocks]}
 
-    def _check_state(self, state, B: int, device) -> None:
+    def _check_state(self, state, B: int) -> None:
         if not isinstance(state, dict) or set(state) != {"blocks"} or not isinstance(state["blocks"], (list, tuple)):
             raise ShapeError("state: expected an xLSTM state {'blocks': [...]} (from XLSTM.init_state or a forward)")
         if len(state["blocks"]) != len(self.blocks):
@@ -464,7 +465,7 @@ class XLSTM(CausalLM):
         self._check_tokens(tokens, attention_mask)
         B, T = tokens.shape
         if state is not None:
-            self._check_state(state, B, tokens.device)
+            self._check_state(state, B)
         mask = self._padding_mask(attention_mask)
         if mask is not None and T == 1:  # one token: compute, then keep the old state where padded
             old = state if state is not None else self.init_state(B, tokens.device)
