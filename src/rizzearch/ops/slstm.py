@@ -113,7 +113,7 @@ def _step_reference(wx_t: Tensor, R: Tensor, b: Tensor, state: State) -> tuple[T
 
 
 def _forward_reference(wx, R, b, state, mask):
-    dt = wx.dtype
+    """The spec: ``_step_reference`` in a loop over T >= 1 (masked steps keep the state)."""
     ys = []
     for t in range(wx.shape[1]):
         y, new = _step_reference(wx[:, t], R, b, state)
@@ -123,8 +123,7 @@ def _forward_reference(wx, R, b, state, mask):
             y = new[0]
         state = new
         ys.append(y)
-    y = torch.stack(ys, 1) if ys else wx.new_zeros(wx.shape[0], 0, *wx.shape[3:]).to(dt)
-    return y, state
+    return torch.stack(ys, 1), state
 
 
 # ----------------------------------------------------------------------------------------------
