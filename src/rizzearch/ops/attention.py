@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def attention_mask(T: int, S_k: int, query_start: int, key_valid: Tensor | None, device) -> Tensor | None:
-    """Boolean mask (B or 1, 1, T, S_k), True = may attend; None when plain causal suffices."""
+def attention_mask(T: int, S_k: int, query_start: int, key_valid: Tensor | None, device) -> Tensor:
+    """Boolean mask (B or 1, 1, T, S_k), True = may attend."""
     q_pos = torch.arange(T, device=device)[:, None] + query_start  # (T, 1)
     k_pos = torch.arange(S_k, device=device)[None, :]  # (1, S_k)
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S_k)
