@@ -228,13 +228,13 @@ class RWKV(CausalLM):
         cfg = self.config
         L, C, A = cfg.n_layer, cfg.d_model, cfg.att_dim
         ramp = torch.arange(C, dtype=torch.float32) / C  # i / C
+        h = torch.arange(A, dtype=torch.float32)
+        zigzag = ((h + 1) % 3 - 1) * 0.5  # 0, 0.5, -0.5, ...
         for i, block in enumerate(self.blocks):
             r01 = i / (L - 1) if L > 1 else 0.0  # 0 -> 1 over depth
             r10 = 1.0 - i / L  # 1 -> ~0
-            h = torch.arange(A, dtype=torch.float32)
             att, ffn = block.att, block.ffn
             att.time_decay.copy_(-5 + 8 * (h / max(A - 1, 1)) ** (0.7 + 1.3 * r01))
-            zigzag = torch.tensor([(j + 1) % 3 - 1 for j in range(A)], dtype=torch.float32) * 0.5
             att.time_first.copy_(math.log(0.3) + zigzag)
             att.time_mix_k.copy_(ramp**r10)
             att.time_mix_v.copy_(ramp**r10 + 0.3 * r01)
