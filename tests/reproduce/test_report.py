@@ -9,7 +9,7 @@ import pytest
 
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.reproduce import run as rr
-from rizzearch.reproduce.common import Claim, read_results, validate_results, write_results
+from rizzearch.reproduce.common import Claim, read_results, study_mode, validate_results, write_results
 from rizzearch.reproduce.report import build_report
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
@@ -112,3 +112,9 @@ def test_results_schema_is_enforced(tmp_path):
     (tmp_path / "results.json").write_text("{oops")
     with pytest.raises(DataError, match="not valid JSON"):
         read_results(tmp_path / "results.json")
+
+
+def test_study_mode():
+    assert [study_mode(False, False), study_mode(True, False), study_mode(False, True)] == ["quick", "full", "tiny"]
+    with pytest.raises(ConfigError, match="at most one"):
+        study_mode(True, True)

@@ -1,4 +1,4 @@
-"""What every study shares: the ``results.json`` schema, the environment record, timing budgets.
+"""What every study shares: the ``results.json`` schema, the environment record, modes, threads, timing, plots.
 
 Every study (``rizz reproduce <study> --out DIR``) writes ``DIR/results.json``::
 
@@ -19,13 +19,15 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from rizzearch.errors import DataError
+from rizzearch.errors import ConfigError, DataError
+from rizzearch.training.checkpoint import atomic_write_text
 
 CLAIM_KEYS = ("id", "statement", "paper_value", "our_value", "holds")
 
@@ -104,21 +106,23 @@ def validate_results(data: Any, source: str = "results.json") -> dict:
     return data
 
 
-def write_results(out_dir: str | Path, study: str, claims: list[Claim], metrics: dict, extra_env: dict | None = None) -> Path:
-    """Validate and write ``out_dir/results.json`` atomically; returns its path."""
+def write_results(out_dir: str | Path, study: str, claims: list[Claim | dict], metrics: dict) -> Path:
+    """Validate and write ``out_dir/results.json`` atomically; returns its path.
+
+    A study writes it last, after its report and plots: the orchestrator counts a study with a valid
+    ``results.json`` as done.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {
         "study": study,
         "claims": [_jsonable(asdict(c)) if isinstance(c, Claim) else _jsonable(c) for c in claims],
         "metrics": _jsonable(metrics),
-        "environment": {**environment(), **(extra_env or {})},
+        "environment": environment(),
     }
     validate_results(data)
     path = out / "results.json"
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
     return path
 
 
@@ -146,3 +150,49 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - self.elapsed()
+
+
+def study_mode(full: bool, tiny: bool) -> str:
+    """``"tiny"``, ``"full"`` or ``"quick"`` (the default) from a study's two flags."""
+    if full and tiny:
+        raise ConfigError("full and tiny: choose at most one")
+    return "tiny" if tiny else "full" if full else "quick"
+
+
+@contextmanager
+def torch_threads(n: int, device: str | None = None) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads, restored afterwards (left alone on a non-CPU ``device``).
+
+    The study models are tiny: per-op overhead dominates, and on a shared machine every extra
+    spinning thread makes each small op wait (studies measured 4x slower with two threads per
+    process on 2 cores); one thread also makes timings independent of the core count.
+    """
+    old = torch.get_num_threads()
+    if device is None or torch.device(device).type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, recorded beside timings (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported on first use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Lay out, save and close a study's figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from rizzearch.eval.memorization import audit_memorization, write_report
 from rizzearch.models.base import build_model
 from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
 from rizzearch.objectives.lm import lm_loss
-from rizzearch.reproduce.common import Budget, Claim, write_results
+from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
@@ -123,11 +122,6 @@ def wikitext_articles() -> list[tuple[str, str]]:
     return [(a[0].strip().strip("=").strip(), "".join(a)) for a in out]
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor, size: StudySize, tok: Tokenizer,
                out: Path, seed: int, device: str, meta: dict) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)  # identical initialization for every run
@@ -137,13 +131,13 @@ def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor
     cfg = TrainConfig(steps=size.steps, batch_size=size.batch_size, lr=size.lr, warmup_steps=max(1, size.steps // 12),
                       weight_decay=0.0, log_every=max(1, size.steps // 40), seed=seed, device=device)
     run_dir = out / name
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
                      progress=True)
     tok.save(run_dir / "tokenizer.json")
     return model, {
         "train_seconds": time.perf_counter() - t0,
-        "train_cpu_seconds": _cpu_seconds() - c0,
+        "train_cpu_seconds": time.process_time() - c0,
         "val_loss": res.final_eval["val_loss"],
         "val_tokens": res.final_eval["val_tokens"],
         "final_train_loss": res.final_loss,
@@ -160,22 +154,17 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     shared one two spinning threads per process made it 4x slower in wall time (781 s vs 201 s
     measured side by side); one thread also makes the numbers independent of the core count.
     """
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1, device):
         return _run(out_dir, full=full, tiny=tiny, device=device, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = TINY if tiny else FULL if full else QUICK
-    mode = "tiny" if tiny else "full" if full else "quick"
+    mode = study_mode(full, tiny)
+    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
     budget = Budget(QUICK_BUDGET_S)
-    cpu0 = _cpu_seconds()
+    cpu0 = time.process_time()
     load0 = os.getloadavg()[0]
 
     # -- data -------------------------------------------------------------------------------
@@ -240,7 +229,7 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
               f"goldfish {gf['val_loss']:.4f} / standard {std['val_loss']:.4f} = {ratio:.3f}", ratio <= 1 + VAL_LOSS_MARGIN),
     ]
     wall = budget.elapsed()
-    cpu = _cpu_seconds() - cpu0
+    cpu = time.process_time() - cpu0
     metrics = {
         "mode": mode,
         "subset": {
@@ -266,9 +255,8 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
     }
     _plot(results, out / "goldfish.png", size)
     (out / "report.md").write_text(_report(claims, results, metrics, size))
-    write_results(out, STUDY, claims, metrics)
     print(f"[goldfish study] {mode}: {wall:.0f}s wall, {cpu:.0f}s CPU, load average {load0:.1f} -> {metrics['loadavg_1min_end']:.1f}")
-    return json.loads((out / "results.json").read_text())
+    return read_results(write_results(out, STUDY, claims, metrics))
 
 
 def _report(claims: list[Claim], results: dict, metrics: dict, size: StudySize) -> str:
@@ -311,12 +299,7 @@ def _report(claims: list[Claim], results: dict, metrics: dict, size: StudySize) 
 
 
 def _plot(results: dict, path: Path, size: StudySize) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
         steps = [h["step"] for h in r["history"]]
         (line,) = ax1.plot(steps, [h.get("all_token_loss", h["loss"]) for h in r["history"]], label=f"{name}: all tokens")
@@ -340,6 +323,4 @@ def _plot(results: dict, path: Path, size: StudySize) -> None:
     ax2.set_ylim(0, 1.05)
     ax2.set_title(f"memorization of the training documents (P={size.prompt_tokens}, N={size.new_tokens})")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

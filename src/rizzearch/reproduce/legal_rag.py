@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from rizzearch.reproduce.common import Claim, write_results
+from rizzearch.reproduce.common import Claim, read_results, study_mode, write_results
 
 STUDY = "legal-rag"
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
@@ -40,6 +40,7 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     from rizzearch.rag.index import Index, default_index_path, open_or_build
     from rizzearch.rag.systems import make_system
 
+    run_mode = study_mode(full, tiny)
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +116,7 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
                                for s, e in r2["metrics"]["systems"].items()}
 
     metrics = {
-        "mode": "tiny" if tiny else "full" if full else "quick",
+        "mode": run_mode,
         "retrieval_mode": mode,
         "n_queries": len(queries),
         "n_passages": len(idx),
@@ -142,5 +143,4 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     md = (out / "report.md").read_text()
     head, _, rest = md.partition("\n\n")
     (out / "report.md").write_text(head + "\n\n" + "\n".join(claims_md) + "\n\n" + rest)
-    write_results(out, STUDY, claims, metrics)
-    return json.loads((out / "results.json").read_text())
+    return read_results(write_results(out, STUDY, claims, metrics))

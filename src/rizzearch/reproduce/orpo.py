@@ -31,7 +31,6 @@ model and forwards fewer sequences than SFT+DPO.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import time
@@ -47,7 +46,7 @@ from rizzearch.models.base import build_model, generate
 from rizzearch.objectives.dpo import DPOConfig
 from rizzearch.objectives.lm import lm_loss
 from rizzearch.objectives.orpo import ORPOConfig, preference_forward
-from rizzearch.reproduce.common import Budget, Claim, write_results
+from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.align import ForwardCounter, evaluate_preferences, run_stage
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
@@ -197,24 +196,19 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     of CPU per pretraining step, measured side by side); one thread also makes the numbers
     independent of the core count.
     """
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1, device):
         return _run(out_dir, full=full, tiny=tiny, device=device, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dict:
     from tqdm.auto import tqdm
 
-    sz = FULL if full else TINY if tiny else QUICK
-    mode = "full" if full else "tiny" if tiny else "quick"
+    mode = study_mode(full, tiny)
+    sz = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget({"quick": 6 * 60, "tiny": 30, "full": 60 * 60}[mode])
-    t_start, c_start = time.perf_counter(), time.process_time()
+    c_start = time.process_time()
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dev = torch.device(device)
@@ -310,7 +304,7 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
               f"{c['orpo']['seconds']:.1f}s vs {c['sft+dpo']['seconds']:.1f}s wall",
               c["orpo"]["forward_sequences"] < c["sft+dpo"]["forward_sequences"] and c["orpo"].get("reference_forward_sequences", 0) == 0),
     ]
-    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    wall, cpu = budget.elapsed(), time.process_time() - c_start
     metrics = {
         "mode": mode,
         "sizes": asdict(sz),
@@ -327,12 +321,11 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
         "within_budget": wall <= budget.seconds,
         "load_average": _loadavg(),
     }
-    write_results(out, STUDY, claims, metrics)
     _write_report(out, claims, results, compute, metrics)
     _plot(out, results, compute)
     bar.update(1)
     bar.close()
-    return json.loads((out / "results.json").read_text())
+    return read_results(write_results(out, STUDY, claims, metrics))
 
 
 def _loadavg() -> list[float] | None:
@@ -378,12 +371,7 @@ Wall time {metrics['wall_seconds']:.0f}s, CPU time {metrics['cpu_seconds']:.0f}s
 
 
 def _plot(out: Path, results, compute) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     x = list(range(len(METHODS)))
     w = 0.38
     axes[0].bar([i - w / 2 for i in x], [results[m]["pref_accuracy"] for m in METHODS], w, label="held-out preference accuracy")
@@ -396,6 +384,4 @@ def _plot(out: Path, results, compute) -> None:
     axes[1].bar(ms, [compute[m]["forward_sequences"] for m in ms], color=["C2", "C3", "C4", "C5"][: len(ms)])
     axes[1].set_title("sequences forwarded for training")
     axes[1].tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "orpo.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "orpo.png", dpi=120)

@@ -24,8 +24,6 @@ to 8192.
 
 from __future__ import annotations
 
-import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rizzearch.models.base import build_model
-from rizzearch.reproduce.common import Budget, Claim, write_results
+from rizzearch.reproduce.common import Budget, Claim, load_average, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 
 STUDY = "rwkv"
 FLAT_RATIO = 1.3  # RWKV per-token time at the longest context may be at most 1.3x the shortest
@@ -60,23 +58,25 @@ class Size:
         evals: number of evaluations during training (for the curves).
     """
 
-    contexts: tuple[int, ...]
-    decode_tokens: int
-    decode_repeats: int
-    d_model: int
-    n_layer: int
-    vocab_size: int | None
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    eval_batches: int
-    evals: int
+    contexts: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    decode_tokens: int = 32
+    decode_repeats: int = 5
+    d_model: int = 128
+    n_layer: int = 4
+    vocab_size: int | None = 512
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    eval_batches: int = 8
+    evals: int = 5
 
 
-TINY = Size((16, 64), 4, 1, 32, 2, None, 6, 4, 32, 3e-3, 2, 1)
-QUICK = Size((256, 512, 1024, 2048, 4096), 32, 5, 128, 4, 512, 400, 16, 128, 2e-3, 8, 5)
-FULL = Size((256, 512, 1024, 2048, 4096, 8192), 64, 5, 256, 6, 1024, 2000, 32, 256, 1e-3, 40, 10)
+QUICK = Size()
+TINY = Size(contexts=(16, 64), decode_tokens=4, decode_repeats=1, d_model=32, n_layer=2, vocab_size=None, steps=6, batch_size=4,
+            seq_len=32, lr=3e-3, eval_batches=2, evals=1)
+FULL = Size(contexts=(256, 512, 1024, 2048, 4096, 8192), decode_tokens=64, d_model=256, n_layer=6, vocab_size=1024, steps=2000,
+            batch_size=32, seq_len=256, lr=1e-3, eval_batches=40, evals=10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,10 +155,7 @@ def decoding_cost(models: dict, tokens: torch.Tensor, size: Size, device, progre
     """
     states = {name: contexts_states(name, m.eval(), tokens, size.contexts) for name, m in models.items()}
     first = tokens[:, -1]
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1, device):
         for name, m in models.items():  # warm-up (allocator, caches, the fused kernel build)
             time_decode(m, states[name][size.contexts[0]], first, 2, device)
         times: dict[tuple[str, int], list[float]] = {}
@@ -167,8 +164,6 @@ def decoding_cost(models: dict, tokens: torch.Tensor, size: Size, device, progre
                 for name, m in models.items():
                     times.setdefault((name, n), []).append(time_decode(m, states[name][n], first, size.decode_tokens, device))
                     progress.update(1)
-    finally:
-        torch.set_num_threads(threads)
     rows = []
     for n in size.contexts:
         row = {"context": n}
@@ -183,7 +178,7 @@ def decoding_cost(models: dict, tokens: torch.Tensor, size: Size, device, progre
 # (b) equal-size training
 
 
-def prepare_data(out: Path, size: Size, seed: int):
+def prepare_data(out: Path, size: Size):
     from rizzearch import corpora
     from rizzearch.data.text import prepare_text
     from rizzearch.data.tokenizer import byte_tokenizer, train_bpe
@@ -239,15 +234,15 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     """Run the study; writes results.json, report.md and rwkv.png into ``out_dir``; returns the results."""
     from tqdm.auto import tqdm
 
-    size = FULL if full else TINY if tiny else QUICK
-    mode = "full" if full else "tiny" if tiny else "quick"
+    mode = study_mode(full, tiny)
+    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(5 * 60)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start = load_average()
     torch.manual_seed(seed)
 
-    tok, ds = prepare_data(out, size, seed)
+    tok, ds = prepare_data(out, size)
     models = make_models(size, tok.vocab_size, device)
 
     # (a) decoding cost: real text as context (wrapped around if the split is short)
@@ -304,18 +299,15 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
         "mode": mode,
         "decode": decode_rows,
         "decode_time_ratio": {"rwkv": rwkv_ratio, "gpt": gpt_ratio},
-        "training": {k: {kk: vv for kk, vv in v.items()} for k, v in training.items()},
+        "training": training,
         "sizes": asdict(size),
         "tokenizer_vocab": tok.vocab_size,
         "seconds": {"decode": t_decode, "total": seconds},
-        "load_average": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "load_average": {"start": load_start, "end": load_average()},
     }
-    write_results(out, STUDY, claims, metrics)
     _write_report(out, mode, size, decode_rows, training, claims, seconds)
     _plot(out, decode_rows, training)
-    from rizzearch.reproduce.common import read_results
-
-    return read_results(out / "results.json")
+    return read_results(write_results(out, STUDY, claims, metrics))
 
 
 def _write_report(out: Path, mode, size: Size, rows, training, claims, seconds) -> None:
@@ -352,12 +344,7 @@ def _write_report(out: Path, mode, size: Size, rows, training, claims, seconds) 
 
 
 def _plot(out: Path, rows, training) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = pyplot().subplots(1, 3, figsize=(15, 4))
     ctx = [r["context"] for r in rows]
     for name, style in (("rwkv", "o-"), ("gpt", "s--")):
         ax[0].plot(ctx, [r[f"{name}_ms_per_token"] for r in rows], style, label=name.upper())
@@ -379,9 +366,7 @@ def _plot(out: Path, rows, training) -> None:
     ax[2].set_ylabel("validation loss (nats/token)")
     ax[2].set_title("equal-size training, same tokens")
     ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(out / "rwkv.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "rwkv.png")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ import torch
 from rizzearch.eval.tasks import PARITY_VOCAB, MQARData, MQARSpec, ParityData, mqar_accuracy, parity_accuracy
 from rizzearch.models.base import build_model
 from rizzearch.objectives.lm import lm_loss
-from rizzearch.reproduce.common import Budget, Claim, write_results
+from rizzearch.reproduce.common import Budget, Claim, load_average, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
@@ -178,19 +178,16 @@ def _train(kind: str, d_model: int, vocab_size: int, data, steps: int, lr: float
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
     """Run the study; writes results.json, report.md, xlstm.png and one folder per training run."""
-    size = TINY if tiny else FULL if full else QUICK
+    mode = study_mode(full, tiny)
+    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(QUICK_BUDGET_S * (10 if full else 1))
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(size.threads)
-    try:
+    load_start = load_average()
+    with torch_threads(size.threads):
         parity, mqar = _run_tasks(size, out, seed, device, budget, full)
-    finally:
-        torch.set_num_threads(old_threads)
     wall = budget.elapsed()
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_end = load_average()
 
     longer = [L for L in size.parity_test_lens if L > size.parity_train_len[1]]
     acc = {k: {L: parity[k]["accuracy"][L] for L in longer} for k in parity}
@@ -224,8 +221,8 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
         ),
     ]
     metrics = {
-        "mode": "tiny" if tiny else "full" if full else "quick",
-        "size": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in asdict(size).items()},
+        "mode": mode,
+        "size": asdict(size),
         "parity": parity,
         "mqar": mqar,
         "wall_seconds": wall,
@@ -237,10 +234,7 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     }
     _plot(parity, mqar, size, out / "xlstm.png")
     (out / "report.md").write_text(_report(claims, parity, mqar, size, metrics))
-    write_results(out, STUDY, claims, metrics)
-    from rizzearch.reproduce.common import read_results
-
-    return read_results(out / "results.json")
+    return read_results(write_results(out, STUDY, claims, metrics))
 
 
 def _run_tasks(size: StudySize, out: Path, seed: int, device: str, budget: Budget, full: bool):
@@ -342,12 +336,7 @@ def _fmt_load(x) -> str:
 
 
 def _plot(parity, mqar, size: StudySize, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     lo, hi = size.parity_train_len
     for r in parity.values():
         xs = [hi, *size.parity_test_lens]
@@ -366,6 +355,4 @@ def _plot(parity, mqar, size: StudySize, path: Path) -> None:
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("query accuracy")
     ax2.set_title(f"MQAR ({size.mqar.n_pairs} pairs), equal parameter count")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
