@@ -67,6 +67,11 @@ def machine() -> dict:
     return info
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): printed around timings on shared machines."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def versions(*packages: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import emit_json, interleaved, print_header, print_table, ratio, summary  # noqa: E402
+from common import emit_json, interleaved, load_average, print_header, print_table, ratio, summary  # noqa: E402
 
 from rizzearch.models import RWKV, RWKVConfig  # noqa: E402
 from rizzearch.models.convert import from_hf_rwkv, to_official_rwkv  # noqa: E402
@@ -195,7 +195,7 @@ def bench_decode(a, hidden, layers, vocab, repeats, threads_list) -> dict:
                     "ours_ms": 1e3 * statistics.median(per_tok["ours"]),
                     "spread": {k: summary(v)["spread"] for k, v in per_tok.items()},
                     "time_ratio": statistics.median(per_tok["ours"]) / statistics.median(per_tok["rwkv_pkg"]),
-                    "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                    "load_average_after": load_average(),
                 }
         finally:
             torch.set_num_threads(default_threads)
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     p.add_argument("--only", choices=["wkv", "train", "decode"], nargs="+", default=["wkv", "train", "decode"], help="run only these comparisons")
     a = p.parse_args(argv)
     info = print_header("RWKV-4: WKV op, training step and decoding vs HF transformers and the rwkv package", ("transformers", "rwkv"))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     print(f"  load average (1 min) at start: {load}")
 
     res: dict = {}
@@ -276,8 +276,8 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         res["cuda"] = check_cuda()
     print_table(rows, ["what", "baseline", "baseline_s", "ours_s", "result", "target"])
-    if hasattr(os, "getloadavg"):
-        print(f"  load average (1 min) at end: {os.getloadavg()[0]}")
+    load_end = load_average()
+    print(f"  load average (1 min) at end: {load_end}")
     passed = {}
     if "wkv" in res:
         passed["wkv_speedup"] = res["wkv"]["speedup"] >= TARGETS["wkv_speedup"]
@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
         "passed": passed,
         "cuda": res.get("cuda"),
         "load_average": load,
-        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_end": load_end,
         "machine": info,
         "details": res,
     }

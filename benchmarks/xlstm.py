@@ -23,7 +23,6 @@ CPU reference (and timed against the official mLSTM kernels on the same device).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-from common import emit_json, interleaved, print_header, print_table, ratio, summary  # noqa: E402
+from common import emit_json, interleaved, load_average, print_header, print_table, ratio, summary  # noqa: E402
 
 # this file is named xlstm.py: keep its folder off sys.path so ``import xlstm`` finds the package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
@@ -257,7 +256,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     info = print_header("xLSTM ops vs the official xlstm / mlstm_kernels packages (CPU, fp32)", ("xlstm", "mlstm_kernels"))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     print(f"  load average (1 min) at start: {load}")
     print(f"  mLSTM backend: {M.BACKEND}; sLSTM backend: {S.BACKEND}")
     res = {"chunkwise": bench_chunkwise(a), "step": bench_step(a), "slstm": bench_slstm(a)}
@@ -286,7 +285,7 @@ def main() -> None:
     cuda = check_cuda(a) if torch.cuda.is_available() else None
     if cuda:
         print(f"  cuda: {cuda}")
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_end = load_average()
     print(f"  load average (1 min) at end: {load_end}")
     emit_json(
         {
