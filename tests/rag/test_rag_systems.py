@@ -37,6 +37,12 @@ def test_entities(bm25_index):
     assert naive.answer("Which recipe makes the crispiest pizza crust?").status == "non_legal"
 
 
+def test_united_states_does_not_identify_a_case(bm25_index):
+    # "Korematsu v. United States" is named by "Korematsu": the stop words are compared stemmed ("unit", "stat")
+    f = EntityFinder(bm25_index.passages)
+    assert ("case", "scotus/323us214") in {(e.kind, e.key) for e in f.find("What did the Court hold in the Korematsu case?")}
+
+
 def test_naive_and_closed_book(bm25_index):
     naive = make_system("naive_rag", bm25_index, mode="bm25")
     a = naive.answer("Which Justice delivered the opinion of the Court in Miranda v. Arizona?")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from rizzearch.rag.corpus import Passage
-from rizzearch.rag.text import content_set, from_roman, roman
+from rizzearch.rag.text import CASE_NAME_STOPWORDS, content_set, from_roman, roman
 
 EXISTS, NONEXISTENT, UNVERIFIABLE = "exists", "nonexistent", "unverifiable"
 
@@ -237,7 +237,7 @@ def default_authorities() -> Authorities:
     return build_authorities(load_corpus())
 
 
-_NAME_STOP = {"v", "of", "the", "and", "for", "co", "inc", "corp", "united", "state", "states", "ex", "rel", "in", "re", "board"}
+_NAME_STOP = CASE_NAME_STOPWORDS | {"board"}
 
 
 def _names_agree(a: str, b: str) -> bool:

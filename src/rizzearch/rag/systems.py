@@ -24,7 +24,7 @@ from rizzearch.errors import DataError
 from rizzearch.rag.corpus import Passage
 from rizzearch.rag.generators import GenerationRequest, Generator, build_messages
 from rizzearch.rag.index import Hit, Index
-from rizzearch.rag.text import ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
+from rizzearch.rag.text import CASE_NAME_STOPWORDS, ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
 
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
 
@@ -89,7 +89,6 @@ def check_question(question) -> str:
 # Entities a question names (used by the verifier and the non-legal check)
 # --------------------------------------------------------------------------------------------
 
-_NAME_STOP = {"v", "of", "the", "and", "for", "co", "inc", "corp", "united", "state", "states", "ex", "rel", "in", "re"}
 _JUSTICE = re.compile(r"\b(?:Chief\s+)?(?:Justice|Judge)\s+((?:[A-Z][a-zA-Z'\-]+\s+){0,2}[A-Z][a-zA-Z'\-]+)")
 _ORD_AMEND = re.compile(r"\b(" + "|".join(o.replace("-", "[- ]") for o in ORDINALS[1:][::-1]) + r")\s+amendment\b", re.I)
 _NUM_AMEND = re.compile(r"\bamendment\s+(\d{1,2}|[IVXL]+)\b|\bamend\.\s*([IVXL]+|\d{1,2})\b", re.I)
@@ -104,7 +103,7 @@ class Entity:
 
 
 def _distinctive(name: str) -> set[str]:
-    return {w for w in content_set(name) if w not in _NAME_STOP and not w.isdigit()}
+    return {w for w in content_set(name) if w not in CASE_NAME_STOPWORDS and not w.isdigit()}
 
 
 class EntityFinder:

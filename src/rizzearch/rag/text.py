@@ -62,6 +62,11 @@ def stem(word: str) -> str:
     return word
 
 
+# Words that do not tell two case names apart, stemmed like content tokens ("United States" -> "unit", "stat"),
+# since they are compared with content_set(...) of a name.
+CASE_NAME_STOPWORDS = frozenset(stem(w) for w in "v of the and for co inc corp united state states ex rel in re".split())
+
+
 def content_tokens(text: str) -> list[str]:
     """Stemmed tokens without stop words (order kept, duplicates kept)."""
     return [stem(w) for w in words(text) if w not in STOPWORDS]
