@@ -9,6 +9,15 @@ functions that need them, never at module import.
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from rizzearch.errors import CheckpointError, ConfigError
+from rizzearch.models.base import config_from_dict
+from rizzearch.models.rwkv import RWKV, RWKVConfig
+from rizzearch.models.xlstm import XLSTM, XLSTMConfig
+
 # ==============================================================================================
 # xLSTM (official NX-AI package)
 # ==============================================================================================
@@ -35,11 +44,7 @@ from __future__ import annotations
 
 def _xlstm_ln_weight(norm, n: int):
     """The effective LayerNorm weight of an official LayerNorm (``1 + weight`` when residual)."""
-    import torch
-
     if getattr(norm, "bias", None) is not None:
-        from rizzearch.errors import ConfigError
-
         raise ConfigError("from_official_xlstm: official LayerNorm with a bias is not supported (rizzearch norms have no bias)")
     w = norm.weight_proxy
     return torch.ones(n) if w is None else w.detach()
@@ -48,10 +53,6 @@ def _xlstm_ln_weight(norm, n: int):
 def _xlstm_config_from_official(cfg, blocks) -> dict:
     """Derive rizzearch XLSTMConfig fields from an official xLSTMLMModelConfig and its built blocks
     (widths are read from the blocks: the top-level sub-configs are not always post-processed)."""
-    import math
-
-    from rizzearch.errors import ConfigError
-
     E = cfg.embedding_dim
     slstm_at = [i for i, t in enumerate(cfg.block_map) if t == 1]
     out = dict(
@@ -90,7 +91,7 @@ def _xlstm_config_from_official(cfg, blocks) -> dict:
     return out
 
 
-def from_official_xlstm(official_model):
+def from_official_xlstm(official_model) -> XLSTM:
     """Build a rizzearch ``XLSTM`` from the official ``xlstm`` package's ``xLSTMLMModel``.
 
     The config is derived from the official model's config (block map, widths, heads, kernels,
@@ -101,12 +102,6 @@ def from_official_xlstm(official_model):
     Raises:
         ConfigError: the official model uses a feature rizzearch does not implement.
     """
-    import torch
-
-    from rizzearch.errors import ConfigError
-    from rizzearch.models.base import config_from_dict
-    from rizzearch.models.xlstm import XLSTM, XLSTMConfig
-
     cfg = getattr(official_model, "config", None)
     stack = getattr(official_model, "xlstm_block_stack", None)
     if cfg is None or stack is None or not hasattr(official_model, "token_embedding"):
@@ -227,10 +222,7 @@ def _rwkv_version_hint(keys) -> str:
     return ""
 
 
-def _rwkv_config_from_hf(sd: dict, hf_config=None):
-    from rizzearch.errors import CheckpointError, ConfigError
-    from rizzearch.models.rwkv import RWKVConfig
-
+def _rwkv_config_from_hf(sd: dict, hf_config=None) -> RWKVConfig:
     def need(key):
         if key not in sd:
             raise CheckpointError(
@@ -264,7 +256,7 @@ def _rwkv_config_from_hf(sd: dict, hf_config=None):
     return RWKVConfig(vocab_size=V, n_layer=n_layer, d_model=C, d_att=A, d_ffn=Fd, norm_eps=eps, tie_embeddings=tie)
 
 
-def from_hf_rwkv(hf_model) -> "RWKV":  # noqa: F821
+def from_hf_rwkv(hf_model) -> RWKV:
     """Build a rizzearch ``RWKV`` with the weights of an HF ``RwkvForCausalLM``.
 
     Args:
@@ -275,11 +267,6 @@ def from_hf_rwkv(hf_model) -> "RWKV":  # noqa: F821
         CheckpointError: the weights are not RWKV-4 HF weights (missing/extra keys, e.g. RWKV-5/6,
             or wrong shapes); the message lists what was expected and what was found.
     """
-    import torch
-
-    from rizzearch.errors import CheckpointError
-    from rizzearch.models.rwkv import RWKV
-
     if isinstance(hf_model, dict):
         sd, hf_config, rescaled_every = dict(hf_model), None, 0
     else:
@@ -317,7 +304,7 @@ def from_hf_rwkv(hf_model) -> "RWKV":  # noqa: F821
     return model.to(dtype=dtype, device=sd["rwkv.embeddings.weight"].device)
 
 
-def to_hf_rwkv(model, rescale_every: int = 6):
+def to_hf_rwkv(model: RWKV, rescale_every: int = 6):
     """Export a rizzearch ``RWKV`` as an HF ``RwkvForCausalLM`` (in eval mode) with the same weights.
 
     Args:
@@ -325,8 +312,6 @@ def to_hf_rwkv(model, rescale_every: int = 6):
         rescale_every: HF's inference-time rescaling of every N layers (its fp16 overflow guard; 0 disables).
     """
     from transformers import RwkvConfig, RwkvForCausalLM
-
-    from rizzearch.errors import ConfigError
 
     cfg = model.config
     if cfg.norm_eps != _RWKV_HF_EPS_OUT:
@@ -351,7 +336,7 @@ def to_hf_rwkv(model, rescale_every: int = 6):
     return hf.to(model.emb.weight.dtype).eval()
 
 
-def to_official_rwkv(model) -> dict:
+def to_official_rwkv(model: RWKV) -> dict:
     """The weights in the official RWKV-LM v4 ``.pth`` layout (what the ``rwkv`` pip package loads).
 
     Keys ``emb.weight``, ``blocks.0.ln0.*``, ``blocks.i.{ln1,ln2}.*``, ``blocks.i.att.*`` (time_mix_*
