@@ -102,6 +102,9 @@ def test_report_from_stored_results(tmp_path):
     assert "| xlstm claim | 1 | 2 | yes |" in md and "| rwkv claim | 1 | 2 | **no** |" in md
     assert "3/3 parity tests passed" in md
     assert "rizz reproduce rwkv --out runs/rwkv" in md
+    assert read_results(tmp_path / "results.json") == data and all(c["study"] in c["id"] for c in data["claims"])
+    build_report(tmp_path, statuses, None, 42.0, full=True)
+    assert "rizz reproduce rwkv --out runs/rwkv --full true" in (tmp_path / "report.md").read_text()
 
 
 def test_results_schema_is_enforced(tmp_path):

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from rizzearch.errors import DataError
-from rizzearch.reproduce.common import Claim, environment, read_results, write_results
+from rizzearch.reproduce.common import read_results, write_results
 
 
 def _fmt(v) -> str:
@@ -46,15 +45,15 @@ def _scalar_metrics(metrics: dict, prefix: str = "", limit: int = 24) -> list[tu
     return rows[:limit]
 
 
-def load_study(run: Path, status: dict) -> dict:
-    """Gather what the report needs about one study (results, plots, status)."""
+def load_study(run: Path, status: dict, full: bool = False, device: str = "cpu") -> dict:
+    """Gather what the report needs about one study (results, plots, status, the command to rerun it)."""
     from rizzearch.reproduce.run import STUDIES, rerun_command
 
     name = status["study"]
     folder = run / name
     entry = {"name": name, "paper": STUDIES[name].paper if name in STUDIES else name, "status": status.get("status", "unknown"),
              "seconds": status.get("seconds"), "error": status.get("error"), "folder": folder,
-             "command": rerun_command(name), "results": None, "plots": []}
+             "command": rerun_command(name, full, device), "results": None, "plots": []}
     if entry["status"] == "ok":
         try:
             entry["results"] = read_results(folder / "results.json")
@@ -66,13 +65,12 @@ def load_study(run: Path, status: dict) -> dict:
 
 def build_report(run: Path, statuses: list[dict], parity: dict | None, wall_seconds: float, full: bool = False, device: str = "cpu") -> dict:
     run = Path(run)
-    studies = [load_study(run, s) for s in statuses]
-    claims = []
+    studies = [load_study(run, s, full, device) for s in statuses]
+    claims = []  # every study's claims, with the study field added
     for st in studies:
         if st["results"]:
             for c in st["results"]["claims"]:
                 claims.append({**c, "id": f"{st['name']}/{c['id']}", "study": st["name"]})
-    env = environment()
     metrics = {
         "mode": "full" if full else "quick",
         "device": device,
@@ -83,10 +81,8 @@ def build_report(run: Path, statuses: list[dict], parity: dict | None, wall_seco
     }
     if parity is not None:
         metrics["parity"] = {k: v for k, v in parity.items() if k != "tests"}
-    write_results(run, "all", [Claim(**{k: c[k] for k in ("id", "statement", "paper_value", "our_value", "holds")}) for c in claims], metrics)
-    data = json.loads((run / "results.json").read_text())
-    data["claims"] = claims  # keep the study field on each claim
-    (run / "results.json").write_text(json.dumps(data, indent=2))
+    data = read_results(write_results(run, "all", claims, metrics))
+    env = data["environment"]
     (run / "report.md").write_text(render_markdown(run, studies, parity, env, metrics))
     (run / "report.html").write_text(render_html(run, studies, parity, env, metrics))
     return data
