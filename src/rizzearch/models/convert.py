@@ -50,6 +50,13 @@ def _xlstm_ln_weight(norm, n: int):
     return torch.ones(n) if w is None else w.detach()
 
 
+def _xlstm_linear(src: dict, key: str, linear) -> None:
+    """Map an official linear layer's weight (and bias, when it has one) to ``key.weight`` / ``key.bias``."""
+    src[key + ".weight"] = linear.weight
+    if linear.bias is not None:
+        src[key + ".bias"] = linear.bias
+
+
 def _xlstm_config_from_official(cfg, blocks) -> dict:
     """Derive rizzearch XLSTMConfig fields from an official xLSTMLMModelConfig and its built blocks
     (widths are read from the blocks: the top-level sub-configs are not always post-processed)."""
@@ -122,12 +129,9 @@ def from_official_xlstm(official_model) -> XLSTM:
         if mine.kind == "m":
             cell = layer.mlstm_cell
             for name in ("proj_up", "proj_down", "q_proj", "k_proj", "v_proj"):
-                src[p + name + ".weight"] = getattr(layer, name).weight
-                if getattr(layer, name).bias is not None:
-                    src[p + name + ".bias"] = getattr(layer, name).bias
+                _xlstm_linear(src, p + name, getattr(layer, name))
             for name in ("igate", "fgate"):
-                src[p + name + ".weight"] = getattr(cell, name).weight
-                src[p + name + ".bias"] = getattr(cell, name).bias
+                _xlstm_linear(src, p + name, getattr(cell, name))
             src[p + "outnorm"] = _xlstm_ln_weight(cell.outnorm, mine.inner)
             src[p + "skip"] = layer.learnable_skip
         else:
@@ -140,12 +144,8 @@ def from_official_xlstm(official_model) -> XLSTM:
             src[p + "b"] = cell._bias_int2ext(cell._bias).permute(1, 0, 2)  # (NH, 4, Dh) -> (4, NH, Dh)
             src[p + "outnorm"] = _xlstm_ln_weight(layer.group_norm, E)
             src[p + "ffn_norm"] = _xlstm_ln_weight(theirs.ffn_norm, E)
-            src[p + "ffn_up.weight"] = theirs.ffn.proj_up.weight
-            src[p + "ffn_down.weight"] = theirs.ffn.proj_down.weight
-            for name in ("ffn_up", "ffn_down"):
-                b = getattr(theirs.ffn, name.replace("ffn_", "proj_")).bias
-                if b is not None:
-                    src[p + name + ".bias"] = b
+            _xlstm_linear(src, p + "ffn_up", theirs.ffn.proj_up)
+            _xlstm_linear(src, p + "ffn_down", theirs.ffn.proj_down)
     own = ours.state_dict()
     missing = sorted(set(own) - set(src) - ({"lm_head.weight"} if cfg.tie_weights else set()))
     if missing:
