@@ -89,6 +89,8 @@ def test_single_study_writes_into_out(fake_studies, tmp_path):
     assert read_results(tmp_path / "one" / "results.json")["study"] == "fake_ok"
     with pytest.raises(ConfigError, match="unknown study"):
         rr.reproduce(study="nope", out=str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="at most one"):
+        rr.reproduce(study="good", out=str(tmp_path / "x"), full=True, tiny=True)
 
 
 def test_report_from_stored_results(tmp_path):

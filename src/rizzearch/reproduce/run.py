@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rizzearch.errors import ConfigError, DataError
-from rizzearch.reproduce.common import read_results
+from rizzearch.reproduce.common import read_results, study_mode
 from rizzearch.runs import make_run_dir
+from rizzearch.training.checkpoint import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _run_child(study: Study, study_dir: Path, full: bool, tiny: bool, device: st
         err_file = study_dir / "error.txt"
         tail = log_path.read_text().strip().splitlines()[-15:]
         status["error"] = err_file.read_text().strip() if err_file.is_file() else "\n".join(tail) or f"exit code {proc.returncode}"
-    (study_dir / "status.json").write_text(json.dumps(status, indent=2))
+    atomic_write_text(study_dir / "status.json", json.dumps(status, indent=2))  # read back on resume
     return status
 
 
@@ -156,6 +157,7 @@ def reproduce(
 
     if study is not None and study not in STUDIES:
         raise ConfigError(f"study: unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    study_mode(full, tiny)  # both flags: fail here, not in every study
     if device.startswith("cuda"):
         import torch
 
@@ -182,7 +184,7 @@ def reproduce(
     if parity and not single:
         print("parity tests against the reference implementations (pytest -m anchors) ...", file=sys.stderr)
         parity_result = run_parity(run)
-        (run / "parity.json").write_text(json.dumps(parity_result, indent=2))
+        atomic_write_text(run / "parity.json", json.dumps(parity_result, indent=2))
     if single:
         return {"statuses": statuses}
     combined = build_report(run, statuses, parity_result, wall_seconds=time.perf_counter() - t_all, full=full, device=device)
