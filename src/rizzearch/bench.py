@@ -37,10 +37,11 @@ def bench(names: list[str] | None = None, out: str | None = None, timeout_s: int
         timeout_s: per-benchmark time limit in seconds.
     """
     folder = benchmarks_dir()
-    todo = names or available()
-    unknown = sorted(set(todo) - set(available()))
+    known = available()
+    todo = names or known
+    unknown = sorted(set(todo) - set(known))
     if unknown:
-        raise ConfigError(f"names: unknown benchmark(s) {unknown}; available: {available()}")
+        raise ConfigError(f"names: unknown benchmark(s) {unknown}; available: {known}")
     run = make_run_dir(out, "bench")
     results = []
     for name in todo:
