@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
+import rizzearch
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.training.checkpoint import atomic_write_text
 
@@ -53,7 +54,7 @@ class Claim:
 
 def environment() -> dict:
     """Machine and library versions for the record (CPU/GPU, threads, versions)."""
-    env = {
+    return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -62,14 +63,8 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "rizzearch": rizzearch.__version__,
     }
-    try:
-        import rizzearch
-
-        env["rizzearch"] = rizzearch.__version__
-    except Exception:  # pragma: no cover
-        pass
-    return env
 
 
 def _jsonable(x: Any) -> Any:
