@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_json, print_header, print_table  # noqa: E402
+from common import emit_json, load_average, print_header, print_table  # noqa: E402
 
 from rizzearch.audit import load_queries  # noqa: E402
 from rizzearch.audit.citations import build_authorities  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     info = print_header("Legal RAG: index build, full audit, retrieval latency",
                         ("sentence-transformers", "eyecite", "reporters-db", "numpy"))
-    load0 = os.getloadavg()[0]
+    load0 = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="rizz-rag-bench-"))
     queries = load_queries()
     passages = load_corpus()
@@ -102,8 +102,9 @@ def main(argv=None) -> dict:
                      "cpu": pct(cpu[m], 0.5), "target": TARGET_P50_MS if m == "hybrid" else None, "ok": ok, "unit": "ms"})
     print_table(rows, ["what", "median", "min", "cpu", "target", "ok", "unit"])
     print("  cpu = process CPU time (all threads); wall >> cpu means the cores were shared with other work")
-    load1 = os.getloadavg()[0]
-    print(f"  load average (1 min) before/after: {load0:.2f} / {load1:.2f} on {os.cpu_count()} cores")
+    load1 = load_average()
+    loads = " / ".join("n/a" if x is None else f"{x:.2f}" for x in (load0, load1))
+    print(f"  load average (1 min) before/after: {loads} on {os.cpu_count()} cores")
     payload = {
         "benchmark": "rag", "machine": info, "load_before": load0, "load_after": load1,
         "index_build_s": statistics.median(build_s), "audit_s": statistics.median(audit_s), "n_answers": n_answers,
