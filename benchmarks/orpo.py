@@ -157,20 +157,18 @@ def step_time(pairs: int, seq_len: int, repeats: int) -> tuple[dict, list[dict]]
     ours = {k: torch.zeros(pairs, seq_len, dtype=torch.bool) for k in
             ("chosen_attention_mask", "chosen_response_mask", "rejected_attention_mask", "rejected_response_mask")}
     trl = {}
+    prompt_lens = torch.randint(seq_len // 4, seq_len // 2, (pairs,), generator=g).tolist()
+    prompts = torch.randint(2, V - 1, (pairs, seq_len // 2), generator=g)  # one prompt per pair, shared by both sides
     for side in ("chosen", "rejected"):
         ids = torch.full((pairs, seq_len), pad, dtype=torch.long)
         labels = torch.full((pairs, seq_len), -100, dtype=torch.long)
-        for i in range(pairs):
-            p_len = int(torch.randint(seq_len // 4, seq_len // 2, (1,), generator=g))
+        for i, p_len in enumerate(prompt_lens):
             total = int(torch.randint(p_len + 8, seq_len + 1, (1,), generator=g))
-            ids[i, :total] = torch.randint(2, V - 1, (total,), generator=g)
-            if side == "rejected":
-                ids[i, :p_len] = ours_prompt[i, :p_len]
+            ids[i, :p_len] = prompts[i, :p_len]
+            ids[i, p_len:total] = torch.randint(2, V - 1, (total - p_len,), generator=g)
             ours[f"{side}_attention_mask"][i, :total] = True
             ours[f"{side}_response_mask"][i, p_len:total] = True
             labels[i, p_len:total] = ids[i, p_len:total]
-        if side == "chosen":
-            ours_prompt = ids.clone()
         ours[f"{side}_input_ids"] = ids
         trl.update({f"{side}_input_ids": ids, f"{side}_attention_mask": ours[f"{side}_attention_mask"].long(), f"{side}_labels": labels})
 

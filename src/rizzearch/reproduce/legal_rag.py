@@ -71,7 +71,6 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
 
     o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
     hall = {s: o[s]["hallucinated"] for s in SYSTEMS}
-    inc = {s: o[s]["incomplete"] for s in SYSTEMS}
     from rizzearch.audit.metrics import paired_difference
 
     d_rag = paired_difference(rows, "closed_book", "naive_rag", "hallucinated", seed=seed)

@@ -114,7 +114,7 @@ def render_markdown(run: Path, studies: list[dict], parity: dict | None, env: di
     for st in studies:
         out += [f"## {st['paper']}", "", f"Rerun alone: `{st['command']}`", ""]
         if st["status"] != "ok":
-            out += [f"**Study failed**:", "", "```", str(st["error"])[-3000:], "```", ""]
+            out += ["**Study failed**:", "", "```", str(st["error"])[-3000:], "```", ""]
             continue
         out += [claims_table_md(st["results"]["claims"]), ""]
         for p in st["plots"]:
