@@ -22,6 +22,16 @@ def cache_dir(*parts: str) -> Path:
     return Path(root, *parts)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` through a temporary file and a rename, so a reader (or a
+    resumed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def make_run_dir(out: str | None, command: str, *, allow_existing: bool = True) -> Path:
     """Create the run folder (``runs/<command>-<timestamp>`` by default) and save the resolved config.
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from rizzearch.errors import ConfigError, DataError
+from rizzearch.runs import atomic_write_text
 
 
 def audit(
@@ -96,7 +97,7 @@ def audit(
             h2 = import_sheet(second_human_sheet, expected=sorted(auto))
             metrics["human_agreement"]["human_vs_human"] = agreement(h1, h2)
         extra = "## Agreement with human labels\n\n```\n" + json.dumps(metrics["human_agreement"], indent=1) + "\n```\n"
-        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        atomic_write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2))
     paths = write_report(out, metrics, rows, extra_md=extra)
     summary = {s: {k2: e["overall"][k2]["rate"] for k2 in ("accurate", "incomplete", "hallucinated")}
                for s, e in metrics["systems"].items()}

@@ -11,7 +11,6 @@ from the answers on every run (labelling is deterministic and fast).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rizzearch.audit.labels import label_response
 from rizzearch.audit.metrics import compute_metrics
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError, RizzError
+from rizzearch.runs import atomic_write_text
 
 
 def _load_answers(path: Path) -> dict[tuple[str, str], dict]:
@@ -122,13 +122,9 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
                 continue
             lab = label_response(q, a["answer"], authorities=authorities, judge=judge)
             rows.append({**base, **{k: v for k, v in lab.items() if k not in ("query_id", "category")}})
-    tmp = out / ".labels.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out / "labels.jsonl")
+    atomic_write_text(out / "labels.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics = compute_metrics(rows, n_boot=n_boot, seed=seed)
     metrics["n_queries"] = len(queries)
     metrics["complete"] = all((s, q["id"]) in done for s in systems for q in queries)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"rows": rows, "metrics": metrics, "new_answers": new, "reused_answers": reused}

@@ -18,6 +18,7 @@ import numpy as np
 
 from rizzearch.data.tokenizer import Tokenizer, tokenizer_fingerprint
 from rizzearch.errors import DataError
+from rizzearch.runs import atomic_write_text
 
 SHARD_TOKENS = 1 << 24  # 16M tokens per shard file
 
@@ -137,7 +138,5 @@ def prepare_text(
         meta[split] = {"tokens": int(len(ids)), "bytes": len(part.encode("utf-8")), "shards": _write_shards(ids, out, split)}
     if meta["train"]["tokens"] < 2:
         raise DataError(f"{desc}: too little text to train on ({meta['train']['tokens']} tokens)")
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return TextDataset.open(out)

@@ -369,7 +369,7 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
 
 def write_report(report: MemorizationReport, out: str | Path) -> Path:
     """Write ``memorization.jsonl``, ``summary.json`` and ``summary.md`` into ``out``."""
-    from rizzearch.training.checkpoint import atomic_write_text
+    from rizzearch.runs import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import torch
 
 import rizzearch
 from rizzearch.errors import ConfigError, DataError
-from rizzearch.training.checkpoint import atomic_write_text
+from rizzearch.runs import atomic_write_text
 
 CLAIM_KEYS = ("id", "statement", "paper_value", "our_value", "holds")
 

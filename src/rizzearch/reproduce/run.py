@@ -25,7 +25,7 @@ from pathlib import Path
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.reproduce.common import read_results, study_mode
 from rizzearch.runs import make_run_dir
-from rizzearch.training.checkpoint import atomic_write_text
+from rizzearch.runs import atomic_write_text
 
 
 @dataclass(frozen=True)

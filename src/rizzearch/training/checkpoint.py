@@ -28,17 +28,12 @@ import torch
 
 from rizzearch.errors import CheckpointError
 from rizzearch.models.base import build_model, config_to_dict
+from rizzearch.runs import atomic_write_text
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
 STATE_FILE = "train_state.pt"
 LATEST = "latest.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_meta(model, **extra) -> dict:

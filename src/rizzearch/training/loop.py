@@ -28,6 +28,7 @@ from torch import Tensor
 from rizzearch.data.batches import split_batch
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
+from rizzearch.runs import atomic_write_text
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
 
@@ -257,7 +258,7 @@ def train(
         start_step = int(state["step"])
         history = _load_history(metrics_path, start_step)
         if info.is_main:  # drop log rows written after the checkpoint; they will be re-done identically
-            ckpt_io.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     ddp_model = model
     if info.enabled:
