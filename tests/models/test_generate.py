@@ -75,3 +75,17 @@ def test_bad_arguments():
         generate(m, torch.zeros(3, dtype=torch.long), 2)
     with pytest.raises(ConfigError):
         generate(m, torch.zeros(1, 1, dtype=torch.long), 2, num_beams=0)
+
+
+def test_eval_mode_restores_the_previous_mode_also_on_error():
+    from rizzearch.models.base import eval_mode
+
+    m = torch.nn.Dropout(0.5)
+    for start in (True, False):
+        m.train(start)
+        with eval_mode(m) as inner:
+            assert inner is m and not m.training
+        assert m.training is start
+        with pytest.raises(RuntimeError), eval_mode(m):
+            raise RuntimeError("boom")
+        assert m.training is start

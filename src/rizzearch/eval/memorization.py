@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, DataError
-from rizzearch.models.base import generate
+from rizzearch.models.base import eval_mode, generate
 
 # ----------------------------------------------------------------------------------------------
 # per-continuation metrics
@@ -161,9 +161,7 @@ def document_losses(model, docs: Sequence[Sequence[int]], batch_size: int = 16, 
     document never changes its own positions' logits.
     """
     device = device or next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
         res: dict[int, tuple[float, int]] = {}
         for s in range(0, len(order), batch_size):
@@ -179,8 +177,6 @@ def document_losses(model, docs: Sequence[Sequence[int]], batch_size: int = 16, 
             nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100, reduction="none").view(y.shape)
             for r, i in enumerate(idx):
                 res[i] = (float(nll[r].sum()), len(docs[i]) - 1)
-    finally:
-        model.train(was)
     return [res[i] for i in range(len(docs))]
 
 

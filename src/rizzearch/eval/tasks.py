@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from rizzearch.errors import ConfigError
+from rizzearch.models.base import eval_mode
 
 IGNORE = -100
 
@@ -105,10 +106,8 @@ def parity_accuracy(
 
     The answer is read as ``argmax`` over the two answer tokens (EVEN, ODD); chance is 0.5.
     """
-    was = model.training
-    model.eval()
     out = {}
-    try:
+    with eval_mode(model):
         for L in lengths:
             g = _gen(seed, int(L))
             correct = 0
@@ -119,8 +118,6 @@ def parity_accuracy(
                 pred = EVEN + logits[:, -1, EVEN : ODD + 1].argmax(-1)
                 correct += int((pred.cpu() == b["targets"][:, -1]).sum())
             out[int(L)] = correct / n_per_length
-    finally:
-        model.train(was)
     return out
 
 
@@ -187,17 +184,13 @@ def mqar_accuracy(
     model, spec: MQARSpec = MQARSpec(), n: int = 512, batch_size: int = 128, seed: int = 54321, device: str | torch.device = "cpu"
 ) -> float:
     """Fraction of queries answered correctly (argmax over the whole vocabulary) on held-out data."""
-    was = model.training
-    model.eval()
     correct = total = 0
     g = _gen(seed, 10**6)  # a stream the training sources (positions from 0) never reach
-    try:
+    with eval_mode(model):
         for s in range(0, n, batch_size):
             b = mqar_batch(min(batch_size, n - s), spec, g)
             logits, _ = model(b["input_ids"].to(device))
             keep = b["targets"] != IGNORE
             correct += int((logits.argmax(-1).cpu()[keep] == b["targets"][keep]).sum())
             total += int(keep.sum())
-    finally:
-        model.train(was)
     return correct / total

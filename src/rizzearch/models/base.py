@@ -20,6 +20,7 @@ Models return logits only; losses live in ``rizzearch.objectives``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -336,6 +337,17 @@ def _filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Te
     return logits
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` inside the block; the model's train/eval mode is restored after it (also on error)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -372,9 +384,7 @@ def generate(
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if num_beams < 1:
         raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits, state = model(prompt, None, attention_mask=attention_mask)
         last = logits[:, -1].float()  # (B, V)
         if num_beams > 1:
@@ -396,8 +406,6 @@ def generate(
                 last, state = model.step(nxt, state)
                 last = last.float()
         return out
-    finally:
-        model.train(was_training)
 
 
 def _beam_search(model, last: Tensor, state: State, n_new: int, W: int, length_penalty: float, eos_id):

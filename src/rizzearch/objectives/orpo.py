@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
+from rizzearch.models.base import eval_mode
 from rizzearch.objectives.lm import IGNORE_INDEX, SequenceLogprobs, token_logprobs, token_logprobs_reference
 
 # TRL's ORPOTrainer.get_batch_loss_metrics name -> our orpo_loss metric (TRL's beta is our lambda).
@@ -234,15 +235,11 @@ def score_pairs(model, tensors: dict[str, Tensor], batch_size: int = 32, *, chun
     """
     from rizzearch.data.preference import PairEvalBatches
 
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in PairEvalBatches(tensors, batch_size).batches():
             if device is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
             yield preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
-    finally:
-        model.train(was)
 
 
 @dataclass(frozen=True)

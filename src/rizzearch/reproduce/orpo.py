@@ -42,7 +42,7 @@ import torch
 from rizzearch.data.batches import RandomWindows
 from rizzearch.data.preference import PairEvalBatches, PreferencePair, encode_pairs
 from rizzearch.data.tokenizer import train_bpe
-from rizzearch.models.base import build_model, generate
+from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
 from rizzearch.objectives.lm import lm_loss
 from rizzearch.objectives.orpo import ORPOConfig, preference_forward
@@ -130,10 +130,8 @@ def make_pairs(n: int, rng: random.Random, k: int = 5, high: int = 100) -> list[
 @torch.no_grad()
 def task_correct(model, pairs: list[PreferencePair], tok, device, batch_size: int = 64) -> torch.Tensor:
     """Greedy generation per prompt -> bool (N,): the first generated word is the correct answer."""
-    was = model.training
-    model.eval()
     out_flags = []
-    try:
+    with eval_mode(model):
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s : s + batch_size]
             ids = [tok.encode(p.messages[0][1]) for p in chunk]
@@ -147,23 +145,17 @@ def task_correct(model, pairs: list[PreferencePair], tok, device, batch_size: in
             for p, row in zip(chunk, out.tolist()):
                 words = tok.decode([t for t in row if t != tok.eot_id]).split()
                 out_flags.append(bool(words) and words[0].rstrip(".") == p.chosen.strip())
-    finally:
-        model.train(was)
     return torch.tensor(out_flags, dtype=torch.bool)
 
 
 @torch.no_grad()
 def pair_wins(model, tensors: dict, device, batch_size: int = 128) -> torch.Tensor:
     """bool (N,): the chosen response has the higher mean token log-prob (per held-out pair)."""
-    was = model.training
-    model.eval()
     wins = []
-    try:
+    with eval_mode(model):
         for batch in PairEvalBatches(tensors, batch_size).batches():
             fw = preference_forward(model, {k: v.to(device) for k, v in batch.items()}, nll_mode=None)
             wins.append((fw.chosen.mean > fw.rejected.mean).cpu())
-    finally:
-        model.train(was)
     return torch.cat(wins)
 
 

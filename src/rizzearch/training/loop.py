@@ -28,6 +28,7 @@ from torch import Tensor
 from rizzearch.data.batches import split_batch
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
+from rizzearch.models.base import eval_mode
 from rizzearch.runs import atomic_write_text
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
@@ -160,10 +161,8 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 @torch.no_grad()
 def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -> dict:
     """Token-weighted mean of ``loss_fn`` over ``eval_data.batches()`` (+ ppl and bits/byte)."""
-    was = model.training
-    model.eval()
     total, count, extra = 0.0, 0, {}
-    try:
+    with eval_mode(model):
         for batch in eval_data.batches():
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(cfg, device):
@@ -174,8 +173,6 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
             for k, v in metrics.items():
                 if k not in ("loss", "tokens"):
                     extra.setdefault(k, []).append(_to_float(v))
-    finally:
-        model.train(was)
     val = total / max(count, 1)
     out = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": count}
     bpt = getattr(eval_data, "bytes_per_token", None)
