@@ -40,12 +40,12 @@ from pathlib import Path
 import torch
 
 from rizzearch.data.batches import RandomWindows
-from rizzearch.data.preference import PairEvalBatches, PreferencePair, encode_pairs
+from rizzearch.data.preference import PreferencePair, encode_pairs
 from rizzearch.data.tokenizer import train_bpe
 from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
 from rizzearch.objectives.lm import lm_loss
-from rizzearch.objectives.orpo import ORPOConfig, preference_forward
+from rizzearch.objectives.orpo import ORPOConfig, score_pairs
 from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.align import ForwardCounter, evaluate_preferences, run_stage
 from rizzearch.training.loop import TrainConfig
@@ -151,12 +151,7 @@ def task_correct(model, pairs: list[PreferencePair], tok, device, batch_size: in
 @torch.no_grad()
 def pair_wins(model, tensors: dict, device, batch_size: int = 128) -> torch.Tensor:
     """bool (N,): the chosen response has the higher mean token log-prob (per held-out pair)."""
-    wins = []
-    with eval_mode(model):
-        for batch in PairEvalBatches(tensors, batch_size).batches():
-            fw = preference_forward(model, {k: v.to(device) for k, v in batch.items()}, nll_mode=None)
-            wins.append((fw.chosen.mean > fw.rejected.mean).cpu())
-    return torch.cat(wins)
+    return torch.cat([(fw.chosen.mean > fw.rejected.mean).cpu() for fw in score_pairs(model, tensors, batch_size, device=device)])
 
 
 def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int, seed: int = 0) -> tuple[float, float, float]:
