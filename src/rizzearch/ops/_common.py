@@ -83,16 +83,16 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build_c_library(source: str, stem: str, cc: str, flags: list[str], *, folder: str, tag_extra: str = "") -> Path:
+def build_c_library(source: str, stem: str, cc: str, flags: list[str], *, tag_extra: str = "") -> Path:
     """Compile ``source`` (no headers beyond libc and libm) into a shared library; return its path.
 
-    Built once per user and cached in ``cache_dir(folder)`` as ``{stem}_{hash}.so``, the hash
+    Built once per user and cached in ``cache_dir("kernels")`` as ``{stem}_{hash}.so``, the hash
     covering the source, the compiler, ``flags`` and ``tag_extra`` (e.g. the CPU model for
     ``-march=native``). Compiled in a temporary folder and renamed into place, so concurrent builders
     never see a partial file. Raises ``OSError`` or ``subprocess.SubprocessError`` when it cannot build.
     """
     tag = hashlib.sha256("\0".join([source, cc, *flags, tag_extra]).encode()).hexdigest()[:16]
-    root = cache_dir(folder)
+    root = cache_dir("kernels")
     lib = root / f"{stem}_{tag}.so"
     if not lib.is_file():
         root.mkdir(parents=True, exist_ok=True)

@@ -312,7 +312,7 @@ def _native_step_lib():
     try:
         import ctypes
 
-        handle = ctypes.CDLL(str(build_c_library(_STEP_C_SOURCE, "mlstm_step", cc, ["-O3"], folder="native")))
+        handle = ctypes.CDLL(str(build_c_library(_STEP_C_SOURCE, "mlstm_step", cc, ["-O3"])))
         fn = handle.mlstm_step_f32
         fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 12
         fn.restype = None

@@ -638,9 +638,9 @@ def decode_library():
         except OSError:
             pass
         try:
-            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, [*base, "-fopenmp"], folder="kernels", tag_extra=cpu)
+            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, [*base, "-fopenmp"], tag_extra=cpu)
         except (OSError, subprocess.SubprocessError):  # no OpenMP (e.g. Apple clang): one thread
-            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, base, folder="kernels", tag_extra=cpu)
+            lib_path = build_c_library(_DECODE_C, "rwkv_decode", cc, base, tag_extra=cpu)
         lib = ctypes.CDLL(str(lib_path))
         fn = lib.rwkv_step
         fn.restype = ctypes.c_int
