@@ -6,7 +6,7 @@ from rizzearch.audit import load_queries
 from rizzearch.audit.build_queries import DATA, build_queries, to_jsonl
 from rizzearch.audit.labels import gold_match
 from rizzearch.errors import DataError
-from rizzearch.rag.corpus import load_corpus
+from rizzearch.legal.corpus import load_corpus
 
 
 def test_bundled_set_shape():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rizzearch.rag.corpus import load_corpus
+from rizzearch.legal.corpus import load_corpus
 
 DENSE_DOCS = ("scotus/347us483", "scotus/384us436")
 

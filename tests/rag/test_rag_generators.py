@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rizzearch.errors import ConfigError
-from rizzearch.rag.corpus import load_corpus
+from rizzearch.legal.corpus import load_corpus
 from rizzearch.rag.generators import (
     EndpointError,
     EndpointGenerator,

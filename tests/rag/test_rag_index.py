@@ -68,7 +68,7 @@ def test_corrupt_index_files(tmp_path, bm25_index):
 
 
 def test_schema_mismatch_and_rebuild(tmp_path, bm25_index):
-    from rizzearch.rag.corpus import load_corpus
+    from rizzearch.legal.corpus import load_corpus
 
     path = tmp_path / "idx.sqlite"
     Index.build(path, load_corpus()[:30], dense=False).close()
@@ -89,7 +89,7 @@ def test_never_overwrites_a_file_that_is_not_an_index(tmp_path):
     with pytest.raises(DataError, match="not a rizzearch index"):
         open_or_build(precious, dense=False)
     with pytest.raises(DataError, match="refusing to overwrite"):
-        from rizzearch.rag.corpus import load_corpus
+        from rizzearch.legal.corpus import load_corpus
 
         Index.build(precious, load_corpus()[:5], dense=False)
     assert precious.read_bytes() == b"my own data, not an index" * 10

@@ -38,8 +38,8 @@ import random
 import re
 from pathlib import Path
 
-from rizzearch.rag.corpus import REVIEW_PHRASES, date_words, load_corpus
-from rizzearch.rag.text import ORDINALS, split_sentences
+from rizzearch.legal.corpus import REVIEW_PHRASES, date_words, load_corpus
+from rizzearch.legal.text import ORDINALS, split_sentences
 
 DATA = Path(__file__).resolve().parent / "data" / "queries.jsonl"
 SEED = 7

@@ -59,7 +59,7 @@ def audit(
         seed: seed of the bootstrap and of the closed-book memory.
         progress: show a progress bar.
     """
-    from rizzearch.audit.citations import build_authorities
+    from rizzearch.legal.citations import build_authorities
     from rizzearch.audit.human import agreement, export_sheet, import_sheet
     from rizzearch.audit.queries import load_queries
     from rizzearch.audit.report import write_report

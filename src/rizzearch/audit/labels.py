@@ -18,9 +18,10 @@ How each is decided here (deterministically, no model in the loop):
   that includes the gold's rarest token (so ``District of Columbia`` does not match ``District of Kansas``).
 * premise flag (false-premise queries): a fixed list of correction phrases (``did not``, ``there is no``,
   ``the premise is false``...).
-* support: each sentence that carries citations is a proposition; with the citation text removed, the
-  IDF-weighted share of its content words found in the cited authority's text must reach
-  ``support_threshold``. An optional LLM judge (``audit.judge``) can replace this scorer.
+* support: each sentence that carries citations is a proposition (``legal.citations.propositions``);
+  with the citation text removed, the IDF-weighted share of its content words found in the cited
+  authority's text must reach ``support_threshold``. An optional LLM judge (``audit.judge``) can
+  replace this scorer. The scorer is the audit's own: no system under audit uses it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rizzearch.audit.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, extract_citations
+from rizzearch.legal.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, propositions
 from rizzearch.audit.queries import CATEGORIES
 from rizzearch.errors import DataError
-from rizzearch.rag.text import content_set, content_tokens, corpus_idf, split_sentences, weighted_recall
+from rizzearch.legal.text import content_set, content_tokens, weighted_recall
 
 CORRECTNESS = ("correct", "incorrect", "refusal")
 GROUNDEDNESS = ("grounded", "misgrounded", "ungrounded")
@@ -72,22 +73,14 @@ class LabelConfig:
 
 def _idf(auth: Authorities) -> tuple[dict, float]:
     """IDF table over the corpus passages, computed once per Authorities object."""
-    if auth.idf is None:
-        auth.idf = corpus_idf(p.text for p in auth.passages)
-    return auth.idf
+    return auth.idf_table()
 
 
 def _doc_tokens(auth: Authorities, pids: list[str]) -> set[str]:
     """Content tokens of the passages ``pids`` (text and title); each passage is tokenised once per Authorities."""
     toks: set[str] = set()
     for pid in pids:
-        got = auth.tokens.get(pid)
-        if got is None:
-            p = auth.by_id.get(pid)
-            if p is None:
-                continue
-            got = auth.tokens[pid] = content_set(p.text) | content_set(p.title)
-        toks |= got
+        toks |= auth.passage_tokens(pid) or set()
     return toks
 
 
@@ -113,38 +106,6 @@ def gold_match(answer: str, gold: str, auth: Authorities | None = None, threshol
         return g <= have, rec
     rarest = max(g, key=lambda w: (idf.get(w, dflt), w))
     return (rec >= threshold and rarest in have), rec
-
-
-def _strip_citations(sentence: str, spans: list[tuple[int, int]], offset: int) -> str:
-    out, pos = [], 0
-    for s, e in sorted(spans):
-        s, e = s - offset, e - offset
-        out.append(sentence[pos:max(pos, s)])
-        pos = max(pos, e)
-    out.append(sentence[pos:])
-    return "".join(out)
-
-
-def propositions(answer: str) -> list[dict]:
-    """Sentences of ``answer`` with the citations they carry (a citation-only sentence attaches to the one before)."""
-    cites = extract_citations(answer)
-    sents, pos = [], 0
-    for s in split_sentences(answer):
-        i = answer.find(s[:20], pos) if s else -1
-        i = pos if i < 0 else i
-        sents.append((i, i + len(s), s))
-        pos = i + len(s)
-    props: list[dict] = []
-    for a, b, s in sents:
-        mine = [c for c in cites if a <= c.start < b + 1]
-        claim = _strip_citations(s, [(c.start, c.end) for c in mine], a)
-        if props and mine and len(content_tokens(claim)) < 3:
-            props[-1]["citations"] += mine
-            continue
-        if mine and not content_tokens(claim):  # the answer is the citation itself ("X, 341 U.S. 494 (1951).")
-            claim = s
-        props.append({"sentence": s, "claim": claim.strip(), "citations": mine})
-    return props
 
 
 def support_score(claim: str, pids: list[str], auth: Authorities | None = None) -> float:

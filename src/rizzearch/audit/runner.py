@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from rizzearch.audit.citations import Authorities
+from rizzearch.legal.citations import Authorities
 from rizzearch.audit.labels import label_response
 from rizzearch.audit.metrics import compute_metrics
 from rizzearch.data.jsonl import read_jsonl

@@ -16,7 +16,7 @@ def index(out: str | None = None, dense: bool = True, chunk_chars: int = 700, pr
         chunk_chars: characters per opinion chunk.
         progress: show a progress bar while embedding.
     """
-    from rizzearch.rag.corpus import load_corpus
+    from rizzearch.legal.corpus import load_corpus
     from rizzearch.rag.index import Index, default_index_path
 
     path = out or str(default_index_path())
@@ -47,7 +47,7 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
         model: model name at the endpoint (or RIZZ_LLM_MODEL).
         timeout: seconds per endpoint request.
         retries: endpoint retries.
-        label: also check every citation of the answer (existence, support).
+        label: also check every citation of the answer (existence, and support by the verifier's own check, rag.support).
         as_json: print the whole answer record as JSON instead of text.
     """
     from rizzearch.rag.index import open_or_build
@@ -59,15 +59,16 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
     ans = sysm.answer(question)
     rec = ans.to_dict()
     if label and ans.status == "answered":
-        from rizzearch.audit.citations import build_authorities, check_existence
-        from rizzearch.audit.labels import propositions, support_score
+        from rizzearch.legal.citations import build_authorities, check_existence, propositions
+        from rizzearch.rag.support import SupportCheck
 
         auth = build_authorities(idx.passages)
+        support = SupportCheck()
         checks = []
         for prop in propositions(ans.text):
             for c in prop["citations"]:
                 verdict, detail, pids = check_existence(c, auth)
-                sc = support_score(prop["claim"], pids, auth) if pids else None
+                sc = support.score(prop["claim"], [auth.by_id[p] for p in pids]) if pids else None
                 checks.append({"citation": c.normalized, "existence": verdict, "detail": detail,
                                "support_score": None if sc is None else round(sc, 3)})
         rec["citation_checks"] = checks

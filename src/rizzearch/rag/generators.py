@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from rizzearch.errors import ConfigError, RizzError
-from rizzearch.rag.corpus import Passage
-from rizzearch.rag.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
+from rizzearch.legal.corpus import Passage
+from rizzearch.legal.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
 from rizzearch.runs import cache_dir as default_cache_dir
 
 SYSTEM_PROMPT = (

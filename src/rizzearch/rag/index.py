@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from rizzearch.errors import DataError
-from rizzearch.rag.corpus import Passage, load_corpus
-from rizzearch.rag.text import STOPWORDS, words
+from rizzearch.legal.corpus import Passage, load_corpus
+from rizzearch.legal.text import STOPWORDS, words
 from rizzearch.runs import cache_dir
 
 SCHEMA_VERSION = "1"

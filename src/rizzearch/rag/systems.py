@@ -5,10 +5,11 @@
   came out.
 * ``VerifiedRAG``: retrieve, keep only passages consistent with the entities the question names (its
   cases, Justices, amendments), generate from those, then check every citation of the answer (it must
-  exist in the index and its passage must support the sentence it is cited for, the audit's own
-  support scorer) and that the answer plus its sources cover the question. If anything fails it
-  abstains, naming what it could not verify. This is the "verify before answering" design whose
-  trade-off (fewer hallucinations, more refusals) the audit measures.
+  exist in the index, and one of its passages must support the sentence it is cited for, by the
+  system's own check in ``rag.support``, never the audit's scorer) and that the answer plus its
+  sources cover the question. If anything fails it abstains, naming what it could not verify. This is
+  the "verify before answering" design whose trade-off (fewer hallucinations, more refusals) the audit
+  measures.
 
 Every answer carries its provenance: passages with scores and ranks, the prompt, the generator, the
 latency, and a ``status`` (``answered``, ``abstained``, ``non_legal``, ``error``).
@@ -21,10 +22,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from rizzearch.errors import DataError
-from rizzearch.rag.corpus import Passage
+from rizzearch.legal.citations import EXISTS, NONEXISTENT, build_authorities, check_existence, propositions
+from rizzearch.legal.corpus import Passage
+from rizzearch.legal.text import CASE_NAME_STOPWORDS, ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
 from rizzearch.rag.generators import GenerationRequest, Generator, build_messages
 from rizzearch.rag.index import Hit, Index
-from rizzearch.rag.text import CASE_NAME_STOPWORDS, ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
+from rizzearch.rag.support import SupportCheck
 
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
 
@@ -239,7 +242,8 @@ class VerifiedRAG(NaiveRAG):
         generator: the generator under test.
         k: passages retrieved.
         mode: retrieval mode.
-        support_threshold: minimum support score of every cited proposition (audit scorer).
+        support_threshold: least support of every cited proposition by one of its cited passages
+            (``rag.support.SupportCheck``, the system's own check, not the audit's scorer).
         min_coverage: minimum IDF-weighted share of the question's words found in the answer and its sources.
     """
 
@@ -249,9 +253,8 @@ class VerifiedRAG(NaiveRAG):
                  support_threshold: float = 0.6, min_coverage: float = 0.5):
         super().__init__(index, generator, k, mode)
         self.support_threshold, self.min_coverage = support_threshold, min_coverage
-        from rizzearch.audit.citations import build_authorities
-
         self.auth = build_authorities(index.passages)
+        self.support = SupportCheck(support_threshold)
 
     def _abstain(self, question, reason, hits, msgs, t0, checks) -> Answer:
         text = f"I cannot answer this reliably from the sources I found: {reason}."
@@ -259,9 +262,6 @@ class VerifiedRAG(NaiveRAG):
                       {**checks, "reason": reason}, time.perf_counter() - t0)
 
     def answer(self, question: str) -> Answer:
-        from rizzearch.audit.citations import EXISTS, NONEXISTENT, check_existence
-        from rizzearch.audit.labels import _idf, propositions, support_score
-
         question = check_question(question)
         t0 = time.perf_counter()
         ents = self.entities.find(question)
@@ -291,7 +291,7 @@ class VerifiedRAG(NaiveRAG):
                                          {**checks, "failed_citation": c.normalized, "detail": detail})
                 if verdict != EXISTS:  # a real authority outside the corpus: cannot be checked, proves nothing
                     continue
-                sc = support_score(prop["claim"], pids, self.auth)
+                sc = self.support.score(prop["claim"], [self.auth.by_id[p] for p in pids if p in self.auth.by_id])
                 scores.append(round(sc, 4))
                 if sc < self.support_threshold:
                     return self._abstain(question, "a cited source does not support the statement it is cited for", kept, msgs,
@@ -301,7 +301,7 @@ class VerifiedRAG(NaiveRAG):
             if not supported:
                 return self._abstain(question, "a statement's citations could not be checked against the sources", kept, msgs,
                                      t0, {**checks, "support": scores})
-        idf, dflt = _idf(self.auth)
+        idf, dflt = self.auth.idf_table()
         have = set().union(*(content_set(p["claim"]) for p in props))
         for pid in cited[:20]:
             p = self.auth.by_id.get(pid)

@@ -33,7 +33,7 @@ def _fmt(x: float) -> str:
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
     """Audit closed-book, naive RAG and verified RAG; write results.json, report.md/html and the chart."""
-    from rizzearch.audit.citations import build_authorities
+    from rizzearch.legal.citations import build_authorities
     from rizzearch.audit.queries import load_queries
     from rizzearch.audit.report import write_report
     from rizzearch.audit.runner import run_audit
@@ -46,7 +46,7 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     out.mkdir(parents=True, exist_ok=True)
     queries = load_queries(limit=6 if tiny else None)
     if tiny:
-        from rizzearch.rag.corpus import load_corpus
+        from rizzearch.legal.corpus import load_corpus
 
         idx = Index.build(out / "index_bm25.sqlite", load_corpus(), dense=False)
         mode = "bm25"

@@ -1,5 +1,8 @@
 """The bundled legal corpus as passages with stable ids and citable references.
 
+The passages are what the RAG index retrieves and, through ``legal.citations.build_authorities``,
+the authority table the audit checks citations against; both sides load them from here.
+
 Three sources (``rizzearch.corpora``):
 
 * ``constitution``: one passage per clause of the U.S. Constitution. Ids follow the structure,
@@ -28,7 +31,7 @@ from pathlib import Path
 from rizzearch import corpora
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError
-from rizzearch.rag.text import from_roman, normalize_space, roman, split_sentences
+from rizzearch.legal.text import from_roman, normalize_space, roman, split_sentences
 
 SOURCES = ("constitution", "scotus", "rule_qa")
 

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from rizzearch.errors import DataError
-from rizzearch.rag.corpus import court_below, load_constitution, load_corpus, load_rule_qa, load_scotus
-from rizzearch.rag.text import from_roman, roman, split_sentences
+from rizzearch.legal.corpus import court_below, load_constitution, load_corpus, load_rule_qa, load_scotus
+from rizzearch.legal.text import from_roman, roman, split_sentences
 
 
 def test_ids_unique_stable_and_sources():

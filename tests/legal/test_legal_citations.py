@@ -1,6 +1,6 @@
 import pytest
 
-from rizzearch.audit.citations import check_existence, extract_citations
+from rizzearch.legal.citations import check_existence, extract_citations
 
 
 def one(text):

@@ -1,4 +1,9 @@
-"""Citation extraction and existence checks.
+"""Citations and the authority table: what a legal answer cites, and whether it exists.
+
+Shared by the systems under audit (``rag``) and the audit itself: both need to read citations and to
+know which authorities exist. Whether a cited source *supports* a claim is not decided here; the
+audit's labeller (``audit.labels``) and the verified RAG system (``rag.support``) each have their own
+check, so the system under audit never answers with its judge's scorer.
 
 Three kinds of citation are read from an answer, in the forms lawyers write them:
 
@@ -6,6 +11,9 @@ Three kinds of citation are read from an answer, in the forms lawyers write them
 * Constitution citations, by our own parser (``U.S. Const. art. I, § 3, cl. 3``, ``U.S. Const. amend. XIX``,
   ``U.S. Const. amend. XIV, § 1``, ``U.S. Const. pmbl.``);
 * internal passage ids of our corpus (``[scotus/347us483/c02]``, ``ruleqa/012``, ``const/amend5/cl2``).
+
+``propositions`` splits an answer into sentences with the citations each carries (the claims a
+citation is offered for).
 
 Existence (``check_existence``) is decided against the corpus first: a case citation whose
 volume/reporter/page is one of our opinions exists (and its stated case name and year must agree
@@ -22,8 +30,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from rizzearch.rag.corpus import Passage
-from rizzearch.rag.text import CASE_NAME_STOPWORDS, content_set, from_roman, roman
+from rizzearch.legal.corpus import Passage
+from rizzearch.legal.text import CASE_NAME_STOPWORDS, content_set, content_tokens, corpus_idf, from_roman, roman, split_sentences
 
 EXISTS, NONEXISTENT, UNVERIFIABLE = "exists", "nonexistent", "unverifiable"
 
@@ -171,6 +179,38 @@ def extract_citations(text: str) -> list[Citation]:
     return cites
 
 
+def _strip_citations(sentence: str, spans: list[tuple[int, int]], offset: int) -> str:
+    out, pos = [], 0
+    for s, e in sorted(spans):
+        s, e = s - offset, e - offset
+        out.append(sentence[pos:max(pos, s)])
+        pos = max(pos, e)
+    out.append(sentence[pos:])
+    return "".join(out)
+
+
+def propositions(answer: str) -> list[dict]:
+    """Sentences of ``answer`` with the citations they carry (a citation-only sentence attaches to the one before)."""
+    cites = extract_citations(answer)
+    sents, pos = [], 0
+    for s in split_sentences(answer):
+        i = answer.find(s[:20], pos) if s else -1
+        i = pos if i < 0 else i
+        sents.append((i, i + len(s), s))
+        pos = i + len(s)
+    props: list[dict] = []
+    for a, b, s in sents:
+        mine = [c for c in cites if a <= c.start < b + 1]
+        claim = _strip_citations(s, [(c.start, c.end) for c in mine], a)
+        if props and mine and len(content_tokens(claim)) < 3:
+            props[-1]["citations"] += mine
+            continue
+        if mine and not content_tokens(claim):  # the answer is the citation itself ("X, 341 U.S. 494 (1951).")
+            claim = s
+        props.append({"sentence": s, "claim": claim.strip(), "citations": mine})
+    return props
+
+
 # --------------------------------------------------------------------------------------------
 # Existence
 # --------------------------------------------------------------------------------------------
@@ -187,8 +227,24 @@ class Authorities:
     case_names: dict  # doc -> case name
     const_docs: dict  # tuple path -> [Passage]
     us_years: list  # sorted (volume, year) points of our U.S. Reports opinions
-    idf: tuple | None = None  # (idf table, default idf), filled lazily by the labeller
-    tokens: dict = field(default_factory=dict)  # passage id -> content tokens of text and title, filled lazily by the labeller
+    idf: tuple | None = None  # (idf table, default idf), filled lazily by ``idf_table()``
+    tokens: dict = field(default_factory=dict)  # passage id -> content tokens of text and title, filled by ``passage_tokens``
+
+    def idf_table(self) -> tuple[dict, float]:
+        """``(idf, default idf)`` of the content tokens over the corpus passages, computed once."""
+        if self.idf is None:
+            self.idf = corpus_idf(p.text for p in self.passages)
+        return self.idf
+
+    def passage_tokens(self, pid: str) -> set[str] | None:
+        """Content tokens of passage ``pid`` (its text and title), tokenised once; None for an unknown id."""
+        got = self.tokens.get(pid)
+        if got is None:
+            p = self.by_id.get(pid)
+            if p is None:
+                return None
+            got = self.tokens[pid] = content_set(p.text) | content_set(p.title)
+        return got
 
 
 def _const_key(p: Passage) -> list[tuple]:
@@ -232,7 +288,7 @@ def build_authorities(passages: list[Passage]) -> Authorities:
 
 @lru_cache(maxsize=1)
 def default_authorities() -> Authorities:
-    from rizzearch.rag.corpus import load_corpus
+    from rizzearch.legal.corpus import load_corpus
 
     return build_authorities(load_corpus())
 
