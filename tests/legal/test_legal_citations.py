@@ -66,3 +66,24 @@ def test_multiple_citations_in_order():
     cs = extract_citations("Cf. U.S. Const. amend. IV; Katz v. United States, 389 U.S. 347 (1967); [ruleqa/010].")
     assert [c.kind for c in cs] == ["constitution", "case", "internal"]
     assert extract_citations("") == [] and extract_citations("no citations here.") == []
+
+
+def test_propositions_attach_a_citation_only_sentence_to_the_claim_before():
+    from rizzearch.legal.citations import propositions
+
+    (p,) = propositions("Justice Warren delivered the opinion. Brown v. Board of Education, 347 U.S. 483 (1954).")
+    assert p["claim"] == "Justice Warren delivered the opinion." and [c.normalized for c in p["citations"]] == ["347 U.S. 483"]
+    only = propositions("Dennis v. United States, 341 U.S. 494 (1951).")
+    assert len(only) == 1 and only[0]["claim"].startswith("Dennis v. United States, 341 U.S. 494")  # its own claim
+    assert [p["citations"] for p in propositions("No citation here. None here either.")] == [[], []]
+
+
+def test_authority_table_tokenises_and_weighs_once():
+    from rizzearch.legal.citations import default_authorities
+
+    auth = default_authorities()
+    idf, dflt = auth.idf_table()
+    assert auth.idf_table()[0] is idf and dflt == max(idf.values())
+    toks = auth.passage_tokens("scotus/347us483/meta")
+    assert {"warren", "brown"} <= toks and auth.passage_tokens("scotus/347us483/meta") is toks
+    assert auth.passage_tokens("no/such/passage") is None

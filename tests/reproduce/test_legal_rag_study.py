@@ -14,6 +14,13 @@ def test_legal_rag_tiny(tmp_path):
     m = data["metrics"]
     assert m["mode"] == "tiny" and m["labels_deterministic"] is True and m["n_queries"] == 24
     assert set(m["systems"]) == {"closed_book", "naive_rag", "verified_rag"}
+    # what produced each system's answers is recorded and named in every claim, table row and chart bar
+    assert m["systems"]["closed_book"]["generator"].startswith("simulated closed-book (MemoryGenerator")
+    assert m["systems"]["naive_rag"]["generator"].startswith("extractive (ExtractiveGenerator")
+    assert m["systems"]["verified_rag"]["generator"].startswith("extractive (ExtractiveGenerator")
+    assert all("simulated closed-book" in c["our_value"] or "extractive" in c["our_value"] for c in data["claims"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| closed_book | simulated closed-book |" in md and "| naive_rag | extractive |" in md
     for f in ("report.md", "report.html", "audit_chart.png", "audit/answers.jsonl"):
         assert (tmp_path / f).is_file()
     assert (tmp_path / "report.md").read_text().count("## Claims") == 1

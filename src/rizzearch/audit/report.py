@@ -3,6 +3,10 @@ example failures of each type.
 
 The chart draws one horizontal bar per system split into accurate / incomplete / hallucinated
 (shares of all queries), with the paper's four systems underneath for reference.
+
+Every bar, table row and example names what produced the system's answers (``metrics["systems"][s]
+["generator"]``, recorded by the runner), by its short name: ``simulated closed-book`` and
+``extractive`` for the deterministic stand-ins, so their numbers never read as a language model's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,23 @@ def _cell(d: dict) -> str:
     return f"{_pct(d['rate'])} [{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]"
 
 
+def generator_short(entry: dict) -> str:
+    """Short name of the generator behind a system's metrics entry: ``"simulated closed-book (MemoryGenerator: ...)"``
+    -> ``"simulated closed-book"``; ``"-"`` when the metrics do not record one."""
+    return (entry.get("generator") or "").split(" (")[0].strip() or "-"
+
+
+def chart_labels(metrics: dict, include_paper: bool = True) -> list[str]:
+    """The chart's bar labels, top to bottom: ours with their generator, then the paper's systems."""
+    names = []
+    for s, e in metrics["systems"].items():
+        g = generator_short(e)
+        names.append(f"{s} (ours, {g})" if g != "-" else f"{s} (ours)")
+    if include_paper:
+        names += [f"{s} (paper)" for s in PAPER]
+    return names
+
+
 def plot(metrics: dict, path: str | Path, include_paper: bool = True) -> Path:
     """Stacked horizontal bars (accurate / incomplete / hallucinated) per system; PNG at ``path``."""
     import matplotlib
@@ -43,15 +64,10 @@ def plot(metrics: dict, path: str | Path, include_paper: bool = True) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, vals = [], []
-    for s, e in metrics["systems"].items():
-        o = e["overall"]
-        names.append(f"{s} (ours)")
-        vals.append(tuple(o[k]["rate"] for k in ("accurate", "incomplete", "hallucinated")))
+    names = chart_labels(metrics, include_paper)
+    vals = [tuple(e["overall"][k]["rate"] for k in ("accurate", "incomplete", "hallucinated")) for e in metrics["systems"].values()]
     if include_paper:
-        for s, v in PAPER.items():
-            names.append(f"{s} (paper)")
-            vals.append(v)
+        vals += list(PAPER.values())
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(names) + 1.4))
     y = list(range(len(names)))[::-1]
     left = [0.0] * len(names)
@@ -88,10 +104,11 @@ def examples(rows: list[dict], per_type: int = 1) -> dict:
     return out
 
 
-def _example_md(r: dict) -> str:
+def _example_md(r: dict, gen: str = "-") -> str:
     cites = "; ".join(f"`{c['normalized']}` ({c['existence']}" + ("" if c.get("supported") is None else
                       f", support {c['support_score']}") + ")" for c in r.get("citations", [])) or "none"
-    return (f"- **{r['system']}** · `{r['query_id']}` ({r['category']}): {r['question']}\n"
+    gen = "" if gen == "-" else f" ({gen})"
+    return (f"- **{r['system']}**{gen} · `{r['query_id']}` ({r['category']}): {r['question']}\n"
             f"  - gold: {r['gold_answer'][:200]}\n  - answer: {r['answer'][:400]}\n"
             f"  - labels: {r['correctness']} / {r['groundedness']} -> **{r['label']}**; citations: {cites}\n")
 
@@ -105,25 +122,25 @@ def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: st
     lines = [f"# {title}", "", f"{metrics.get('n_queries', '?')} queries; rates in % of all queries with bootstrap 95% "
              f"intervals ({metrics.get('n_boot')} resamples, seed {metrics.get('seed')}).", "",
              "![stacked bar chart](audit_chart.png)", "", "## Overall", "",
-             "| system | accurate | incomplete | hallucinated | hallucinated among answered | answered | errors |",
-             "|---|---|---|---|---|---|---|"]
+             "| system | generator | accurate | incomplete | hallucinated | hallucinated among answered | answered | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     for s, e in metrics["systems"].items():
         o = e["overall"]
-        lines.append(f"| {s} | {_cell(o['accurate'])} | {_cell(o['incomplete'])} | {_cell(o['hallucinated'])} | "
+        lines.append(f"| {s} | {generator_short(e)} | {_cell(o['accurate'])} | {_cell(o['incomplete'])} | {_cell(o['hallucinated'])} | "
                      f"{_cell(o['hallucinated_among_answered'])} | {o['answered']}/{o['n']} | {e['errors']} |")
     lines += ["", "Paper (Magesh et al. 2024, share of all queries): " + "; ".join(
         f"{k} {100 * a:.0f}/{100 * b:.0f}/{100 * c:.0f}" for k, (a, b, c) in PAPER.items()), "", "## By category (hallucinated %)", ""]
     cats = sorted({c for e in metrics["systems"].values() for c in e["by_category"]})
-    lines += ["| system | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    lines += ["| system | generator | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
     for s, e in metrics["systems"].items():
-        lines.append(f"| {s} | " + " | ".join(_cell(e["by_category"][c]["hallucinated"]) if c in e["by_category"] else "-" for c in cats) + " |")
+        lines.append(f"| {s} | {generator_short(e)} | " + " | ".join(_cell(e["by_category"][c]["hallucinated"]) if c in e["by_category"] else "-" for c in cats) + " |")
     lines += ["", "## Primary labels and citations", "",
-              "| system | correct | incorrect | refusal | grounded | misgrounded | ungrounded | citations | nonexistent | unsupported |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| system | generator | correct | incorrect | refusal | grounded | misgrounded | ungrounded | citations | nonexistent | unsupported |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s, e in metrics["systems"].items():
         o = e["overall"]
         c = o["citations"]
-        lines.append(f"| {s} | {_pct(o['correct'])} | {_pct(o['incorrect'])} | {_pct(o['refusal'])} | {_pct(o['grounded'])} | "
+        lines.append(f"| {s} | {generator_short(e)} | {_pct(o['correct'])} | {_pct(o['incorrect'])} | {_pct(o['refusal'])} | {_pct(o['grounded'])} | "
                      f"{_pct(o['misgrounded'])} | {_pct(o['ungrounded'])} | {c['total']} | {c['nonexistent']} | {c['unsupported']} |")
     if metrics.get("paired"):
         lines += ["", "## Paired differences in hallucination rate (same queries)", "", "| comparison | difference | 95% CI |", "|---|---|---|"]
@@ -133,7 +150,7 @@ def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: st
     for name, rs in examples(rows).items():
         lines.append(f"### {name}")
         lines.append("")
-        lines += [_example_md(r) for r in rs] or ["(none)"]
+        lines += [_example_md(r, generator_short(metrics["systems"].get(r["system"], {}))) for r in rs] or ["(none)"]
         lines.append("")
     if extra_md:
         lines += ["", extra_md]
@@ -152,24 +169,25 @@ def _html(title: str, metrics: dict, rows: list[dict]) -> str:
             "code{background:#eee;padding:1px 3px}</style></head><body>")
     parts = [head, f"<h1>{e(title)}</h1>", f"<p>{metrics.get('n_queries', '?')} queries; % of all queries, bootstrap 95% CI.</p>",
              "<img src='audit_chart.png' alt='stacked bar chart' style='max-width:100%'>",
-             "<h2>Overall</h2><table><tr><th>system</th><th>accurate</th><th>incomplete</th><th>hallucinated</th>"
+             "<h2>Overall</h2><table><tr><th>system</th><th>generator</th><th>accurate</th><th>incomplete</th><th>hallucinated</th>"
              "<th>hallucinated among answered</th><th>answered</th></tr>"]
     for s, m in metrics["systems"].items():
         o = m["overall"]
-        parts.append(f"<tr><td>{e(s)}</td><td>{_cell(o['accurate'])}</td><td>{_cell(o['incomplete'])}</td>"
+        parts.append(f"<tr><td>{e(s)}</td><td>{e(generator_short(m))}</td><td>{_cell(o['accurate'])}</td><td>{_cell(o['incomplete'])}</td>"
                      f"<td>{_cell(o['hallucinated'])}</td><td>{_cell(o['hallucinated_among_answered'])}</td><td>{o['answered']}/{o['n']}</td></tr>")
-    parts.append("</table><h2>By category (hallucinated %)</h2><table><tr><th>system</th>")
+    parts.append("</table><h2>By category (hallucinated %)</h2><table><tr><th>system</th><th>generator</th>")
     cats = sorted({c for m in metrics["systems"].values() for c in m["by_category"]})
     parts += [f"<th>{e(c)}</th>" for c in cats] + ["</tr>"]
     for s, m in metrics["systems"].items():
-        parts.append(f"<tr><td>{e(s)}</td>" + "".join(
+        parts.append(f"<tr><td>{e(s)}</td><td>{e(generator_short(m))}</td>" + "".join(
             f"<td>{_cell(m['by_category'][c]['hallucinated']) if c in m['by_category'] else '-'}</td>" for c in cats) + "</tr>")
     parts.append("</table><h2>Example failures</h2>")
     for name, rs in examples(rows).items():
         parts.append(f"<h3>{e(name)}</h3>")
         for r in rs:
             cites = "; ".join(f"{c['normalized']} ({c['existence']})" for c in r.get("citations", [])) or "none"
-            parts.append(f"<div class='ex'><b>{e(r['system'])}</b> <code>{e(r['query_id'])}</code>: {e(r['question'])}<br>"
+            gen = generator_short(metrics["systems"].get(r["system"], {}))
+            parts.append(f"<div class='ex'><b>{e(r['system'])}</b> ({e(gen)}) <code>{e(r['query_id'])}</code>: {e(r['question'])}<br>"
                          f"<i>gold</i>: {e(r['gold_answer'][:200])}<br><i>answer</i>: {e(r['answer'][:400])}<br>"
                          f"<i>labels</i>: {e(str(r['correctness']))} / {e(str(r['groundedness']))} &rarr; <b>{e(r['label'])}</b>; "
                          f"citations: {e(cites)}</div>")

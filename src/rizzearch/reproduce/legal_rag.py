@@ -1,7 +1,11 @@
 """Study: Magesh et al. (2024), "Hallucination-Free? Assessing the Reliability of Leading AI Legal Research Tools".
 
 Claims checked on our bundled corpus (U.S. Constitution, 101 Supreme Court opinion prefixes, LegalBench
-rule_qa) with the deterministic systems (``rizz reproduce legal-rag --out DIR``):
+rule_qa) with the deterministic systems (``rizz reproduce legal-rag --out DIR``). No language model is
+in the loop: closed-book answers come from a *simulated* closed-book model (``MemoryGenerator``, which
+misremembers a fixed share of citations by construction) and RAG answers from the extractive answerer
+(``ExtractiveGenerator``), so claims 1 and 4 hold partly by design. results.json records each system's
+generator, and every claim, table row and chart bar names it:
 
 1. Retrieval lowers hallucination against closed-book (paper: GPT-4 closed-book 43% hallucinated vs.
    Lexis+ AI 17% and Westlaw 33%).
@@ -70,6 +74,8 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     deterministic = relabel == [r["label"] for r in rows[:60]]
 
     o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
+    gen = {s: systems[s].generator_label for s in SYSTEMS}
+    short = {s: g.split(" (")[0] for s, g in gen.items()}  # "simulated closed-book", "extractive"
     hall = {s: o[s]["hallucinated"] for s in SYSTEMS}
     from rizzearch.audit.metrics import paired_difference
 
@@ -82,27 +88,28 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
         Claim("retrieval_lowers_hallucination",
               "Retrieval-augmented generation hallucinates less than a closed-book model.",
               "GPT-4 closed-book 43% vs. Lexis+ AI 17% / Westlaw 33% hallucinated",
-              f"closed-book {_fmt(hall['closed_book']['rate'])} vs. naive RAG {_fmt(hall['naive_rag']['rate'])} "
+              f"closed-book ({short['closed_book']}) {_fmt(hall['closed_book']['rate'])} vs. naive RAG ({short['naive_rag']}) "
+              f"{_fmt(hall['naive_rag']['rate'])} "
               f"(paired difference {_fmt(d_rag['diff'])}, 95% CI [{_fmt(d_rag['ci95'][0])}, {_fmt(d_rag['ci95'][1])}])",
               bool(d_rag["ci95"][1] < 0)),
         Claim("retrieval_does_not_remove_hallucination",
               "Even with retrieval, a substantial share of answers is hallucinated.",
               "17-33% of all queries (Lexis+ AI, Westlaw)",
-              f"naive RAG {_fmt(hall['naive_rag']['rate'])} (95% CI [{_fmt(hall['naive_rag']['ci95'][0])}, "
-              f"{_fmt(hall['naive_rag']['ci95'][1])}]); verified RAG {_fmt(hall['verified_rag']['rate'])}",
+              f"naive RAG ({short['naive_rag']}) {_fmt(hall['naive_rag']['rate'])} (95% CI [{_fmt(hall['naive_rag']['ci95'][0])}, "
+              f"{_fmt(hall['naive_rag']['ci95'][1])}]); verified RAG ({short['verified_rag']}) {_fmt(hall['verified_rag']['rate'])}",
               bool(hall["naive_rag"]["ci95"][0] > 0)),
         Claim("verification_trades_hallucinations_for_refusals",
               "Checking citations and support before answering lowers hallucination but raises incomplete answers.",
               "Ask Practical Law AI: 17% hallucinated, 63% incomplete (vs. Westlaw 33% / 25%)",
-              f"verified vs. naive RAG: hallucinated {_fmt(d_ver_h['diff'])} (CI [{_fmt(d_ver_h['ci95'][0])}, "
+              f"verified vs. naive RAG ({short['verified_rag']}): hallucinated {_fmt(d_ver_h['diff'])} (CI [{_fmt(d_ver_h['ci95'][0])}, "
               f"{_fmt(d_ver_h['ci95'][1])}]), incomplete +{_fmt(d_ver_i['diff'])} (CI [{_fmt(d_ver_i['ci95'][0])}, "
               f"{_fmt(d_ver_i['ci95'][1])}])",
               bool(d_ver_h["ci95"][1] < 0 and d_ver_i["ci95"][0] > 0)),
         Claim("closed_book_cites_nonexistent_authorities",
               "Closed-book answers cite authorities that do not exist; retrieval-grounded answers do not.",
               "closed-book LLMs fabricate case citations (Magesh et al. Sec. 2; Dahl et al. 2024)",
-              f"nonexistent citations: closed-book {nonexist['closed_book']}, naive RAG {nonexist['naive_rag']}, "
-              f"verified RAG {nonexist['verified_rag']}",
+              f"nonexistent citations: closed-book ({short['closed_book']}) {nonexist['closed_book']}, naive RAG "
+              f"({short['naive_rag']}) {nonexist['naive_rag']}, verified RAG ({short['verified_rag']}) {nonexist['verified_rag']}",
               bool(nonexist["closed_book"] > 0 and nonexist["naive_rag"] == 0 and nonexist["verified_rag"] == 0)),
     ]
 
@@ -119,7 +126,8 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
         "retrieval_mode": mode,
         "n_queries": len(queries),
         "n_passages": len(idx),
-        "systems": {s: {k: o[s][k] for k in ("accurate", "incomplete", "hallucinated", "hallucinated_among_answered")}
+        "systems": {s: {"generator": gen[s]}
+                    | {k: o[s][k] for k in ("accurate", "incomplete", "hallucinated", "hallucinated_among_answered")}
                     | {"citations": o[s]["citations"], "by_category": {c: v["hallucinated"] for c, v in
                                                                          m["systems"][s]["by_category"].items()}}
                     for s in SYSTEMS},
@@ -134,6 +142,7 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     claims_md += ["", f"Mode {metrics['mode']}, retrieval {mode}, {len(queries)} queries, {len(idx)} passages; "
                   f"index {metrics['seconds']['index']} s, audit {metrics['seconds']['audit']} s. "
                   f"Labels identical on relabelling: {deterministic}."]
+    claims_md += ["", "Generators (no language model is audited here): " + "; ".join(f"{s}: {g}" for s, g in gen.items()) + "."]
     if extra_runs:
         claims_md += ["", "Retrieval ablation (share of all queries, accurate/incomplete/hallucinated):", "```",
                       json.dumps(extra_runs, indent=1), "```"]
