@@ -139,6 +139,34 @@ def derived_label(correctness: str, groundedness: str | None) -> str:
     return "incomplete"
 
 
+def _check_citations(answer_text: str, auth: Authorities, judge, cfg: LabelConfig) -> tuple[list[dict], bool, bool, bool]:
+    """Existence and support of every citation of ``answer_text``: ``(entries, any_bad, any_checked, any_good)``.
+
+    A citation is checked (support scored) when it exists in the corpus; it is bad when it does not exist
+    or does not support its claim, good when it supports it."""
+    cites_out = []
+    any_bad = any_checked = any_good = False
+    for prop in propositions(answer_text):
+        for c in prop["citations"]:
+            verdict, detail, pids = check_existence(c, auth)
+            entry = {**c.to_dict(), "existence": verdict, "existence_detail": detail, "claim": prop["claim"],
+                     "passage_ids": pids[:20], "supported": None, "support_score": None}
+            if verdict == EXISTS:
+                any_checked = True
+                if judge is not None:
+                    j = judge.judge(prop["claim"], "\n".join(auth.by_id[p].text for p in pids[:8] if p in auth.by_id))
+                    entry.update(supported=j["supported"], support_score=j["mean"], judge=j)
+                else:
+                    sc = support_score(prop["claim"], pids, auth)
+                    entry.update(supported=sc >= cfg.support_threshold, support_score=round(sc, 4))
+                any_good |= bool(entry["supported"])
+                any_bad |= not entry["supported"]
+            elif verdict == NONEXISTENT:
+                any_bad = True
+            cites_out.append(entry)
+    return cites_out, any_bad, any_checked, any_good
+
+
 def label_response(query: dict, answer_text: str, *, authorities: Authorities | None = None, judge=None,
                    config: LabelConfig | None = None) -> dict:
     """Label one answer with the Magesh et al. scheme.
@@ -180,26 +208,7 @@ def label_response(query: dict, answer_text: str, *, authorities: Authorities | 
     else:
         correctness = "incorrect"
 
-    cites_out = []
-    any_bad = any_checked = any_good = False
-    for prop in propositions(answer_text):
-        for c in prop["citations"]:
-            verdict, detail, pids = check_existence(c, auth)
-            entry = {**c.to_dict(), "existence": verdict, "existence_detail": detail, "claim": prop["claim"],
-                     "passage_ids": pids[:20], "supported": None, "support_score": None}
-            if verdict == EXISTS:
-                any_checked = True
-                if judge is not None:
-                    j = judge.judge(prop["claim"], "\n".join(auth.by_id[p].text for p in pids[:8] if p in auth.by_id))
-                    entry.update(supported=j["supported"], support_score=j["mean"], judge=j)
-                else:
-                    sc = support_score(prop["claim"], pids, auth)
-                    entry.update(supported=sc >= cfg.support_threshold, support_score=round(sc, 4))
-                any_good |= bool(entry["supported"])
-                any_bad |= not entry["supported"]
-            elif verdict == NONEXISTENT:
-                any_bad = True
-            cites_out.append(entry)
+    cites_out, any_bad, any_checked, any_good = _check_citations(answer_text, auth, judge, cfg)
 
     groundedness = None
     if correctness == "correct":

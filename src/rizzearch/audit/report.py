@@ -114,12 +114,15 @@ def _example_md(r: dict, gen: str = "-") -> str:
 
 
 def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: str = "Legal RAG hallucination audit",
-                 extra_md: str = "") -> dict:
-    """Write ``report.md``, ``report.html`` and ``audit_chart.png`` into ``out_dir``; returns their paths."""
+                 extra_md: str = "", intro_md: str = "") -> dict:
+    """Write ``report.md``, ``report.html`` and ``audit_chart.png`` into ``out_dir``; returns their paths.
+
+    ``intro_md`` goes right under the Markdown title (a study's claims table), ``extra_md`` at the end."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chart = plot(metrics, out / "audit_chart.png")
-    lines = [f"# {title}", "", f"{metrics.get('n_queries', '?')} queries; rates in % of all queries with bootstrap 95% "
+    lines = [f"# {title}", ""] + ([intro_md, ""] if intro_md else [])
+    lines += [f"{metrics.get('n_queries', '?')} queries; rates in % of all queries with bootstrap 95% "
              f"intervals ({metrics.get('n_boot')} resamples, seed {metrics.get('seed')}).", "",
              "![stacked bar chart](audit_chart.png)", "", "## Overall", "",
              "| system | generator | accurate | incomplete | hallucinated | hallucinated among answered | answered | errors |",

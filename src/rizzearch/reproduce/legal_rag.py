@@ -35,55 +35,35 @@ def _fmt(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
-    """Audit closed-book, naive RAG and verified RAG; write results.json, report.md/html and the chart."""
-    from rizzearch.legal.citations import build_authorities
-    from rizzearch.audit.queries import load_queries
-    from rizzearch.audit.report import write_report
-    from rizzearch.audit.runner import run_audit
+def _index(out: Path, tiny: bool):
+    """Data step: the retrieval index (tiny: a fresh BM25-only one; else the cached hybrid index) and its mode."""
+    from rizzearch.legal.corpus import load_corpus
     from rizzearch.rag.index import Index, default_index_path, open_or_build
-    from rizzearch.rag.systems import make_system
 
-    run_mode = study_mode(full, tiny)
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    queries = load_queries(limit=6 if tiny else None)
     if tiny:
-        from rizzearch.legal.corpus import load_corpus
+        return Index.build(out / "index_bm25.sqlite", load_corpus(), dense=False), "bm25"
+    return open_or_build(default_index_path(), dense=True, progress=True), "hybrid"
 
-        idx = Index.build(out / "index_bm25.sqlite", load_corpus(), dense=False)
-        mode = "bm25"
-    else:
-        idx = open_or_build(default_index_path(), dense=True, progress=True)
-        mode = "hybrid"
-    t_index = time.perf_counter() - t0
-    auth = build_authorities(idx.passages)
-    systems = {s: make_system(s, idx, "extractive", mode=mode, seed=seed, device=device) for s in SYSTEMS}
-    t1 = time.perf_counter()
-    res = run_audit(systems, queries, out / "audit", resume=False, progress=not tiny, authorities=auth,
-                    n_boot=500 if tiny else 2000, seed=seed)
-    t_audit = time.perf_counter() - t1
-    rows, m = res["rows"], res["metrics"]
 
-    # Determinism: labelling the same answers again gives identical labels.
+def _deterministic(rows: list[dict], queries: list[dict], auth) -> bool:
+    """Labelling the same answers again gives identical labels (first 60 rows)."""
     from rizzearch.audit.labels import label_response
 
     qmap = {q["id"]: q for q in queries}
     relabel = [label_response(qmap[r["query_id"]], r["answer"], authorities=auth)["label"] for r in rows[:60]]
-    deterministic = relabel == [r["label"] for r in rows[:60]]
+    return relabel == [r["label"] for r in rows[:60]]
 
-    o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
-    gen = {s: systems[s].generator_label for s in SYSTEMS}
-    short = {s: g.split(" (")[0] for s, g in gen.items()}  # "simulated closed-book", "extractive"
-    hall = {s: o[s]["hallucinated"] for s in SYSTEMS}
+
+def _claims(rows: list[dict], m: dict, short: dict, seed: int) -> tuple[list[Claim], dict]:
+    """Claims step: the four claims (each naming the generators behind its numbers) and the paired differences."""
     from rizzearch.audit.metrics import paired_difference
 
+    o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
+    hall = {s: o[s]["hallucinated"] for s in SYSTEMS}
     d_rag = paired_difference(rows, "closed_book", "naive_rag", "hallucinated", seed=seed)
     d_ver_h = paired_difference(rows, "naive_rag", "verified_rag", "hallucinated", seed=seed)
     d_ver_i = paired_difference(rows, "naive_rag", "verified_rag", "incomplete", seed=seed)
     nonexist = {s: o[s]["citations"]["nonexistent"] for s in SYSTEMS}
-
     claims = [
         Claim("retrieval_lowers_hallucination",
               "Retrieval-augmented generation hallucinates less than a closed-book model.",
@@ -112,15 +92,64 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
               f"({short['naive_rag']}) {nonexist['naive_rag']}, verified RAG ({short['verified_rag']}) {nonexist['verified_rag']}",
               bool(nonexist["closed_book"] > 0 and nonexist["naive_rag"] == 0 and nonexist["verified_rag"] == 0)),
     ]
+    paired = {"naive_minus_closed_hallucinated": d_rag, "verified_minus_naive_hallucinated": d_ver_h,
+              "verified_minus_naive_incomplete": d_ver_i}
+    return claims, paired
+
+
+def _ablation(idx, queries: list[dict], out: Path, auth, seed: int) -> dict:
+    """Full mode only: the RAG systems again with BM25-only and dense-only retrieval (shares of all queries)."""
+    from rizzearch.audit.runner import run_audit
+    from rizzearch.rag.systems import make_system
 
     extra_runs = {}
-    if full:
-        for alt in ("bm25", "dense"):
-            alt_sys = {s: make_system(s, idx, "extractive", mode=alt, seed=seed) for s in SYSTEMS if s != "closed_book"}
-            r2 = run_audit(alt_sys, queries, out / f"audit_{alt}", resume=False, progress=True, authorities=auth, seed=seed)
-            extra_runs[alt] = {s: {k: e["overall"][k]["rate"] for k in ("accurate", "incomplete", "hallucinated")}
-                               for s, e in r2["metrics"]["systems"].items()}
+    for alt in ("bm25", "dense"):
+        alt_sys = {s: make_system(s, idx, "extractive", mode=alt, seed=seed) for s in SYSTEMS if s != "closed_book"}
+        r2 = run_audit(alt_sys, queries, out / f"audit_{alt}", resume=False, progress=True, authorities=auth, seed=seed)
+        extra_runs[alt] = {s: {k: e["overall"][k]["rate"] for k in ("accurate", "incomplete", "hallucinated")}
+                           for s, e in r2["metrics"]["systems"].items()}
+    return extra_runs
 
+
+def _claims_md(claims: list[Claim], metrics: dict, gen: dict) -> str:
+    """The claims table and run facts that open the report, right under its title."""
+    lines = ["## Claims", "", "| claim | paper | ours | holds |", "|---|---|---|---|"]
+    lines += [f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'NO'} |" for c in claims]
+    lines += ["", f"Mode {metrics['mode']}, retrieval {metrics['retrieval_mode']}, {metrics['n_queries']} queries, "
+              f"{metrics['n_passages']} passages; index {metrics['seconds']['index']} s, audit {metrics['seconds']['audit']} s. "
+              f"Labels identical on relabelling: {metrics['labels_deterministic']}."]
+    lines += ["", "Generators (no language model is audited here): " + "; ".join(f"{s}: {g}" for s, g in gen.items()) + "."]
+    if metrics["retrieval_ablation"]:
+        lines += ["", "Retrieval ablation (share of all queries, accurate/incomplete/hallucinated):", "```",
+                  json.dumps(metrics["retrieval_ablation"], indent=1), "```"]
+    return "\n".join(lines)
+
+
+def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
+    """Audit closed-book, naive RAG and verified RAG; write results.json, report.md/html and the chart."""
+    from rizzearch.audit.queries import load_queries
+    from rizzearch.audit.report import write_report
+    from rizzearch.audit.runner import run_audit
+    from rizzearch.legal.citations import build_authorities
+    from rizzearch.rag.systems import make_system
+
+    run_mode = study_mode(full, tiny)
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = load_queries(limit=6 if tiny else None)
+    idx, mode = _index(out, tiny)
+    t_index = time.perf_counter() - t0
+    auth = build_authorities(idx.passages)
+    systems = {s: make_system(s, idx, "extractive", mode=mode, seed=seed, device=device) for s in SYSTEMS}
+    t1 = time.perf_counter()
+    res = run_audit(systems, queries, out / "audit", resume=False, progress=not tiny, authorities=auth,
+                    n_boot=500 if tiny else 2000, seed=seed)
+    t_audit = time.perf_counter() - t1
+    rows, m = res["rows"], res["metrics"]
+    gen = {s: systems[s].generator_label for s in SYSTEMS}
+    claims, paired = _claims(rows, m, {s: g.split(" (")[0] for s, g in gen.items()}, seed)  # "simulated closed-book", "extractive"
+    o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
     metrics = {
         "mode": run_mode,
         "retrieval_mode": mode,
@@ -131,24 +160,11 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
                     | {"citations": o[s]["citations"], "by_category": {c: v["hallucinated"] for c, v in
                                                                          m["systems"][s]["by_category"].items()}}
                     for s in SYSTEMS},
-        "paired": {"naive_minus_closed_hallucinated": d_rag, "verified_minus_naive_hallucinated": d_ver_h,
-                   "verified_minus_naive_incomplete": d_ver_i},
-        "labels_deterministic": deterministic,
-        "retrieval_ablation": extra_runs,
+        "paired": paired,
+        "labels_deterministic": _deterministic(rows, queries, auth),
+        "retrieval_ablation": _ablation(idx, queries, out, auth, seed) if full else {},
         "seconds": {"index": round(t_index, 2), "audit": round(t_audit, 2), "total": round(time.perf_counter() - t0, 2)},
     }
-    claims_md = ["## Claims", "", "| claim | paper | ours | holds |", "|---|---|---|---|"]
-    claims_md += [f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'NO'} |" for c in claims]
-    claims_md += ["", f"Mode {metrics['mode']}, retrieval {mode}, {len(queries)} queries, {len(idx)} passages; "
-                  f"index {metrics['seconds']['index']} s, audit {metrics['seconds']['audit']} s. "
-                  f"Labels identical on relabelling: {deterministic}."]
-    claims_md += ["", "Generators (no language model is audited here): " + "; ".join(f"{s}: {g}" for s, g in gen.items()) + "."]
-    if extra_runs:
-        claims_md += ["", "Retrieval ablation (share of all queries, accurate/incomplete/hallucinated):", "```",
-                      json.dumps(extra_runs, indent=1), "```"]
-    # the claims go right under the title of the audit report
-    write_report(out, {**m, "n_queries": len(queries)}, rows, title="Legal RAG hallucination audit (Magesh et al. 2024)")
-    md = (out / "report.md").read_text()
-    head, _, rest = md.partition("\n\n")
-    (out / "report.md").write_text(head + "\n\n" + "\n".join(claims_md) + "\n\n" + rest)
+    write_report(out, {**m, "n_queries": len(queries)}, rows, title="Legal RAG hallucination audit (Magesh et al. 2024)",
+                 intro_md=_claims_md(claims, metrics, gen))
     return read_results(write_results(out, STUDY, claims, metrics))
