@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit_json, load_average, print_header, print_table  # noqa: E402
 
 from rizzearch.audit import load_queries  # noqa: E402
-from rizzearch.legal.citations import build_authorities  # noqa: E402
 from rizzearch.audit.runner import run_audit  # noqa: E402
+from rizzearch.legal.citations import build_authorities  # noqa: E402
 from rizzearch.legal.corpus import load_corpus  # noqa: E402
 from rizzearch.rag.embed import Embedder  # noqa: E402
 from rizzearch.rag.index import Index  # noqa: E402

@@ -29,9 +29,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rizzearch.legal.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, propositions
 from rizzearch.audit.queries import CATEGORIES
 from rizzearch.errors import DataError
+from rizzearch.legal.citations import EXISTS, NONEXISTENT, Authorities, check_existence, default_authorities, propositions
 from rizzearch.legal.text import content_set, content_tokens, weighted_recall
 
 CORRECTNESS = ("correct", "incorrect", "refusal")

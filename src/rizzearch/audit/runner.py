@@ -14,11 +14,11 @@ import json
 import time
 from pathlib import Path
 
-from rizzearch.legal.citations import Authorities
 from rizzearch.audit.labels import label_response
 from rizzearch.audit.metrics import compute_metrics
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError, RizzError
+from rizzearch.legal.citations import Authorities
 from rizzearch.runs import atomic_write_text
 
 
