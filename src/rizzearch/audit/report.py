@@ -47,7 +47,7 @@ def plot(metrics: dict, path: str | Path, include_paper: bool = True) -> Path:
     for s, e in metrics["systems"].items():
         o = e["overall"]
         names.append(f"{s} (ours)")
-        vals.append(tuple(o[k]["rate"] for k in ("accurate", "incomplete", "hallucinated")))
+        vals.append(tuple(o[k]["rate"] or 0.0 for k in ("accurate", "incomplete", "hallucinated")))  # None: no answers
     if include_paper:
         for s, v in PAPER.items():
             names.append(f"{s} (paper)")

@@ -106,7 +106,13 @@ class CheckpointGenerator:
         if self.tokenizer is None:
             raise ConfigError(f"{path}: checkpoint has no tokenizer.json next to it; the generator needs one")
         self.max_new_tokens, self.max_context, self.device = max_new_tokens, max_context, device
+        self.path = os.path.abspath(path)
         self.name = f"checkpoint:{self.meta.get('model', '?')}"
+
+    def settings(self) -> dict:
+        """What decides this generator's answers (for keying saved answers)."""
+        return {"path": self.path, "step": self.meta.get("step"), "max_new_tokens": self.max_new_tokens,
+                "max_context": self.max_context}
 
     def generate(self, request: GenerationRequest) -> str:
         import torch
@@ -153,6 +159,10 @@ class ExtractiveGenerator:
         self.default_idf = max(idf.values()) if idf else 1.0
         self.max_chars, self.rank_penalty = max_chars, rank_penalty
         self._cache: dict[str, tuple] = {}
+
+    def settings(self) -> dict:
+        """What decides this generator's answers besides the passages (for keying saved answers)."""
+        return {"max_chars": self.max_chars, "rank_penalty": self.rank_penalty}
 
     def _parsed(self, p: Passage) -> tuple[set[str], list[tuple[str, set[str], set[str]]]]:
         """``(title tokens, [(sentence, its tokens, its tokens | title tokens)])`` of ``p``, computed once per passage."""
@@ -241,6 +251,8 @@ class MemoryGenerator:
     def __init__(self, passages: list[Passage], seed: int = 0, memory_fraction: float = 0.3,
                  constitution_fraction: float = 0.6, cite_noise: float = 0.35, max_keep: float = 0.9):
         self.seed, self.cite_noise = seed, cite_noise
+        self._settings = {"seed": seed, "memory_fraction": memory_fraction, "constitution_fraction": constitution_fraction,
+                          "cite_noise": cite_noise, "max_keep": max_keep}
         names = {}
         for p in passages:
             if p.source == "scotus":
@@ -266,6 +278,10 @@ class MemoryGenerator:
         self.memory = [p for p in passages if keep_doc[p.doc]]
         self.remembered_docs = sorted(d for d, k in keep_doc.items() if k)
         self.extractor = ExtractiveGenerator(idf=corpus_idf(p.text for p in passages)[0], rank_penalty=0.0)
+
+    def settings(self) -> dict:
+        """What decides this generator's answers besides the corpus (for keying saved answers)."""
+        return dict(self._settings)
 
     def _recall_ref(self, p: Passage) -> str:
         if p.source != "scotus" or _unit("cite:" + p.doc, self.seed) >= self.cite_noise:
