@@ -101,19 +101,14 @@ def audit(
         progress: show a progress bar.
     """
     from rizzearch.audit.citations import build_authorities
-    from rizzearch.audit.human import agreement, export_sheet, import_sheet
+    from rizzearch.audit.human import export_sheet
     from rizzearch.audit.queries import load_queries
     from rizzearch.audit.report import write_report
     from rizzearch.audit.runner import run_audit
     from rizzearch.rag.index import open_or_build
-    from rizzearch.rag.systems import SYSTEMS, make_system
+    from rizzearch.rag.systems import make_system
 
-    if isinstance(system, str):
-        system = [s.strip() for s in system.split(",") if s.strip()]
-    bad = [s for s in system if s not in SYSTEMS]
-    if bad or not system:
-        raise ConfigError(f"--system: unknown {bad or system}; choose from {list(SYSTEMS)}")
-    check_k(k)
+    system = _check_inputs(system, k, human_sheet, second_human_sheet)
     qs = load_queries(queries, categories=categories, limit=limit)
     if not qs:
         raise DataError("no queries selected (check --categories / --limit / --queries)")
@@ -133,17 +128,8 @@ def audit(
     export_sheet(rows, Path(out) / "label_sheet.csv", auth.by_id)
     all_failed = bool(rows) and all(r.get("status") == "error" for r in rows)
     extra = _errors_md(rows)
-    if human_sheet and all_failed:
-        human_sheet = None  # nothing to compare with: the report says why
-    if human_sheet:
-        auto = {(r["system"], r["query_id"]): r for r in rows if r.get("status") != "error"}
-        h1 = import_sheet(human_sheet, expected=sorted(auto))
-        metrics["human_agreement"] = {"auto_vs_human": agreement(auto, h1)}
-        if second_human_sheet:
-            h2 = import_sheet(second_human_sheet, expected=sorted(auto))
-            metrics["human_agreement"]["human_vs_human"] = agreement(h1, h2)
-        extra += "## Agreement with human labels\n\n```\n" + json.dumps(metrics["human_agreement"], indent=1) + "\n```\n"
-        atomic_write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2))
+    if human_sheet and not all_failed:  # all failed: nothing to compare with, and the report says why
+        extra += _human_agreement(rows, metrics, human_sheet, second_human_sheet, Path(out))
     paths = write_report(out, metrics, rows, extra_md=extra)
     summary = {s: {k2: e["overall"][k2]["rate"] for k2 in ("accurate", "incomplete", "hallucinated")}
                for s, e in metrics["systems"].items()}
@@ -153,3 +139,33 @@ def audit(
         raise RizzError(f"every one of the {len(rows)} answers failed (first: {rows[0].get('error')}); "
                         f"the report in {out} says so; rerun with --resume true to retry them")
     return metrics
+
+
+def _check_inputs(system, k, *sheets) -> list[str]:
+    """The system names as a list; ConfigError/DataError for unknown systems, k < 1 or a missing label sheet."""
+    from rizzearch.rag.systems import SYSTEMS
+
+    if isinstance(system, str):
+        system = [s.strip() for s in system.split(",") if s.strip()]
+    bad = [s for s in system if s not in SYSTEMS]
+    if bad or not system:
+        raise ConfigError(f"--system: unknown {bad or system}; choose from {list(SYSTEMS)}")
+    check_k(k)
+    for sheet in sheets:
+        if sheet and not Path(sheet).is_file():
+            raise DataError(f"{sheet}: label sheet not found")
+    return system
+
+
+def _human_agreement(rows: list[dict], metrics: dict, human_sheet: str, second_human_sheet: str | None, out: Path) -> str:
+    """Kappa of the human sheet(s) against the automatic labels, into ``metrics`` (rewritten); the report section."""
+    from rizzearch.audit.human import agreement, import_sheet
+
+    auto = {(r["system"], r["query_id"]): r for r in rows if r.get("status") != "error"}
+    h1 = import_sheet(human_sheet, expected=sorted(auto))
+    metrics["human_agreement"] = {"auto_vs_human": agreement(auto, h1)}
+    if second_human_sheet:
+        h2 = import_sheet(second_human_sheet, expected=sorted(auto))
+        metrics["human_agreement"]["human_vs_human"] = agreement(h1, h2)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return "## Agreement with human labels\n\n```\n" + json.dumps(metrics["human_agreement"], indent=1) + "\n```\n"
