@@ -87,7 +87,8 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _DeadlineSocket:
-    """A connected socket whose ``makefile`` (what ``http.client`` reads the response from) obeys a deadline.
+    """A connected socket whose ``sendall`` and ``makefile`` (what ``http.client`` reads the response from)
+    obey a deadline.
 
     ``close`` does nothing: ``http.client`` closes the connection's socket while the response is still
     being read (a real socket defers that until its files close); ``_post`` closes the real one at the end.
@@ -98,6 +99,13 @@ class _DeadlineSocket:
 
     def close(self) -> None:
         pass
+
+    def sendall(self, data) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(left)
+        self._sock.sendall(data)
 
     def makefile(self, mode: str = "rb", *args, **kwargs):
         return io.BufferedReader(_DeadlineReader(self._sock, self.deadline))
