@@ -244,3 +244,27 @@ def test_endpoint_json_without_an_answer_is_one_clear_line(servers):
         g._parse(b"[1, 2]")
     with pytest.raises(EndpointError, match="server error: boom"):
         g._parse(b'{"error": "boom\\nagain"}')
+
+
+def test_endpoint_deadline_covers_a_server_that_never_accepts():
+    """A listening socket whose accept queue is full: the connection never gets going."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fill = []
+    try:
+        for _ in range(3):  # fill the (tiny) accept queue; nobody ever accepts
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fill.append(c)
+        fails(EndpointGenerator(f"http://127.0.0.1:{port}/v1", timeout=0.5, retries=1, backoff=0.05),
+              r"timed out.*after 2 attempt", within=3.0)
+    finally:
+        for c in fill:
+            c.close()
+        srv.close()
