@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from rizzearch.data.batches import RandomWindows
-from rizzearch.data.preference import PreferencePair, encode_pairs
-from rizzearch.data.tokenizer import train_bpe
+from rizzearch.data.preference import PreferencePair, PreferenceSet, encode_pairs
+from rizzearch.data.tokenizer import Tokenizer, train_bpe
 from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
 from rizzearch.objectives.lm import lm_loss
@@ -175,9 +175,9 @@ class Data:
     stream: torch.Tensor  # (N,) token ids of the pretraining text
     train_pairs: list[PreferencePair]
     val_pairs: list[PreferencePair]
-    tok: object
-    train_set: object
-    val_set: object
+    tok: Tokenizer
+    train_set: PreferenceSet
+    val_set: PreferenceSet
 
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
