@@ -69,3 +69,19 @@ def test_report_and_common_do_not_import_the_orchestrator(module):
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
     assert not any(m.startswith("rizzearch.reproduce.run") for m in imported), imported
+
+
+def test_reproduce_says_why_parity_was_skipped(tmp_path, monkeypatch, capsys):
+    from rizzearch.reproduce.common import Claim, write_results
+
+    def child(study, study_dir, *args):  # stands in for the study's process
+        write_results(study_dir, study.name, [Claim("c", "s", 1, 1, True)], {})
+        return {"study": study.name, "status": "ok", "seconds": 0.0}
+
+    monkeypatch.setattr(rr, "STUDIES", {"fake": rr.Study("fake", "unused", "Fake paper", 1)})
+    monkeypatch.setattr(rr, "_run_child", child)
+    monkeypatch.setattr(rr, "parity_suite", lambda package_dir=None: (None, "the parity tests ship with the source repository"))
+    combined = rr.reproduce(out=str(tmp_path / "run"))
+    assert "parity tests skipped: the parity tests ship with the source repository" in capsys.readouterr().err
+    assert combined["metrics"]["parity"] == {"status": "skipped", "reason": "the parity tests ship with the source repository"}
+    assert "Skipped: the parity tests ship with the source repository" in (tmp_path / "run" / "report.md").read_text()

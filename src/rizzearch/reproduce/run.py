@@ -192,6 +192,8 @@ def reproduce(
         print("parity tests against the reference implementations (pytest -m anchors) ...", file=sys.stderr)
         parity_result = run_parity(run)
         atomic_write_text(run / "parity.json", json.dumps(parity_result, indent=2))
+        if parity_result["status"] == "skipped":
+            print(f"parity tests skipped: {parity_result['reason']}", file=sys.stderr)
     if single:
         return {"statuses": statuses}
     combined = build_report(run, statuses, parity_result, wall_seconds=time.perf_counter() - t_all, full=full, device=device,
