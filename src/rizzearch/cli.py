@@ -13,7 +13,6 @@ and one broken extra cannot take the whole CLI down.
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import json
 import sys
@@ -32,9 +31,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rizzearch.bench:bench", "Run the speed benchmarks against the reference implementations."),
     "reproduce": ("rizzearch.reproduce.run:reproduce", "Reproduce the papers' main claims (all studies, or one) and write a report."),
 }
-
-# The resolved config of the running command (YAML text); run folders save it as config.yaml.
-RESOLVED_CONFIG: contextvars.ContextVar[str | None] = contextvars.ContextVar("RESOLVED_CONFIG", default=None)
 
 
 def _load(target: str) -> Callable:
@@ -106,6 +102,8 @@ def run_command(command: str, args: list[str]):
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__default_config__")}
+    from rizzearch.runs import RESOLVED_CONFIG
+
     token = RESOLVED_CONFIG.set(resolved)
     try:
         return fn(**kwargs)

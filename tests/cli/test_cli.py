@@ -185,3 +185,18 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir("native") == tmp_path / "c" / "native"
     assert default_index_path() == tmp_path / "c" / "legal_rag_index.sqlite"
     assert not (tmp_path / "c").exists()  # nothing is created by asking
+
+
+def test_run_folder_saves_the_resolved_config_without_importing_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rizzearch.runs import RESOLVED_CONFIG, make_run_dir\n"
+        "RESOLVED_CONFIG.set('steps: 3\\n')\n"
+        f"make_run_dir({str(tmp_path / 'run')!r}, 'train')\n"
+        "assert 'rizzearch.cli' not in sys.modules, 'runs.py imports the cli (upward)'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == "steps: 3\n"
