@@ -13,10 +13,10 @@ from rizzearch.data.preference import PreferencePair, encode_pairs
 from rizzearch.data.tokenizer import byte_tokenizer
 from rizzearch.errors import ConfigError, ShapeError
 from rizzearch.models import build_model
-from rizzearch.objectives.dpo import DPOConfig, dpo_batch_loss, dpo_loss, precompute_reference_logps
-from rizzearch.objectives.orpo import preference_forward
+from rizzearch.objectives.dpo import DPOConfig, dpo_loss
 from rizzearch.objectives.sft import sft_loss
 from rizzearch.testing import assert_close
+from rizzearch.training.preference import dpo_batch_loss, precompute_reference_logps, preference_forward, sft_batch_loss
 
 T = torch.tensor
 
@@ -117,7 +117,7 @@ def test_sft_is_response_cross_entropy_of_chosen_only(setup):
     calls = []
     handle = model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     try:
-        loss, m = sft_loss(model, ps.tensors)
+        loss, m = sft_batch_loss(model, ps.tensors)
     finally:
         handle.remove()
     assert calls == [ps.tensors["chosen_input_ids"].shape[0]]  # one forward, chosen rows only

@@ -20,12 +20,10 @@ from rizzearch.objectives.orpo import (
     ORPOConfig,
     log1mexp,
     log_odds_ratio,
-    orpo_batch_loss,
     orpo_loss,
-    preference_forward,
-    score_pairs,
 )
 from rizzearch.testing import assert_close
+from rizzearch.training.preference import orpo_batch_loss, preference_forward, score_pairs
 
 T = torch.tensor
 

@@ -44,12 +44,13 @@ from rizzearch.data.preference import PreferencePair, encode_pairs
 from rizzearch.data.tokenizer import train_bpe
 from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
-from rizzearch.objectives.lm import lm_loss
-from rizzearch.objectives.orpo import ORPOConfig, score_pairs
+from rizzearch.objectives.orpo import ORPOConfig
 from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.align import ForwardCounter, evaluate_preferences, run_stage
+from rizzearch.training.losses import lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
+from rizzearch.training.preference import score_pairs
 
 STUDY = "orpo"
 COMPETITIVE_MARGIN = 0.05  # "competitive": within 5 accuracy points of SFT+DPO, or better

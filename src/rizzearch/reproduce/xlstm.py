@@ -36,7 +36,7 @@ import torch
 
 from rizzearch.eval.tasks import PARITY_VOCAB, MQARData, MQARSpec, ParityData, mqar_accuracy, parity_accuracy
 from rizzearch.models.base import build_model
-from rizzearch.objectives.lm import lm_loss
+from rizzearch.training.losses import lm_loss
 from rizzearch.reproduce.common import Budget, Claim, load_average, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
