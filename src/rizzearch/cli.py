@@ -13,9 +13,10 @@ and one broken extra cannot take the whole CLI down.
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import json
 import sys
+import types
 from typing import Callable
 
 # command -> ("module:function", one-line help). Two-word commands are subcommand groups.
@@ -61,49 +62,75 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+# command -> parameters that may also be given positionally, in order, anywhere among the options
+# (``rizz rag ask "QUESTION" --k 6``, ``rizz reproduce rwkv``, ``rizz bench rwkv xlstm``). Each keeps
+# its ``--name`` form (and its YAML key); a list-typed last one takes every remaining value.
+POSITIONALS: dict[str, tuple[str, ...]] = {
+    "rag ask": ("question",),
+    "reproduce": ("study",),
+    "bench": ("names",),
+}
+
+
+class _Positional(argparse.Action):
+    """A positional that shares its destination with the ``--name`` option of the same parameter.
+
+    When the positional is absent it leaves the option's (or the YAML file's) value alone; when it
+    is given, the value is validated by the parameter's type like the option's.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None or values == []:
+            return
+        setattr(namespace, self.dest, values)
+
+
+def _is_list(annotation) -> bool:
+    """Is the annotation a list/tuple type (or an optional one)?"""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return False
+
+
 def build_parser(command: str):
     """The jsonargparse parser of one command (its function's signature) -> (parser, function)."""
+    import typing
+
     from jsonargparse import ArgumentParser
 
     fn = _load(COMMANDS[command][0])
     parser = ArgumentParser(prog=f"rizz {command}", description=(fn.__doc__ or "").strip().split("\n\n")[0], exit_on_error=True)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below.")
     parser.add_function_arguments(fn, fail_untyped=False, as_group=False)
+    hints = typing.get_type_hints(fn)
+    names = POSITIONALS.get(command, ())
+    for i, name in enumerate(names):
+        many = _is_list(hints.get(name)) and i == len(names) - 1
+        parser.add_argument(name, nargs="*" if many else "?", default=None, action=_Positional, metavar=name.upper(),
+                            help=f"the same as --{name}, given positionally")
     return parser, fn
 
 
-def _positional_to_options(names: list[str], args: list[str], list_names: frozenset = frozenset()) -> list[str]:
-    """A function may name parameters that can also be given positionally, in order
-    (``rizz rag ask "QUESTION"``, ``rizz reproduce rwkv``); a list-typed last name takes every
-    remaining value (``rizz bench rwkv xlstm``)."""
-    values = []
-    while args and not args[0].startswith("-"):
-        values.append(args.pop(0))
-    if len(values) > len(names) and not names:
-        return values + args  # let the parser report the unexpected argument
-    out = []
-    for i, name in enumerate(names[: len(values)]):
-        if i == len(names) - 1 and (len(values) > len(names) or name in list_names):
-            out += [f"--{name}", "[" + ", ".join(json.dumps(v) for v in values[i:]) + "]"]
-        else:
-            out += [f"--{name}", values[i]]
-    return out + args
+def parse_command(command: str, args: list[str]):
+    """Parse ``args`` against the command's signature -> (parser, function, namespace)."""
+    parser, fn = build_parser(command)
+    return parser, fn, parser.parse_args(list(args))
 
 
 def run_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature, print the resolved config, call it."""
-    parser, fn = build_parser(command)
-    import inspect
+    from rizzearch.runs import RESOLVED_CONFIG
 
-    lists = frozenset(n for n, prm in inspect.signature(fn).parameters.items() if "list" in str(prm.annotation))
-    args = _positional_to_options(list(getattr(fn, "__positional__", ())), list(args), lists)
-    cfg = parser.parse_args(args)
+    parser, fn, cfg = parse_command(command, args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__default_config__")}
-    from rizzearch.runs import RESOLVED_CONFIG
-
     token = RESOLVED_CONFIG.set(resolved)
     try:
         return fn(**kwargs)

@@ -161,15 +161,69 @@ def test_tokenizer_vocabulary_mismatch(trained_run, tmp_path, capsys):
     assert digests(run / "checkpoints") == before
 
 
-def test_positional_arguments_become_options():
-    from rizzearch.cli import _positional_to_options as conv
+@pytest.mark.parametrize("args", [
+    ["Who wrote it?", "--k", "6", "--generator", "extractive"],
+    ["--k", "6", "Who wrote it?", "--generator", "extractive"],
+    ["--k", "6", "--generator", "extractive", "Who wrote it?"],
+    ["--question", "Who wrote it?", "--k", "6", "--generator", "extractive"],
+])
+def test_rag_ask_question_is_positional_anywhere_or_an_option(args):
+    from rizzearch.cli import parse_command
 
-    assert conv(["study"], ["rwkv", "--out", "x"]) == ["--study", "rwkv", "--out", "x"]
-    assert conv(["names"], ["a", "b", "--x", "1"]) == ["--names", '["a", "b"]', "--x", "1"]
-    assert conv(["names"], ["a"], frozenset({"names"})) == ["--names", '["a"]']
-    assert conv([], ["stray"]) == ["stray"]
-    parser, fn = build_parser("bench")
-    assert parser.parse_args(conv(["names"], ["train_throughput"], frozenset({"names"}))).names == ["train_throughput"]
+    _, _, cfg = parse_command("rag ask", args)
+    assert cfg.question == "Who wrote it?" and cfg.k == 6 and cfg.generator == "extractive"
+
+
+@pytest.mark.parametrize("args, study, out", [
+    (["rwkv"], "rwkv", None),
+    (["rwkv", "--out", "x"], "rwkv", "x"),
+    (["--out", "x", "rwkv"], "rwkv", "x"),
+    (["--study", "rwkv", "--out", "x"], "rwkv", "x"),
+    (["--out", "x"], None, "x"),
+])
+def test_reproduce_study_is_positional_anywhere_or_an_option(args, study, out):
+    from rizzearch.cli import parse_command
+
+    _, _, cfg = parse_command("reproduce", args)
+    assert (cfg.study, cfg.out) == (study, out)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["a", "b", "--timeout_s", "5"], ["a", "b"]),
+    (["--timeout_s", "5", "a", "b"], ["a", "b"]),
+    (["train_throughput", "--timeout_s", "5"], ["train_throughput"]),
+    (["--names", '["a"]', "--timeout_s", "5"], ["a"]),
+    (["--timeout_s", "5"], None),
+])
+def test_bench_names_are_positional_anywhere_or_an_option(args, names):
+    from rizzearch.cli import parse_command
+
+    _, _, cfg = parse_command("bench", args)
+    assert cfg.names == names and cfg.timeout_s == 5
+
+
+def test_positionals_keep_yaml_values_and_reject_extra_values(tmp_path, capsys):
+    from rizzearch.cli import parse_command
+
+    cfg_file = tmp_path / "b.yaml"
+    cfg_file.write_text("names: [rwkv]\ntimeout_s: 7\n")
+    assert parse_command("bench", ["--config", str(cfg_file)])[2].names == ["rwkv"]  # an absent positional changes nothing
+    assert parse_command("bench", ["--config", str(cfg_file), "xlstm"])[2].names == ["xlstm"]
+    with pytest.raises(SystemExit):
+        parse_command("reproduce", ["rwkv", "xlstm"])
+    assert "xlstm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_command("train", ["stray"])
+    assert "stray" in capsys.readouterr().err
+
+
+def test_rag_ask_positional_after_options_end_to_end(tmp_path, capsys):
+    """The reported failure: ``rizz rag ask --generator X "question"`` said "unrecognized arguments"."""
+    rc = main(["rag", "ask", "--generator", "extractive", "--mode", "bm25", "--index", str(tmp_path / "i.sqlite"),
+               "--as_json", "true", "What is hearsay?"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["question"] == "What is hearsay?"
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

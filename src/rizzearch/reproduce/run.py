@@ -194,8 +194,6 @@ def reproduce(
     return combined
 
 
-reproduce.__positional__ = ("study",)  # rizz reproduce rwkv
-
 
 def _child_main(argv: list[str]) -> int:
     """Entry of the per-study child process: ``python -m rizzearch.reproduce.run STUDY DIR [--opt v]``."""
