@@ -72,6 +72,11 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A parameter of this name, in a command that also takes ``model``, is typed by the registered
+# config dataclass of that model (``--model_config.d_model 128``, YAML ``model_config: {d_model: 128}``).
+MODEL_CONFIG = "model_config"
+
+
 class _Positional(argparse.Action):
     """A positional that shares its destination with the ``--name`` option of the same parameter.
 
@@ -97,8 +102,20 @@ def _is_list(annotation) -> bool:
     return False
 
 
-def build_parser(command: str):
-    """The jsonargparse parser of one command (its function's signature) -> (parser, function)."""
+def _takes_model_config(fn: Callable) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return MODEL_CONFIG in params and "model" in params
+
+
+def build_parser(command: str, model: str | None = None):
+    """The jsonargparse parser of one command (its function's signature) -> (parser, function).
+
+    With ``model`` (a registered name), a ``model_config`` parameter is typed by that model's
+    config dataclass (every field optional: ``models.base.config_overrides_type``), so each key
+    and value is validated like any other option.
+    """
     import typing
 
     from jsonargparse import ArgumentParser
@@ -106,7 +123,13 @@ def build_parser(command: str):
     fn = _load(COMMANDS[command][0])
     parser = ArgumentParser(prog=f"rizz {command}", description=(fn.__doc__ or "").strip().split("\n\n")[0], exit_on_error=True)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below.")
-    parser.add_function_arguments(fn, fail_untyped=False, as_group=False)
+    typed = model is not None and _takes_model_config(fn)
+    parser.add_function_arguments(fn, fail_untyped=False, as_group=False, skip={MODEL_CONFIG} if typed else None)
+    if typed:
+        from rizzearch.models.base import config_overrides_type, get_model_class
+
+        parser.add_class_arguments(config_overrides_type(get_model_class(model)[1]), MODEL_CONFIG,
+                                   help=f"overrides of the {model!r} model's config (unset keys keep its defaults)")
     hints = typing.get_type_hints(fn)
     names = POSITIONALS.get(command, ())
     for i, name in enumerate(names):
@@ -116,10 +139,31 @@ def build_parser(command: str):
     return parser, fn
 
 
+def _model_in_argv(args: list[str]) -> str | None:
+    """The value of ``--model`` on the command line (for --help, before anything is parsed)."""
+    for i, a in enumerate(args):
+        if a == "--model" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def parse_command(command: str, args: list[str]):
-    """Parse ``args`` against the command's signature -> (parser, function, namespace)."""
+    """Parse ``args`` against the command's signature -> (parser, function, namespace).
+
+    A command with ``model`` and ``model_config`` parameters is parsed twice: once to learn the
+    model name (from --model, the YAML file or the default), then with ``model_config`` typed by
+    that registered model's config (so a model registered later needs no CLI change).
+    """
     parser, fn = build_parser(command)
-    return parser, fn, parser.parse_args(list(args))
+    if _takes_model_config(fn) and any(a in ("-h", "--help") for a in args):
+        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model"))
+    cfg = parser.parse_args(list(args))
+    if _takes_model_config(fn) and cfg.get("model") is not None:
+        parser, fn = build_parser(command, model=cfg.model)
+        cfg = parser.parse_args(list(args))
+    return parser, fn, cfg
 
 
 def run_command(command: str, args: list[str]):
@@ -131,6 +175,10 @@ def run_command(command: str, args: list[str]):
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__default_config__")}
+    if _takes_model_config(fn):
+        from rizzearch.models.base import overrides_to_dict
+
+        kwargs[MODEL_CONFIG] = overrides_to_dict(kwargs.get(MODEL_CONFIG)) or None
     token = RESOLVED_CONFIG.set(resolved)
     try:
         return fn(**kwargs)

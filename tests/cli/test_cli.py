@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rizzearch.cli import COMMANDS, build_parser, main
+from rizzearch.cli import COMMANDS, main, parse_command
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -50,8 +50,7 @@ def test_presets_validate(preset):
     header = preset.read_text().splitlines()[0]
     m = re.match(r"#\s*command:\s*(.+)", header)
     assert m, f"{preset.name}: first line must be '# command: <rizz command>'"
-    parser, _ = build_parser(m.group(1).strip())
-    parser.parse_args(["--config", str(preset)])
+    parse_command(m.group(1).strip(), ["--config", str(preset)])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +97,9 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--train.steps", "many"])
     assert "train.steps" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--model_config.d_modle", "3"]) == 2
+    with pytest.raises(SystemExit) as e:  # model_config is typed by the model's config: a parse error, exit status 2
+        main(["train", "--out", str(tmp_path / "x"), *TINY, "--model_config.d_modle", "3"])
+    assert e.value.code == 2
     assert "d_modle" in capsys.readouterr().err
 
 
@@ -168,8 +169,6 @@ def test_tokenizer_vocabulary_mismatch(trained_run, tmp_path, capsys):
     ["--question", "Who wrote it?", "--k", "6", "--generator", "extractive"],
 ])
 def test_rag_ask_question_is_positional_anywhere_or_an_option(args):
-    from rizzearch.cli import parse_command
-
     _, _, cfg = parse_command("rag ask", args)
     assert cfg.question == "Who wrote it?" and cfg.k == 6 and cfg.generator == "extractive"
 
@@ -182,8 +181,6 @@ def test_rag_ask_question_is_positional_anywhere_or_an_option(args):
     (["--out", "x"], None, "x"),
 ])
 def test_reproduce_study_is_positional_anywhere_or_an_option(args, study, out):
-    from rizzearch.cli import parse_command
-
     _, _, cfg = parse_command("reproduce", args)
     assert (cfg.study, cfg.out) == (study, out)
 
@@ -196,15 +193,11 @@ def test_reproduce_study_is_positional_anywhere_or_an_option(args, study, out):
     (["--timeout_s", "5"], None),
 ])
 def test_bench_names_are_positional_anywhere_or_an_option(args, names):
-    from rizzearch.cli import parse_command
-
     _, _, cfg = parse_command("bench", args)
     assert cfg.names == names and cfg.timeout_s == 5
 
 
 def test_positionals_keep_yaml_values_and_reject_extra_values(tmp_path, capsys):
-    from rizzearch.cli import parse_command
-
     cfg_file = tmp_path / "b.yaml"
     cfg_file.write_text("names: [rwkv]\ntimeout_s: 7\n")
     assert parse_command("bench", ["--config", str(cfg_file)])[2].names == ["rwkv"]  # an absent positional changes nothing
@@ -254,3 +247,74 @@ def test_run_folder_saves_the_resolved_config_without_importing_the_cli(tmp_path
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "run" / "config.yaml").read_text() == "steps: 3\n"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--model_config.d_model", "abc"], "model_config.d_model"),
+    (["--model_config.tie_embeddings", "maybe"], "model_config.tie_embeddings"),
+    (["--model", "xlstm", "--model_config.slstm_at", "one"], "model_config.slstm_at"),
+    (["--model", "xlstm", "--model_config.n_layer", "2"], "model_config.n_layer"),  # gpt's key, not xlstm's
+])
+def test_model_config_is_typed_by_the_chosen_model(args, key, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_command("train", args)
+    assert e.value.code == 2
+    assert key in capsys.readouterr().err
+
+
+SEEN: dict = {}
+
+
+def fake_train(model: str = "gpt", model_config: dict | None = None, steps: int = 1) -> None:
+    """A command with the same model / model_config parameters as ``rizz train``."""
+    SEEN.clear()
+    SEEN.update(model=model, model_config=model_config, steps=steps)
+
+
+def test_model_config_overrides_reach_the_function_typed_and_partial(tmp_path, monkeypatch):
+    from rizzearch.cli import run_command
+
+    monkeypatch.setitem(COMMANDS, "fake", (f"{__name__}:fake_train", "test"))
+    run_command("fake", ["--model", "xlstm", "--model_config.n_blocks", "2", "--model_config.slstm_at", "[0]"])
+    assert SEEN["model_config"] == {"n_blocks": 2, "slstm_at": (0,)}  # only what was given: vocab_size stays the tokenizer's
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: rwkv\nmodel_config:\n  d_model: 96\n  tie_embeddings: true\n")
+    run_command("fake", ["--config", str(cfg), "--model_config.n_layer", "3"])
+    assert SEEN["model"] == "rwkv" and SEEN["model_config"] == {"d_model": 96, "tie_embeddings": True, "n_layer": 3}
+    run_command("fake", ["--steps", "2"])
+    assert SEEN["model_config"] is None and SEEN["steps"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: rwkv\nmodel_config:\n  n_head: 4\n")  # gpt's key under rwkv
+    with pytest.raises(SystemExit):
+        run_command("fake", ["--config", str(bad)])
+
+
+def test_a_newly_registered_model_config_is_typed_without_cli_changes(monkeypatch, capsys):
+    from dataclasses import dataclass
+
+    from rizzearch.models import base
+
+    @dataclass(frozen=True)
+    class ToyConfig:
+        """Toy.
+
+        Args:
+            vocab_size: number of token ids.
+            width: hidden width.
+            kinds: layer kinds.
+        """
+
+        vocab_size: int = 256
+        width: int = 8
+        kinds: tuple[str, ...] = ("a",)
+
+    class Toy(base.CausalLM):
+        pass
+
+    monkeypatch.setitem(base._REGISTRY, "toy", (Toy, ToyConfig))
+    monkeypatch.setitem(base._TINY, "toy", {})
+    _, _, cfg = parse_command("train", ["--model", "toy", "--model_config.width", "16", "--model_config.kinds", "[a, b]"])
+    assert cfg.model_config.width == 16 and list(cfg.model_config.kinds) == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parse_command("train", ["--model", "toy", "--model_config.width", "wide"])
+    assert "model_config.width" in capsys.readouterr().err
