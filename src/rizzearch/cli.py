@@ -9,6 +9,12 @@ loads the YAML, applies the dotted overrides, validates every key and type (an u
 wrong type fails with a message naming the key), prints the resolved config, and calls
 ``train(...)``. Functions are imported only when their command runs, so ``rizz --help`` is fast
 and one broken extra cannot take the whole CLI down.
+
+Two tables beside the signatures: ``POSITIONALS`` names the parameters that may also be given
+positionally, anywhere among the options (``rizz rag ask --k 6 "QUESTION"``); and a
+``model_config`` parameter next to ``model`` is typed by that registered model's config dataclass
+(``--model_config.d_model abc`` fails naming ``model_config.d_model``), so a newly registered model
+needs no change here.
 """
 
 from __future__ import annotations
