@@ -318,3 +318,11 @@ def test_a_newly_registered_model_config_is_typed_without_cli_changes(monkeypatc
     with pytest.raises(SystemExit):
         parse_command("train", ["--model", "toy", "--model_config.width", "wide"])
     assert "model_config.width" in capsys.readouterr().err
+
+
+def test_saved_config_parses_back_to_the_same_overrides(trained_run):
+    from rizzearch.models.base import overrides_to_dict
+
+    _, _, cfg = parse_command("train", ["--config", str(trained_run / "config.yaml")])
+    assert overrides_to_dict(cfg.model_config.as_dict()) == {"n_layer": 1, "d_model": 32, "n_head": 2}
+    assert cfg.train.steps == 4
