@@ -40,9 +40,9 @@ from rizzearch.errors import DataError
 from rizzearch.eval.memorization import audit_memorization
 from rizzearch.eval.memorization import write_report as write_audit_report
 from rizzearch.models.base import build_model
-from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
-from rizzearch.objectives.lm import lm_loss
+from rizzearch.objectives.goldfish import GoldfishConfig
 from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
+from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
@@ -133,7 +133,7 @@ def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor
                       weight_decay=0.0, log_every=max(1, size.steps // 40), seed=seed, device=device)
     run_dir = out / name
     t0, c0 = time.perf_counter(), time.process_time()
-    res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
+    res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, eval_loss_fn=lm_loss, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
                      progress=True)
     tok.save(run_dir / "tokenizer.json")
     return model, {

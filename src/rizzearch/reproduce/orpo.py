@@ -43,12 +43,13 @@ from rizzearch.data.preference import PreferencePair, PreferenceSet, encode_pair
 from rizzearch.data.tokenizer import Tokenizer, train_bpe
 from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
-from rizzearch.objectives.lm import lm_loss
-from rizzearch.objectives.orpo import ORPOConfig, score_pairs
+from rizzearch.objectives.orpo import ORPOConfig
 from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_averages, md_table, torch_threads
 from rizzearch.training.align import ForwardCounter, evaluate_preferences, run_stage
+from rizzearch.training.losses import lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
+from rizzearch.training.preference import score_pairs
 
 STUDY = "orpo"
 COMPETITIVE_MARGIN = 0.05  # "competitive": within 5 accuracy points of SFT+DPO, or better

@@ -204,7 +204,6 @@ def reproduce(
     return combined
 
 
-reproduce.__positional__ = ("study",)  # rizz reproduce rwkv
 
 
 def _run_studies(chosen: list[Study], run: Path, single: bool, full: bool, tiny: bool, device: str, seed: int, force: bool) -> list[dict]:

@@ -194,7 +194,7 @@ def prepare_data(out: Path, size: Size):
 
 def train_both(models: dict, ds, size: Size, out: Path, device: str, seed: int, progress: bool) -> dict:
     from rizzearch.data.batches import EvalWindows, RandomWindows
-    from rizzearch.objectives.lm import lm_loss
+    from rizzearch.training.losses import lm_loss
     from rizzearch.training.loop import TrainConfig, train
 
     cfg = TrainConfig(

@@ -36,8 +36,8 @@ import torch
 
 from rizzearch.eval.tasks import PARITY_VOCAB, MQARData, MQARSpec, ParityData, mqar_accuracy, parity_accuracy
 from rizzearch.models.base import build_model
-from rizzearch.objectives.lm import lm_loss
 from rizzearch.reproduce.common import Budget, Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
+from rizzearch.training.losses import lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
