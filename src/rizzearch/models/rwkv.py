@@ -314,8 +314,8 @@ class RWKV(CausalLM):
 
         Not needed after optimizer steps, ``load_state_dict``, ``.to()``, re-assigned parameters or
         in-place edits (under ``torch.no_grad()`` or through ``param.data``): decoding reads the
-        parameters in place and keeps no copies. Call it after re-pointing a parameter at other
-        memory behind torch's back (``param.set_(...)``, or ``param.data = `` a view of its own storage).
+        parameters in place and keeps no copies. Call it after changing a parameter's layout in place
+        without moving it (``param.data = param.data.t()``: same address, other strides).
         """
         rwkv_decode.forget(self)
 

@@ -32,8 +32,8 @@ to call. The kernel keeps a table of the parameters' addresses per model, rebuil
 gets new storage (``.to()``, ``load_state_dict(assign=True)``), when a parameter or module is
 (re)registered anywhere (public ``torch.nn.modules.module`` registration hooks), after
 ``load_state_dict`` (a post hook) and on ``RWKV.clear_decode_cache()``. The one edit it cannot see
-is re-pointing a parameter at other memory behind torch's back (``param.set_(...)``, or assigning
-``param.data`` a view of its own storage): call ``clear_decode_cache()`` after such edits.
+is a new layout at the same address (``param.data = param.data.t()``): call
+``clear_decode_cache()`` after such an edit.
 
 Backend: op ``"rwkv_decode"`` of ``rizzearch.ops.backends`` (table in ``docs/backends.md``).
 """
