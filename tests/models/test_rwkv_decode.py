@@ -164,6 +164,11 @@ def _reassign_head(m):
     m.head.weight = nn.Parameter(m.head.weight.detach() * 0.5)
 
 
+def _set_storage(m):
+    with torch.no_grad():  # ``set_`` moves the parameter to other memory: a new address
+        m.blocks[0].att.value.weight.set_(m.blocks[0].att.value.weight.detach().clone() * 1.5)
+
+
 def _round_trip_dtype(m):
     m.to(torch.float64)
     m.to(torch.float32)  # new storage at every step of the trip: the old addresses are stale
@@ -172,8 +177,8 @@ def _round_trip_dtype(m):
             p.mul_(1.2)
 
 
-@pytest.mark.parametrize("edit", [_optimizer_step, lambda m: _load_other(m, False), lambda m: _load_other(m, True), _reassign_head, _round_trip_dtype],
-                         ids=["optimizer_step", "load_state_dict", "load_state_dict_assign", "reassigned_parameter", "to_dtype"])  # fmt: skip
+@pytest.mark.parametrize("edit", [_optimizer_step, lambda m: _load_other(m, False), lambda m: _load_other(m, True), _reassign_head, _set_storage, _round_trip_dtype],
+                         ids=["optimizer_step", "load_state_dict", "load_state_dict_assign", "reassigned_parameter", "set_storage", "to_dtype"])  # fmt: skip
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_edits_through_the_public_api_reach_decoding(edit, backend):
     m = tiny()
