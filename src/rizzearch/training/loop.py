@@ -29,7 +29,7 @@ from rizzearch.data.batches import split_batch
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.models.base import eval_mode
-from rizzearch.runs import atomic_write_text
+from rizzearch.runs import atomic_write_text, seed_everything, start_fresh_log
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
 
@@ -182,6 +182,37 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
     return out
 
 
+# TrainConfig fields a resumed run must share with its checkpoint: they shape what was trained on and
+# how (the data order, the optimizer, the schedule). The others (steps, logging, evaluation and
+# checkpoint cadence, device, max_seconds, micro_batch_size, which leaves the gradient unchanged)
+# may change on resume; ``steps`` may grow to extend a run.
+RESUME_FIXED = ("batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype")
+
+
+def resume_differences(state_config: dict, cfg: TrainConfig, saved_data: dict | None = None, data: dict | None = None) -> list[str]:
+    """What differs between a checkpoint's training settings (``train_state["config"]``, and its
+    ``model.json`` data record) and the requested ones, as ``field: checkpoint X, now Y`` strings."""
+    now = asdict(cfg)
+    diffs = [f"train.{k}: checkpoint {state_config.get(k)!r}, now {now[k]!r}" for k in RESUME_FIXED if k in state_config and state_config[k] != now[k]]
+    if saved_data is not None and data is not None:
+        diffs += [f"data.{k}: checkpoint {saved_data.get(k)!r}, now {data.get(k)!r}" for k in sorted(set(saved_data) | set(data))
+                  if saved_data.get(k) != data.get(k)]
+    return diffs
+
+
+def check_resume(run_dir: str | Path, cfg: TrainConfig, data: dict | None = None) -> Path:
+    """The checkpoint a resume of ``run_dir`` would start from, after checking that it was trained
+    with the same settings; else ConfigError naming every difference (nothing is written)."""
+    ckpt = ckpt_io.resolve_checkpoint(run_dir)
+    state = ckpt_io.load_train_state(ckpt)
+    saved_data = ckpt_io.read_meta(ckpt).get("data")
+    diffs = resume_differences(state.get("config", {}), cfg, saved_data, data)
+    if diffs:
+        raise ConfigError(f"{ckpt}: cannot resume with different settings ({'; '.join(diffs)}); use the run's own "
+                          "settings (see its config.yaml) or start a new run with another --out")
+    return ckpt
+
+
 def _load_history(path: Path, upto: int) -> list[dict]:
     """The logged rows up to step ``upto``; a last line cut short by a kill is dropped."""
     if not path.is_file():
@@ -243,10 +274,12 @@ def train(
     optimizer = make_optimizer(model, cfg)
     start_step = 0
     history: list[dict] = []
-    torch.manual_seed(cfg.seed + info.rank)
+    seed_everything(cfg.seed + info.rank)
+    if info.is_main and save_checkpoints:
+        ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
 
     if resume:
-        ckpt = ckpt_io.resolve_checkpoint(run)
+        ckpt = check_resume(run, cfg, (meta or {}).get("data"))
         ckpt_io.load_weights(model, ckpt)
         state = ckpt_io.load_train_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
@@ -256,6 +289,8 @@ def train(
         history = _load_history(metrics_path, start_step)
         if info.is_main:  # drop log rows written after the checkpoint; they will be re-done identically
             atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    elif info.is_main:  # a run from step 0 never appends to the log of an earlier attempt
+        start_fresh_log(metrics_path)
 
     ddp_model = model
     if info.enabled:
