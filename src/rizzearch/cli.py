@@ -101,6 +101,9 @@ def run_command(command: str, args: list[str]):
 
     lists = frozenset(n for n, prm in inspect.signature(fn).parameters.items() if "list" in str(prm.annotation))
     args = _positional_to_options(list(getattr(fn, "__positional__", ())), list(args), lists)
+    from rizzearch.runs import check_config_args
+
+    check_config_args(args)  # empty / non-UTF-8 / non-mapping YAML: one line naming the file
     cfg = parser.parse_args(args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)

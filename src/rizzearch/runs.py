@@ -183,6 +183,12 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self) -> None:  # a lock held by a function's local is released when the function exits, even by an error
+        try:
+            self.release()
+        except Exception:
+            pass
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
@@ -249,3 +255,15 @@ def check_config_file(path: str | Path) -> None:
         raise ConfigError(f"{p}: config file is empty (expected options such as `train: {{steps: 10}}`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of options at the top level, got a {type(data).__name__}")
+
+
+def check_config_args(args: list[str]) -> None:
+    """``check_config_file`` on every ``--config FILE`` / ``--config=FILE`` in a command line."""
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--config" and i + 1 < len(args) else a.split("=", 1)[1] if a.startswith("--config=") else None
+        if value is None:
+            continue
+        if Path(value).is_file():
+            check_config_file(value)
+        elif not value.lstrip().startswith("{") and "\n" not in value and ":" not in value:  # not inline YAML
+            raise ConfigError(f"{value}: config file not found")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.reproduce.common import read_results, study_mode
-from rizzearch.runs import make_run_dir
+from rizzearch.runs import lock_run_dir, make_run_dir, write_run_config
 from rizzearch.runs import atomic_write_text
 
 
@@ -163,7 +163,9 @@ def reproduce(
 
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {device!r} requested but no CUDA device is available")
-    run = make_run_dir(out, "reproduce")
+    run = make_run_dir(out, "reproduce", write_config=False)
+    run_lock = lock_run_dir(run, "reproduce")  # one writer per run folder (released on return or error)
+    write_run_config(run)
     chosen = [STUDIES[study]] if study else list(STUDIES.values())
     # one study into its own folder: `rizz reproduce rwkv --out DIR` writes DIR/results.json
     single = study is not None
