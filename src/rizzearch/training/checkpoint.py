@@ -80,7 +80,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: 
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
-    _fault_pause()
+    _fault_pause(step)
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
     if final.exists():
@@ -95,12 +95,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: 
     return final
 
 
-def _fault_pause() -> None:
-    """Fault-injection hook for the kill tests: ``RIZZ_FAULT_CHECKPOINT_SLEEP=<seconds>`` pauses in
-    the middle of a checkpoint write (weights written, training state not yet), so a test can kill
-    the process there. Unset (always, outside tests) it does nothing."""
-    delay = os.environ.get("RIZZ_FAULT_CHECKPOINT_SLEEP")
-    if delay:
+def _fault_pause(step: int) -> None:
+    """Fault-injection hook for the kill tests: ``RIZZ_FAULT_CHECKPOINT_SLEEP=SECONDS`` (or
+    ``STEP:SECONDS``, only at that step) pauses in the middle of a checkpoint write (weights and
+    model.json written, training state not yet), so a test can kill the process there. Unset
+    (always, outside tests) it does nothing."""
+    spec = os.environ.get("RIZZ_FAULT_CHECKPOINT_SLEEP")
+    if not spec:
+        return
+    at, _, delay = spec.rpartition(":")
+    if not at or int(at) == step:
         import time
 
         time.sleep(float(delay))
