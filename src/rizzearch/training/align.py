@@ -354,6 +354,8 @@ def _align_locked(run: Path, method, init, model, model_config, data, train, orp
         ckpt_io.clean_partial_checkpoints(d / "checkpoints")
     if not resume and (_has_checkpoint(run) or _has_checkpoint(run / "sft")):
         raise ConfigError(f"{run}: already holds an alignment run; pass --resume true to continue it, or choose another --out (nothing was overwritten)")
+    if resume and not (_has_checkpoint(run) or _has_checkpoint(run / "sft")):
+        raise CheckpointError(f"{run}: no checkpoint to resume from; run without --resume to start it")
     on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
     pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
     net, tok, model_name = _start_model(init, model, model_config, data, pairs, run, resume)

@@ -278,8 +278,9 @@ def train(
     if info.is_main and save_checkpoints:
         ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
 
+    resumed_ckpt = None
     if resume:
-        ckpt = check_resume(run, cfg, (meta or {}).get("data"))
+        ckpt = resumed_ckpt = check_resume(run, cfg, (meta or {}).get("data"))
         ckpt_io.load_weights(model, ckpt)
         state = ckpt_io.load_train_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
@@ -298,13 +299,14 @@ def train(
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "val_loss" in r])
+    # logged rows are train rows (with "loss") or evaluation rows (val_loss and/or eval_fn metrics)
+    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "loss" not in r])
     log_file = open(metrics_path, "a") if info.is_main else None
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     tokens_seen = 0
-    last_ckpt = None
+    last_ckpt = resumed_ckpt
 
     def log(row: dict) -> None:
         if log_file is not None:
@@ -396,7 +398,8 @@ def train(
                 break
         if result.steps > start_step or not result.evals:
             do_eval(result.steps)
-        do_checkpoint(result.steps)
+        if result.steps > start_step or resumed_ckpt is None:  # a resumed run with no step left keeps its checkpoint
+            do_checkpoint(result.steps)
     finally:
         bar.close()
         if log_file is not None:
