@@ -222,6 +222,31 @@ def _load_history(path: Path, upto: int) -> list[dict]:
     return [row for _, row in read_jsonl(path, text) if row.get("step", 0) <= upto]
 
 
+def _restore(run: Path, cfg: TrainConfig, model, optimizer, train_data, info: DistInfo, data: dict | None, resume: bool):
+    """Start state of a run -> (start step, logged rows kept, checkpoint resumed from or None).
+
+    Resume: weights, optimizer, data position and RNG states from the latest checkpoint (after
+    ``check_resume``), and the log cut back to that step (later rows are redone identically).
+    New run: the log of an earlier attempt is kept aside (``start_fresh_log``), never appended to.
+    """
+    metrics_path = run / "metrics.jsonl"
+    if not resume:
+        if info.is_main:
+            start_fresh_log(metrics_path)
+        return 0, [], None
+    ckpt = check_resume(run, cfg, data)
+    ckpt_io.load_weights(model, ckpt)
+    state = ckpt_io.load_train_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    train_data.load_state_dict(state["data"])
+    ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+    start_step = int(state["step"])
+    history = _load_history(metrics_path, start_step)
+    if info.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    return start_step, history, ckpt
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -272,26 +297,10 @@ def train(
     model.to(device)
     ckpt_meta = ckpt_io.model_meta(model, **(meta or {})) if save_checkpoints else {}
     optimizer = make_optimizer(model, cfg)
-    start_step = 0
-    history: list[dict] = []
     seed_everything(cfg.seed + info.rank)
     if info.is_main and save_checkpoints:
         ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
-
-    resumed_ckpt = None
-    if resume:
-        ckpt = resumed_ckpt = check_resume(run, cfg, (meta or {}).get("data"))
-        ckpt_io.load_weights(model, ckpt)
-        state = ckpt_io.load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        train_data.load_state_dict(state["data"])
-        ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = int(state["step"])
-        history = _load_history(metrics_path, start_step)
-        if info.is_main:  # drop log rows written after the checkpoint; they will be re-done identically
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    elif info.is_main:  # a run from step 0 never appends to the log of an earlier attempt
-        start_fresh_log(metrics_path)
+    start_step, history, resumed_ckpt = _restore(run, cfg, model, optimizer, train_data, info, (meta or {}).get("data"), resume)
 
     ddp_model = model
     if info.enabled:
