@@ -113,12 +113,12 @@ def test_random_kills_then_resume_is_bit_exact(tmp_path, corpus):
             env = _env(RIZZ_FAULT_CHECKPOINT_SLEEP=f"{rng.choice([2, 4, 6, 8, 10])}:{rng.uniform(0.0, 0.5):.3f}")
             p = subprocess.Popen(_cmd(corpus, run, resume=resume, steps=12), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
-                p.wait(timeout=rng.uniform(1.0, 8.0))
+                _, err = p.communicate(timeout=rng.uniform(1.0, 8.0))
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL)
-                p.wait()
+                p.communicate()
                 continue
-            assert p.returncode == 0, p.stderr.read()[-2000:]
+            assert p.returncode == 0, err[-2000:]
             break
         else:
             _run(_cmd(corpus, run, resume=(run / "checkpoints" / "latest.json").exists(), steps=12))
