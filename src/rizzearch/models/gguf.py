@@ -109,6 +109,11 @@ def field_values(reader) -> dict:
     return out
 
 
+def _f32(v) -> float:
+    """The shortest decimal of a float32 field (1e-05 rather than 9.999999747378752e-06)."""
+    return float(np.format_float_scientific(np.float32(v), unique=True))
+
+
 def config_from_gguf(fields: dict, n_vocab: int, tied: bool, where: str) -> LlamaConfig:
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -128,9 +133,9 @@ def config_from_gguf(fields: dict, n_vocab: int, tied: bool, where: str) -> Llam
         n_head=n_head,
         n_kv_head=int(fields.get(f"{arch}.attention.head_count_kv", n_head)),
         d_ff=int(need("feed_forward_length")),
-        rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_theta=_f32(fields.get(f"{arch}.rope.freq_base", 10000.0)),
         max_seq_len=int(fields.get(f"{arch}.context_length", 8192)),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
         qkv_bias=arch == "qwen2",
         tie_embeddings=tied,
     )
