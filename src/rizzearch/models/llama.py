@@ -11,6 +11,8 @@ Deviations from the HF layout (the weights convert losslessly, ``models/hf_llama
 
 - q, k and v are one fused linear ``attn.qkv`` (rows: q, then k, then v) and gate and up one fused
   ``mlp.gate_up`` (rows: gate, then up), so a decoding step runs two big matmuls instead of five.
+- The residual stream is kept in fp32 when the weights are bf16/fp16 (each block's input is normed in
+  fp32 and cast to the weights' dtype for its matmuls), which keeps bf16 logits close to fp32.
 - RoPE rotates the two halves of each head (HF's ``rotate_half``: pairs (j, j + Dh/2)), not
   consecutive pairs as ``models/gpt.py`` does; GGUF files store q/k rows permuted to consecutive
   pairs, and ``models/gguf.py`` undoes that.
@@ -199,6 +201,11 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+def rms_norm(norm: nn.RMSNorm, x: Tensor, dtype) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4) of the fp32 residual stream, returned in the weights' ``dtype``."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps).to(dtype)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -208,9 +215,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin, cache, n, key_valid):
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, cache, n, key_valid)
+        """x: the residual stream (B, T, C) in fp32; the matmuls run in the weights' dtype."""
+        dtype = self.attn.qkv.weight.dtype
+        a, k, v = self.attn(rms_norm(self.attn_norm, x, dtype), cos, sin, cache, n, key_valid)
         x = x + a
-        return x + self.mlp(self.mlp_norm(x)), k, v
+        return x + self.mlp(rms_norm(self.mlp_norm, x, dtype)), k, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,11 +286,11 @@ class Llama(CausalLM):
         if tuple(k0.shape) != want:
             raise ShapeError(f"state['k'][0]: expected shape {want}, got {tuple(k0.shape)} (state from another config or batch?)")
 
-    def _cache_buffers(self, state, B: int, T: int, x: Tensor, inplace: bool):
+    def _cache_buffers(self, state, B: int, T: int, dtype, device, inplace: bool):
         """The k/v/valid buffers this call writes into, and the shared ``tip`` list of the result."""
         cfg = self.config
         if state is None:
-            state = self.init_state(B, x.device, x.dtype)
+            state = self.init_state(B, device, dtype)
         n, ks, vs, valid = state["n"], state["k"], state["v"], state["valid"]
         if not inplace:
             return ks, vs, valid, [n + T]
@@ -314,9 +323,10 @@ class Llama(CausalLM):
             positions = pos0[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
         else:
             positions = (pos0[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
-        x = self.embed(tokens)  # (B, T, C)
+        dtype = self.embed.weight.dtype
+        x = self.embed(tokens).float()  # (B, T, C): the residual stream stays fp32 whatever the weights' dtype
         inplace = not torch.is_grad_enabled()
-        ks, vs, valid, tip = self._cache_buffers(state, B, T, x, inplace)
+        ks, vs, valid, tip = self._cache_buffers(state, B, T, dtype, tokens.device, inplace)
         step_valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=tokens.device)
         if inplace:
             valid[:, n : n + T] = step_valid
@@ -324,14 +334,14 @@ class Llama(CausalLM):
             valid = torch.cat([valid[:, :n], step_valid], dim=1)
         all_valid = mask is None and (state is None or bool(state["valid"][:, :n].all()))
         key_valid = None if all_valid else valid[:, : n + T]
-        cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), x.dtype)  # (B, 1, T, Dh)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), dtype)  # (B, 1, T, Dh)
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block(x, cos, sin, (ks[i], vs[i], inplace), n, key_valid)
             new_k.append(k)
             new_v.append(v)
         tip[0] = n + T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(rms_norm(self.norm, x, dtype))  # (B, T, V)
         count = T if mask is None else mask.long().sum(1)
         new_state = {"k": new_k, "v": new_v, "valid": valid, "pos": pos0 + count, "n": n + T, "tip": tip}
         return logits, new_state
