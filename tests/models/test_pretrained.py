@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -331,3 +332,34 @@ def test_truncated_safetensors_is_named(tmp_path, hf_folder):
 def test_save_pretrained_refuses_other_models(tmp_path, tok):
     with pytest.raises(ConfigError, match="GPT has no HF format"):
         save_pretrained(build_model("gpt", n_layer=1, d_model=32, n_head=2), tok, tmp_path)
+
+
+def test_pretrained_tokenizer_save_load_keeps_ids_and_template(tmp_path, tok):
+    from rizzearch.data.tokenizer import Tokenizer, byte_tokenizer
+
+    tok.save(tmp_path / "tokenizer.json")
+    back = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert (back.eos_id, back.pad_id, back.bos_id, back.chat_template) == (3, 1, 0, TEMPLATE)
+    assert back.encode("<|im_start|> the cat") == tok.encode("<|im_start|> the cat")
+    ours = byte_tokenizer()  # our own tokenizer keeps <|endoftext|> / <|pad|>, nothing else written
+    ours.save(tmp_path / "ours" / "tokenizer.json")
+    assert not (tmp_path / "ours" / "tokenizer_config.json").exists()
+    again = Tokenizer.load(tmp_path / "ours")
+    assert (again.eot_id, again.pad_id, again.is_pretrained) == (0, 1, False)
+
+
+def test_tokenizer_without_eos_is_named():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from rizzearch.data.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    with pytest.raises(DataError, match=re.escape("lacks the special token '<|endoftext|>'")):
+        Tokenizer(hf)
+    with pytest.raises(DataError, match="no eos_token"):
+        Tokenizer.from_special_tokens(hf, {}, where="x/tokenizer_config.json")
+    with pytest.raises(DataError, match="eos_token '</s>' is not in the vocabulary"):
+        Tokenizer.from_special_tokens(hf, {"eos_token": "</s>"})
+    t = Tokenizer.from_special_tokens(hf, {"eos_token": {"content": "b"}})
+    assert (t.eos_id, t.pad_id, t.bos_id) == (1, 1, None)
