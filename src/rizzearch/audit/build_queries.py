@@ -130,17 +130,37 @@ def build_queries() -> list[dict]:
     """The full query set, deterministic for a given corpus."""
     rng = random.Random(SEED)
     ps = load_corpus()
-    out: list[dict] = []
+    metas = sorted((p for p in ps if p.id.endswith("/meta")), key=lambda p: p.id)
+    chunks: dict[str, list] = {}
+    for p in ps:
+        if p.source == "scotus" and not p.id.endswith("/meta"):
+            chunks.setdefault(p.doc, []).append(p)
+    out = _rule_qa_queries(ps) + _constitution_queries(ps)
+    court_date = _court_and_date_queries(metas, rng)
+    authored = [p for p in metas if p.meta.get("opinion_by")]
+    pool = rng.sample(authored, len(authored))  # one shuffle: the first 20 ask for the author, the next 14 are false premises
+    out += court_date + _author_and_citation_queries(pool[:20], metas, chunks, rng)
+    out += _false_premise_queries(pool[20:34], sorted({p.meta["opinion_by"] for p in authored}), chunks, rng)
+    ids = [q["id"] for q in out]
+    if len(set(ids)) != len(ids):
+        raise AssertionError("duplicate query ids")
+    return out
 
-    # ---------------- rule_qa
+
+def _rule_qa_queries(ps) -> list[dict]:
+    """LegalBench rule_qa: each question with its answer (jurisdiction questions in their own category)."""
+    out = []
     for p in ps:
         if p.source != "rule_qa":
             continue
         juris = bool(_JURIS.search(p.title))
         cat, fam = ("jurisdiction_time", "rule_qa_jurisdiction") if juris else ("general", "rule_qa")
         out.append(_q(f"{fam}-{p.meta['row']:03d}", cat, fam, p.title, p.text, [p.id]))
+    return out
 
-    # ---------------- Constitution
+
+def _constitution_queries(ps) -> list[dict]:
+    """What short Constitution sections provide, then the curated text and time questions."""
     const = [p for p in ps if p.source == "constitution"]
     by_doc_prefix: dict[str, list] = {}
     for p in const:
@@ -148,6 +168,7 @@ def build_queries() -> list[dict]:
         by_section = parts[1].startswith("art") and len(parts) > 2 and parts[2].startswith("s")
         key = "/".join(parts[:3]) if by_section else "/".join(parts[:2])
         by_doc_prefix.setdefault(key, []).append(p)
+    out = []
     for key, group in by_doc_prefix.items():
         p = group[0]
         if len(group) != 1 or p.id == "const/preamble" or len(p.text) > 400:
@@ -169,20 +190,19 @@ def build_queries() -> list[dict]:
         for a in alias:
             hits += [p.id for p in const if a in p.text and p.id not in hits]
         out.append(_q(f"{fam}-{i:02d}", cat, fam, question, span, hits[:3], aliases=alias))
+    return out
 
-    # ---------------- Supreme Court opinions
-    metas = sorted((p for p in ps if p.id.endswith("/meta")), key=lambda p: p.id)
-    chunks: dict[str, list] = {}
-    for p in ps:
-        if p.source == "scotus" and not p.id.endswith("/meta"):
-            chunks.setdefault(p.doc, []).append(p)
 
-    def gold_ids(p, needle):
-        extra = [c.id for c in chunks.get(p.doc, []) if needle.lower() in c.text.lower()][:2]
-        return [p.id] + extra
+def _gold_ids(p, needle: str, chunks: dict[str, list]) -> list[str]:
+    """The case's meta passage and up to two of its opinion chunks that mention ``needle``."""
+    return [p.id] + [c.id for c in chunks.get(p.doc, []) if needle.lower() in c.text.lower()][:2]
 
+
+def _court_and_date_queries(metas, rng: random.Random) -> list[dict]:
+    """Supreme Court opinions: which lower court a case came from, and when it was decided."""
     clean_below = [p for p in metas if p.meta.get("court_below")
                    and all(w.strip(",") in _COURT_WORDS for w in p.meta["court_below"].split())]
+    out = []
     for p in rng.sample(clean_below, min(34, len(clean_below))):
         m = p.meta
         how = REVIEW_PHRASES[m["review"]]
@@ -194,34 +214,41 @@ def build_queries() -> list[dict]:
         m = p.meta
         out.append(_q(f"decision_date-{p.doc.split('/')[1]}", "jurisdiction_time", "decision_date",
                       f"On what date did the Supreme Court decide {m['case_name']}?", date_words(m["decided"]), [p.id]))
+    return out
 
-    authored = [p for p in metas if p.meta.get("opinion_by")]
-    authors = sorted({p.meta["opinion_by"] for p in authored})
-    pool = rng.sample(authored, len(authored))
-    for p in pool[:20]:
+
+def _author_and_citation_queries(authored, metas, chunks: dict[str, list], rng: random.Random) -> list[dict]:
+    """Who delivered the opinion of the Court (``authored``), and the United States Reports citation."""
+    out = []
+    for p in authored:
         m = p.meta
         out.append(_q(f"author-{p.doc.split('/')[1]}", "factual_recall", "author",
                       f"Which Justice delivered the opinion of the Court in {m['case_name']} ({m['year']})?",
-                      m["opinion_by"], gold_ids(p, m["opinion_by"])))
+                      m["opinion_by"], _gold_ids(p, m["opinion_by"], chunks)))
     for p in rng.sample(metas, 12):
         m = p.meta
         out.append(_q(f"citation-{p.doc.split('/')[1]}", "factual_recall", "citation",
                       f"What is the United States Reports citation for {m['case_name']}?", m["cite"], [p.id]))
+    return out
 
-    # ---------------- false premises
-    for p in pool[20:28]:
+
+def _false_premise_queries(pool, authors: list[str], chunks: dict[str, list], rng: random.Random) -> list[dict]:
+    """Questions built on a false premise: the wrong author, a dissent that was the majority, the wrong
+    amendment, a Justice or a case that never existed. ``pool``: 14 authored cases (8 + 6)."""
+    out = []
+    for p in pool[:8]:
         m = p.meta
         wrong = rng.choice([a for a in authors if a != m["opinion_by"]])
         out.append(_q(f"wrong_author-{p.doc.split('/')[1]}", "false_premise", "wrong_author",
                       f"Why did Justice {wrong} write the opinion of the Court in {m['case_name']} ({m['year']})?",
                       f"The premise is false: Justice {m['opinion_by']}, not Justice {wrong}, delivered the opinion of the Court in {m['case_name']}.",
-                      gold_ids(p, m["opinion_by"]), True))
-    for p in pool[28:34]:
+                      _gold_ids(p, m["opinion_by"], chunks), True))
+    for p in pool[8:14]:
         m = p.meta
         out.append(_q(f"wrong_dissent-{p.doc.split('/')[1]}", "false_premise", "wrong_dissent",
                       f"Why did Justice {m['opinion_by']} dissent in {m['case_name']} ({m['year']})?",
                       f"The premise is false: Justice {m['opinion_by']} did not dissent in {m['case_name']}; he delivered the opinion of the Court.",
-                      gold_ids(p, m["opinion_by"]), True))
+                      _gold_ids(p, m["opinion_by"], chunks), True))
     for i, (question, gold, pids) in enumerate(WRONG_AMENDMENT, 1):
         out.append(_q(f"wrong_amendment-{i:02d}", "false_premise", "wrong_amendment", question, gold, pids, True))
     for i, (question, name) in enumerate(FAKE_JUDGES, 1):
@@ -230,10 +257,6 @@ def build_queries() -> list[dict]:
     for i, (question, name) in enumerate(FAKE_CASES, 1):
         out.append(_q(f"fake_case-{i:02d}", "false_premise", "fake_case", question,
                       f"The premise is false: there is no Supreme Court case named {name}.", [], True))
-
-    ids = [q["id"] for q in out]
-    if len(set(ids)) != len(ids):
-        raise AssertionError("duplicate query ids")
     return out
 
 
