@@ -218,12 +218,28 @@ def audit_memorization(
         device: where to run (default: the model's device).
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
-
     _check_settings(prompt_tokens, new_tokens, num_beams, batch_size)
     device = device or next(model.parameters()).device
     P, N = prompt_tokens, new_tokens
-    vocab = model.config.vocab_size
+    entries = _entries(documents, ids, heldout, heldout_ids, model.config.vocab_size)
+    rows: list[dict] = []
+    usable = []
+    for e in entries:
+        row = {"id": e["id"], "split": e["split"], "num_tokens": len(e["tokens"]), "skipped": False}
+        if len(e["tokens"]) < P + N:
+            row.update(skipped=True, skip_reason=f"document has {len(e['tokens'])} tokens, fewer than prompt_tokens + new_tokens = {P + N}")
+        else:
+            usable.append((e, row))
+        rows.append(row)
+    decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
+    _score(model, usable, decodings, P, N, _Text(tokenizer), batch_size, device, progress)
+    summary = _summary(rows, decodings, P, N, num_beams, had_heldout=bool(heldout))
+    config = {"prompt_tokens": P, "new_tokens": N, "num_beams": num_beams, "batch_size": batch_size}
+    return MemorizationReport(rows, summary, config)
+
+
+def _entries(documents, ids, heldout, heldout_ids, vocab: int) -> list[dict]:
+    """``{"id", "split", "tokens"}`` per document, every token id checked against the vocabulary."""
     entries = []
     for split, docs, names in (("train", documents, ids), ("heldout", heldout, heldout_ids)):
         if names is not None and len(names) != len(docs):
@@ -236,27 +252,28 @@ def audit_memorization(
             entries.append({"id": names[i] if names is not None else f"{split}-{i}", "split": split, "tokens": toks})
     if not any(e["split"] == "train" for e in entries):
         raise DataError("memorization audit: no training documents given")
+    return entries
 
-    def text(toks: Sequence[int]) -> str:
-        return tokenizer.decode(toks) if tokenizer is not None else " ".join(str(t) for t in toks)
 
-    def raw(toks: Sequence[int]) -> bytes:
-        return text(toks).encode("utf-8") if tokenizer is not None else np.asarray(toks, dtype="<i4").tobytes()
+class _Text:
+    """Tokens as text (decoded, or the ids as words without a tokenizer) and as bytes for zlib."""
 
-    rows: list[dict] = []
-    usable = []
-    for e in entries:
-        row = {"id": e["id"], "split": e["split"], "num_tokens": len(e["tokens"]), "skipped": False}
-        if len(e["tokens"]) < P + N:
-            row.update(skipped=True, skip_reason=f"document has {len(e['tokens'])} tokens, fewer than prompt_tokens + new_tokens = {P + N}")
-        else:
-            usable.append((e, row))
-        rows.append(row)
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
-    decodings = [("greedy", 1)] + ([("beam", num_beams)] if num_beams > 1 else [])
+    def __call__(self, toks: Sequence[int]) -> str:
+        return self.tokenizer.decode(toks) if self.tokenizer is not None else " ".join(str(t) for t in toks)
+
+    def raw(self, toks: Sequence[int]) -> bytes:
+        return self(toks).encode("utf-8") if self.tokenizer is not None else np.asarray(toks, dtype="<i4").tobytes()
+
+
+def _score(model, usable: list, decodings: list, P: int, N: int, text: _Text, batch_size: int, device, progress: bool) -> None:
+    """Fill each usable row: the continuation metrics of every decoding, the loss and the zlib ratio."""
+    from tqdm.auto import tqdm
+
     steps = math.ceil(len(usable) / batch_size) * (len(decodings) + 1)
-    bar = tqdm(total=steps, disable=not progress, desc="memorization", dynamic_ncols=True)
-    try:
+    with tqdm(total=steps, disable=not progress, desc="memorization", dynamic_ncols=True) as bar:
         for s in range(0, len(usable), batch_size):
             chunk = usable[s : s + batch_size]
             prompts = torch.tensor([e["tokens"][:P] for e, _ in chunk], device=device)
@@ -264,22 +281,22 @@ def audit_memorization(
                 gen = generate(model, prompts, N, num_beams=width).tolist()
                 for (e, row), g in zip(chunk, gen):
                     ref = e["tokens"][P : P + N]
-                    m = continuation_metrics(g, ref)
-                    row.update({f"{name}_{k}": v for k, v in m.items()})
+                    row.update({f"{name}_{k}": v for k, v in continuation_metrics(g, ref).items()})
                     row[f"{name}_rougeL"] = rouge_l(text(ref), text(g))
-                    if tokenizer is not None:
+                    if text.tokenizer is not None:
                         row[f"{name}_text"] = text(g)
                 bar.update(1)
             for (e, row), (nll, n) in zip(chunk, document_losses(model, [e["tokens"] for e, _ in chunk], batch_size, device)):
                 row["loss"] = nll / n
-                row["zlib_ratio"] = (nll / math.log(2)) / zlib_bits(raw(e["tokens"]))
-                if tokenizer is not None:
+                row["zlib_ratio"] = (nll / math.log(2)) / zlib_bits(text.raw(e["tokens"]))
+                if text.tokenizer is not None:
                     row["prompt_text"] = text(e["tokens"][:P])
                     row["reference_text"] = text(e["tokens"][P : P + N])
             bar.update(1)
-    finally:
-        bar.close()
 
+
+def _summary(rows: list[dict], decodings: list, P: int, N: int, num_beams: int, had_heldout: bool) -> dict:
+    """Counts, the extraction metrics per decoding and split, and the membership-inference AUCs."""
     summary: dict = {
         "prompt_tokens": P,
         "new_tokens": N,
@@ -315,9 +332,8 @@ def audit_memorization(
         }
     else:
         summary["membership"] = None
-        summary["membership_note"] = "no usable held-out documents given" if not heldout else "every held-out document was skipped"
-    config = {"prompt_tokens": P, "new_tokens": N, "num_beams": num_beams, "batch_size": batch_size}
-    return MemorizationReport(rows, summary, config)
+        summary["membership_note"] = "no usable held-out documents given" if not had_heldout else "every held-out document was skipped"
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
