@@ -158,3 +158,14 @@ def test_gold_numbers_must_match():
                           "plaintiffs and defendants are completely diverse.", gold)[0]
     assert gold_match("It exists when the amount in controversy exceeds $75,000 and plaintiffs and defendants are "
                       "completely diverse.", gold)[0]
+
+
+def test_statute_citations_are_labelled_like_case_citations():
+    q = _q("rule_qa-002")  # gold "28 USC § 1332"
+    ok = label_response(q, "Diversity jurisdiction is codified at 28 U.S.C. § 1332(a).")
+    assert (ok["correctness"], ok["groundedness"]) == ("correct", "grounded")
+    assert ok["citations"][0]["kind"] == "statute" and ok["citations"][0]["existence"] == "exists"
+    fake = label_response(q, "Diversity jurisdiction is codified at 28 USC § 1332, as amended by 77 U.S.C. § 12.")
+    assert fake["groundedness"] == "misgrounded" and fake["hallucinated"]  # the U.S. Code has 54 titles
+    outside = label_response(q, "It is codified at 28 USC § 1332. See also 28 U.S.C. § 9999.")
+    assert [c["existence"] for c in outside["citations"]] == ["exists", "unverifiable"]
