@@ -89,3 +89,30 @@ def test_sheet_roundtrip_kappa_and_bad_sheets(tmp_path):
     filled = p.read_text()
     again = export_sheet(rows, p)
     assert again.name == "sheet.new.csv" and p.read_text() == filled
+
+
+def test_sheet_escapes_formula_cells_and_reads_them_back(tmp_path):
+    import csv
+
+    from rizzearch.audit.human import escape_cell, unescape_cell
+
+    risky = ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "'=quoted", "'plain", "plain", "", "a=b"]
+    for v in risky:
+        assert unescape_cell(escape_cell(v)) == v
+        assert escape_cell(v)[:1] not in ("=", "+", "-", "@", "\t", "\r")
+    assert escape_cell("plain") == "plain" and escape_cell("=1") == "'=1" and escape_cell(None) == ""
+    assert unescape_cell("=1") == "=1"  # a spreadsheet may save the text without its quote: kept as is
+    rows = [{"system": "-sys", "query_id": f"={i}", "category": "general", "question": "q", "gold_answer": "g",
+             "answer": v, "citations": [], "correctness": "correct", "groundedness": "grounded"} for i, v in enumerate(risky)]
+    path = export_sheet(rows, tmp_path / "s.csv")
+    with open(path, newline="", encoding="utf-8") as fh:
+        got = list(csv.DictReader(fh))
+    assert [unescape_cell(r["answer"]) for r in got] == risky and got[0]["query_id"] == "'=0"
+    for r in got:
+        r["human_correctness"], r["human_groundedness"] = "correct", "grounded"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(got)
+    back = import_sheet(path, expected=[("-sys", f"={i}") for i in range(len(risky))])
+    assert sorted(back) == sorted(("-sys", f"={i}") for i in range(len(risky)))

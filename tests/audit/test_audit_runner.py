@@ -93,3 +93,29 @@ def test_llm_judge_reports_spread():
     row2 = {**row, "citations": [{**row["citations"][0], "judge": v | {"valid": 2, "spread": 1.0, "stdev": 0.5}}]}
     j = summarize([row, row2], n_boot=10)["judge"]
     assert j == {"citations": 2, "mean_stdev": 0.25, "share_runs_disagree": 0.5, "invalid_replies": 0}
+
+
+def test_all_failed_audit_still_writes_a_report(bm25_index, tmp_path):
+    """The chart used to crash on systems with no answers (rates None) after the answers were kept."""
+    qs = load_queries(limit=1)
+    res = run_audit({"naive_rag": Flaky(make_system("naive_rag", bm25_index, mode="bm25"), n=100)}, qs, tmp_path,
+                    progress=False, n_boot=20)
+    assert res["metrics"]["systems"]["naive_rag"]["errors"] == len(qs)
+    write_report(tmp_path, res["metrics"], res["rows"])
+    assert (tmp_path / "audit_chart.png").is_file() and "| naive_rag |" in (tmp_path / "report.md").read_text()
+
+
+def test_settings_keyed_resume(bm25_index, tmp_path):
+    import pytest
+
+    from rizzearch.errors import DataError
+
+    qs = load_queries(limit=1)
+    systems = {"naive_rag": make_system("naive_rag", bm25_index, mode="bm25")}
+    run_audit(systems, qs, tmp_path, progress=False, n_boot=20, settings={"k": 4, "gen": {"name": "x"}})
+    before = (tmp_path / "answers.jsonl").read_bytes()
+    with pytest.raises(DataError, match=r"other settings \(gen.name: \"x\" -> \"y\"; k: 4 -> 8\)"):
+        run_audit(systems, qs, tmp_path, progress=False, n_boot=20, settings={"k": 8, "gen": {"name": "y"}})
+    assert (tmp_path / "answers.jsonl").read_bytes() == before
+    again = run_audit(systems, qs, tmp_path, progress=False, n_boot=20, settings={"k": 4, "gen": {"name": "x"}})
+    assert again["new_answers"] == 0 and again["reused_answers"] == len(qs)

@@ -4,7 +4,15 @@
 citations with the existence verdicts, and the text of the cited passages, with empty
 ``human_correctness`` / ``human_groundedness`` columns to fill in (the automatic labels are hidden
 unless ``blind=False``). ``import_sheet`` reads it back and rejects unknown labels, duplicate rows and
-rows that are missing or unlabelled, naming the row. ``cohen_kappa`` is Cohen (1960):
+rows that are missing or unlabelled, naming the row.
+
+Spreadsheets run a cell that begins with ``=``, ``+``, ``-``, ``@`` (or a tab or carriage return) as
+a formula, so an answer such as ``=HYPERLINK(...)`` from an endpoint could act on the labeller's
+machine: ``export_sheet`` writes such a cell (and one that already begins with ``'``) with a leading
+``'``, the spreadsheet convention for "text", and ``import_sheet`` removes exactly that quote again,
+so every value reads back as it was written.
+
+``cohen_kappa`` is Cohen (1960):
 ``kappa = (p_o - p_e) / (1 - p_e)`` with ``p_e`` from the two raters' marginal label frequencies. The
 paper reports kappa = 0.77 between two human raters on 48 responses.
 """
@@ -19,8 +27,22 @@ from pathlib import Path
 from rizzearch.audit.labels import CORRECTNESS, GROUNDEDNESS, derived_label
 from rizzearch.errors import DataError
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
 COLUMNS = ["system", "query_id", "category", "question", "gold_answer", "answer", "citations", "cited_passages",
            "auto_correctness", "auto_groundedness", "human_correctness", "human_groundedness", "notes"]
+
+
+def escape_cell(value) -> str:
+    """``value`` as CSV text no spreadsheet runs as a formula: a leading ``'`` before a risky first character."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def unescape_cell(text: str | None) -> str:
+    """Inverse of ``escape_cell`` (a cell a spreadsheet saved without the quote is returned as is)."""
+    text = text or ""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
 def export_sheet(rows: list[dict], path: str | Path, passages_by_id: dict | None = None, blind: bool = True,
@@ -45,7 +67,7 @@ def export_sheet(rows: list[dict], path: str | Path, passages_by_id: dict | None
                     p = (passages_by_id or {}).get(pid)
                     if p is not None:
                         texts.append(f"[{pid}] {p.text[:max_passage_chars]}")
-            w.writerow({
+            w.writerow({k: escape_cell(v) for k, v in {
                 "system": r["system"], "query_id": r["query_id"], "category": r.get("category", ""),
                 "question": r.get("question", ""), "gold_answer": r.get("gold_answer", ""), "answer": r.get("answer", ""),
                 "citations": "; ".join(f"{c['normalized']} [{c['existence']}"
@@ -54,7 +76,7 @@ def export_sheet(rows: list[dict], path: str | Path, passages_by_id: dict | None
                 "auto_correctness": "" if blind else r.get("correctness", ""),
                 "auto_groundedness": "" if blind else (r.get("groundedness") or ""),
                 "human_correctness": "", "human_groundedness": "", "notes": "",
-            })
+            }.items()})
     os.replace(tmp, path)
     return path
 
@@ -85,6 +107,7 @@ def import_sheet(path: str | Path, expected: list[tuple[str, str]] | None = None
         out: dict = {}
         unlabelled = []
         for i, row in enumerate(reader, 2):
+            row = {k: unescape_cell(v) for k, v in row.items() if k is not None}
             key = (row["system"].strip(), row["query_id"].strip())
             if key in out:
                 raise DataError(f"{path}: row {i}: duplicate row for system={key[0]!r} query_id={key[1]!r}")

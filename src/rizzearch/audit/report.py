@@ -65,7 +65,8 @@ def plot(metrics: dict, path: str | Path, include_paper: bool = True) -> Path:
     import matplotlib.pyplot as plt
 
     names = chart_labels(metrics, include_paper)
-    vals = [tuple(e["overall"][k]["rate"] for k in ("accurate", "incomplete", "hallucinated")) for e in metrics["systems"].values()]
+    vals = [tuple(e["overall"][k]["rate"] or 0.0 for k in ("accurate", "incomplete", "hallucinated"))  # None: no answers
+            for e in metrics["systems"].values()]
     if include_paper:
         vals += list(PAPER.values())
     fig, ax = plt.subplots(figsize=(8.5, 0.55 * len(names) + 1.4))

@@ -4,7 +4,13 @@ Answers go to ``OUT/answers.jsonl``, one line per (system, query), appended and 
 each answer exists. A rerun skips every (system, query) already answered (same question text) and
 redoes only missing ones and ``error`` rows (an unreachable endpoint, say), so an interrupted audit
 loses at most the answer in flight and never redoes finished work. A partial last line left by a
-kill is dropped on resume. Labels (``labels.jsonl``), ``metrics.json`` and the report are recomputed
+kill is dropped on resume.
+
+Answers are only reused under the settings that made them: the caller (``rizz audit``) describes them
+(systems, generator and its options, k, retrieval mode, index and query file contents) and
+``run_audit`` keeps that description in ``OUT/audit_settings.json``. A resume under other settings is
+refused before anything is read or written, naming every setting that differs; ``resume=False`` sets
+the old answers and settings aside under new names (never deleted) and starts over. Labels (``labels.jsonl``), ``metrics.json`` and the report are recomputed
 from the answers on every run (labelling is deterministic and fast).
 """
 
@@ -20,6 +26,71 @@ from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import DataError, RizzError
 from rizzearch.legal.citations import Authorities
 from rizzearch.runs import atomic_write_text
+
+SETTINGS_FILE = "audit_settings.json"
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """``["key: saved -> now", ...]`` for every (dotted) setting that differs."""
+    a, b = _flatten(saved), _flatten(now)
+    missing = object()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, missing), b.get(k, missing)
+        if x != y:
+            show = (lambda v: "(absent)" if v is missing else json.dumps(v)[:80])
+            out.append(f"{k}: {show(x)} -> {show(y)}")
+    return out
+
+
+def _set_aside(path: Path) -> None:
+    """Rename ``path`` to ``<stem>.<time>[.n]<suffix>`` beside it (a name not taken: never replace a file)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while True:
+        new = path.with_name(f"{path.stem}.{stamp}{'' if n == 0 else f'.{n}'}{path.suffix}")
+        if not new.exists():
+            path.rename(new)
+            return
+        n += 1
+
+
+def check_settings(out: Path, settings: dict, resume: bool) -> None:
+    """Make ``out`` ready for an audit under ``settings``, or refuse (DataError) before touching anything.
+
+    With ``resume`` and answers already in ``out``, their recorded settings must equal ``settings``.
+    Without ``resume``, earlier answers and settings are set aside (renamed). Then ``settings`` is saved.
+    """
+    ans, path = out / "answers.jsonl", out / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # the form it takes on disk (tuples -> lists)
+    has_answers = ans.is_file() and ans.stat().st_size > 0
+    if resume and has_answers:
+        how = "rerun with --resume false (the old answers are kept, renamed) or use another --out"
+        if not path.is_file():
+            raise DataError(f"{out}: holds answers from an audit whose settings were not recorded, so they cannot "
+                            f"be reused safely; {how}")
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: unreadable ({e}); {how}") from e
+        diff = settings_diff(saved, settings)
+        if diff:
+            raise DataError(f"{out}: holds answers made under other settings ({'; '.join(diff)}); {how}")
+    if not resume:
+        for p in (ans, path):
+            if p.exists():
+                _set_aside(p)
+    atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
 def _load_answers(path: Path) -> dict[tuple[str, str], dict]:
@@ -43,7 +114,7 @@ def _load_answers(path: Path) -> dict[tuple[str, str], dict]:
 
 def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume: bool = True, progress: bool = True,
               authorities: Authorities | None = None, judge=None, n_boot: int = 2000, seed: int = 0,
-              max_new: int | None = None) -> dict:
+              max_new: int | None = None, settings: dict | None = None) -> dict:
     """Answer every query with every system (skipping finished ones), label, and compute metrics.
 
     Args:
@@ -58,6 +129,8 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
         n_boot: bootstrap resamples.
         seed: bootstrap seed.
         max_new: answer at most this many new (system, query) pairs, then stop (for tests of resuming).
+        settings: what decides the answers (JSON-able); saved in ``out_dir``, and a resume under other
+            settings is refused (``check_settings``). None: not checked (library use that keys folders itself).
 
     Returns:
         ``{"rows": [...], "metrics": {...}, "new_answers": n, "reused_answers": n}``.
@@ -65,39 +138,60 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ans_path = out / "answers.jsonl"
-    if not resume and ans_path.exists():
-        ans_path.rename(out / f"answers.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    if settings is not None:
+        check_settings(out, settings, resume)
+    elif not resume and ans_path.exists():
+        _set_aside(ans_path)
     done = _load_answers(ans_path)
     todo = [(s, q) for s in systems for q in queries
             if not ((s, q["id"]) in done and done[(s, q["id"])]["status"] != "error"
                     and done[(s, q["id"])]["question"] == q["question"])]
     reused = len(systems) * len(queries) - len(todo)
-    new = 0
+    if max_new is not None:
+        todo = todo[:max_new]
+    new = _answer_all(systems, todo, ans_path, done, progress)
+    rows = _label_all(systems, queries, done, authorities, judge)
+    atomic_write_text(out / "labels.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    metrics = compute_metrics(rows, n_boot=n_boot, seed=seed)
+    metrics["n_queries"] = len(queries)
+    metrics["complete"] = all((s, q["id"]) in done for s in systems for q in queries)
+    for s, e in metrics["systems"].items():  # what produced the answers (e.g. "simulated closed-book (...)"), for the report
+        e["generator"] = str(getattr(systems.get(s), "generator_label", "") or "")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return {"rows": rows, "metrics": metrics, "new_answers": new, "reused_answers": reused}
+
+
+def _answer_row(system, s: str, q: dict) -> dict:
+    """One answer of ``system`` (named ``s``) to ``q`` as a row of answers.jsonl (an ``error`` row on RizzError)."""
+    t0 = time.perf_counter()
+    try:
+        a = system.answer(q["question"])
+    except RizzError as e:
+        return {"system": s, "query_id": q["id"], "question": q["question"], "answer": "", "status": "error",
+                "passages": [], "checks": {}, "generator": "", "latency_s": round(time.perf_counter() - t0, 4),
+                "error": str(e)}
+    return {"system": s, "query_id": q["id"], "question": q["question"], "answer": a.text, "status": a.status,
+            "passages": [{k: p[k] for k in ("id", "ref", "score", "bm25_rank", "dense_rank")} for p in a.passages],
+            "checks": a.checks, "generator": a.generator, "latency_s": round(a.latency_s, 4), "error": None}
+
+
+def _answer_all(systems: dict, todo: list[tuple[str, dict]], ans_path: Path, done: dict, progress: bool) -> int:
+    """Answer every (system, query) of ``todo``, appending each row to ``ans_path`` as it exists; returns the count."""
+    primed = set()
+    for s, _ in todo:  # batch the retrieval work of each index once
+        idx = getattr(systems[s], "index", None)
+        if idx is not None and id(idx) not in primed:
+            primed.add(id(idx))
+            idx.prime([q2["question"] for s2, q2 in todo if getattr(systems[s2], "index", None) is idx])
     bar = None
     if progress and todo:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="audit", unit="answer")
-    primed = set()
-    for s, q in todo[: max_new if max_new is not None else len(todo)]:
-        idx = getattr(systems[s], "index", None)
-        if idx is not None and id(idx) not in primed:
-            primed.add(id(idx))
-            idx.prime([q2["question"] for s2, q2 in todo if getattr(systems[s2], "index", None) is idx])
+    new = 0
     with open(ans_path, "a", encoding="utf-8") as fh:
         for s, q in todo:
-            if max_new is not None and new >= max_new:
-                break
-            t0 = time.perf_counter()
-            try:
-                a = systems[s].answer(q["question"])
-                row = {"system": s, "query_id": q["id"], "question": q["question"], "answer": a.text, "status": a.status,
-                       "passages": [{k: p[k] for k in ("id", "ref", "score", "bm25_rank", "dense_rank")} for p in a.passages],
-                       "checks": a.checks, "generator": a.generator, "latency_s": round(a.latency_s, 4), "error": None}
-            except RizzError as e:
-                row = {"system": s, "query_id": q["id"], "question": q["question"], "answer": "", "status": "error",
-                       "passages": [], "checks": {}, "generator": "", "latency_s": round(time.perf_counter() - t0, 4),
-                       "error": str(e)}
+            row = _answer_row(systems[s], s, q)
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             done[(s, q["id"])] = row
@@ -106,7 +200,11 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
                 bar.update(1)
     if bar is not None:
         bar.close()
+    return new
 
+
+def _label_all(systems: dict, queries: list[dict], done: dict, authorities, judge) -> list[dict]:
+    """A labelled row for every (system, query) answered so far (error rows labelled ``error``)."""
     rows = []
     for s in systems:
         for q in queries:
@@ -122,11 +220,4 @@ def run_audit(systems: dict, queries: list[dict], out_dir: str | Path, *, resume
                 continue
             lab = label_response(q, a["answer"], authorities=authorities, judge=judge)
             rows.append({**base, **{k: v for k, v in lab.items() if k not in ("query_id", "category")}})
-    atomic_write_text(out / "labels.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    metrics = compute_metrics(rows, n_boot=n_boot, seed=seed)
-    metrics["n_queries"] = len(queries)
-    metrics["complete"] = all((s, q["id"]) in done for s in systems for q in queries)
-    for s, e in metrics["systems"].items():  # what produced the answers (e.g. "simulated closed-book (...)"), for the report
-        e["generator"] = str(getattr(systems.get(s), "generator_label", "") or "")
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    return {"rows": rows, "metrics": metrics, "new_answers": new, "reused_answers": reused}
+    return rows

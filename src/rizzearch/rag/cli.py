@@ -41,11 +41,11 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
         index: index file (default $RIZZ_CACHE/legal_rag_index.sqlite; built on first use).
         system: closed_book, naive_rag or verified_rag.
         generator: extractive (deterministic), memory, endpoint (OpenAI-compatible; see base_url) or checkpoint:PATH.
-        k: passages to retrieve.
+        k: passages to retrieve (at least 1).
         mode: retrieval mode: hybrid, bm25 or dense.
         base_url: endpoint URL for generator=endpoint (or RIZZ_LLM_BASE_URL / OPENAI_BASE_URL).
         model: model name at the endpoint (or RIZZ_LLM_MODEL).
-        timeout: seconds per endpoint request.
+        timeout: deadline in seconds for each endpoint request as a whole (connect, headers and body).
         retries: endpoint retries.
         label: also check every citation of the answer (existence, and support by the verifier's own check, rag.support).
         as_json: print the whole answer record as JSON instead of text.
@@ -53,6 +53,10 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
     from rizzearch.rag.index import open_or_build
     from rizzearch.rag.systems import check_question, make_system
 
+    from rizzearch.errors import ConfigError
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--k: the number of passages to retrieve must be at least 1, got {k!r}")
     question = check_question(question)
     idx = open_or_build(index, dense=mode != "bm25")
     sysm = make_system(system, idx, generator, k=k, mode=mode, base_url=base_url, model=model, timeout=timeout, retries=retries)
@@ -88,5 +92,3 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
             w(f"  {i}. [{p['id']}] {p['ref']} (score {p['score']:.4f})\n     {p['text'][:240]}...\n")
     return rec
 
-
-ask.__positional__ = ("question",)  # rizz rag ask "QUESTION"

@@ -7,8 +7,8 @@ request serves both LLMs and the deterministic baselines:
 * ``EndpointGenerator``: any OpenAI-compatible ``/chat/completions`` server (llama.cpp, vLLM, Ollama,
   a hosted API). Base URL and model from arguments or ``RIZZ_LLM_BASE_URL`` / ``OPENAI_BASE_URL`` and
   ``RIZZ_LLM_MODEL`` / ``OPENAI_MODEL``; the key (optional) from ``RIZZ_LLM_API_KEY`` / ``OPENAI_API_KEY``.
-  Timeouts, retries with exponential backoff on connection errors, 429 and 5xx; ``EndpointError``
-  naming the URL and what went wrong otherwise (including malformed responses).
+  It lives in ``rizzearch.rag.endpoint`` (a deadline per request, retries, no redirects off the origin,
+  a response size cap) and is re-exported here.
 * ``CheckpointGenerator``: any model of our registry from a training checkpoint (greedy decoding with
   ``rizzearch.models.base.generate``).
 * ``ExtractiveGenerator``: deterministic; answers with the passage sentence that best covers the
@@ -21,19 +21,15 @@ request serves both LLMs and the deterministic baselines:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import socket
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from rizzearch.errors import ConfigError, RizzError
+from rizzearch.errors import ConfigError
 from rizzearch.legal.corpus import Passage
 from rizzearch.legal.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
+from rizzearch.rag.endpoint import EndpointError, EndpointGenerator  # noqa: F401  (re-exported: the client lives there)
 from rizzearch.runs import cache_dir as default_cache_dir
 
 SYSTEM_PROMPT = (
@@ -47,10 +43,6 @@ CLOSED_BOOK_PROMPT = (
     "You are a legal research assistant. Answer the question in one or two sentences and cite the cases "
     "or constitutional provisions you rely on in legal citation form."
 )
-
-
-class EndpointError(RizzError):
-    """The chat endpoint is unreachable, timed out, refused the request or answered something malformed."""
 
 
 @dataclass
@@ -93,104 +85,6 @@ def messages_to_text(messages: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# OpenAI-compatible endpoint
-# --------------------------------------------------------------------------------------------
-
-
-def _env(*names: str) -> str | None:
-    for n in names:
-        v = os.environ.get(n)
-        if v:
-            return v
-    return None
-
-
-class EndpointGenerator:
-    """Client for an OpenAI-compatible chat completions endpoint.
-
-    Args:
-        base_url: server root including ``/v1`` (``http://127.0.0.1:8080/v1``); default from
-            ``RIZZ_LLM_BASE_URL`` or ``OPENAI_BASE_URL``.
-        model: model name sent in the request; default ``RIZZ_LLM_MODEL`` / ``OPENAI_MODEL`` or ``default``.
-        api_key: bearer token (optional); default ``RIZZ_LLM_API_KEY`` / ``OPENAI_API_KEY``.
-        timeout: seconds per HTTP request.
-        retries: extra attempts after a connection error, timeout, 429 or 5xx.
-        backoff: first wait between attempts in seconds (doubled each time).
-        temperature: sampling temperature sent to the server.
-        max_tokens: completion length limit sent to the server.
-    """
-
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 2, backoff: float = 0.5, temperature: float = 0.0,
-                 max_tokens: int = 512):
-        base_url = base_url or _env("RIZZ_LLM_BASE_URL", "OPENAI_BASE_URL")
-        if not base_url:
-            raise ConfigError("no endpoint: pass base_url (e.g. http://127.0.0.1:8080/v1) or set RIZZ_LLM_BASE_URL")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if retries < 0 or timeout <= 0:
-            raise ConfigError(f"need retries >= 0 and timeout > 0, got retries={retries}, timeout={timeout}")
-        base = base_url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model = model or _env("RIZZ_LLM_MODEL", "OPENAI_MODEL") or "default"
-        self.api_key = api_key or _env("RIZZ_LLM_API_KEY", "OPENAI_API_KEY")
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self.name = f"endpoint:{self.model}"
-
-    def chat(self, messages: list[dict], temperature: float | None = None, seed: int | None = None) -> str:
-        """Send ``messages``; return the assistant's text. EndpointError on any failure."""
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature if temperature is None else temperature}
-        if seed is not None:
-            body["seed"] = seed
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode(errors="replace")
-                last = f"HTTP {e.code} {e.reason}: {detail}"
-                if e.code == 429 or e.code >= 500:
-                    continue
-                raise EndpointError(f"{self.url}: {last}") from e
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"unreachable ({reason})" if not isinstance(reason, (socket.timeout, TimeoutError)) else f"timed out after {self.timeout}s"
-                continue
-            return self._parse(raw)
-        raise EndpointError(f"{self.url}: {last} (after {self.retries + 1} attempt(s))")
-
-    def _parse(self, raw: bytes) -> str:
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EndpointError(f"{self.url}: malformed response, not JSON ({e}): {raw[:120]!r}") from e
-        if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
-            raise EndpointError(f"{self.url}: server error: {str(obj['error'])[:200]}")
-        try:
-            content = obj["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as e:
-            raise EndpointError(f"{self.url}: malformed response, no choices[0].message.content ({e!r}): {str(obj)[:120]}") from e
-        if content is None:
-            return ""
-        if not isinstance(content, str):
-            raise EndpointError(f"{self.url}: malformed response, choices[0].message.content is {type(content).__name__}, not a string")
-        return content.strip()
-
-    def generate(self, request: GenerationRequest) -> str:
-        return self.chat(request.messages)
-
-
-# --------------------------------------------------------------------------------------------
 # A model of our registry
 # --------------------------------------------------------------------------------------------
 
@@ -212,7 +106,13 @@ class CheckpointGenerator:
         if self.tokenizer is None:
             raise ConfigError(f"{path}: checkpoint has no tokenizer.json next to it; the generator needs one")
         self.max_new_tokens, self.max_context, self.device = max_new_tokens, max_context, device
+        self.path = os.path.abspath(path)
         self.name = f"checkpoint:{self.meta.get('model', '?')}"
+
+    def settings(self) -> dict:
+        """What decides this generator's answers (for keying saved answers)."""
+        return {"path": self.path, "step": self.meta.get("step"), "max_new_tokens": self.max_new_tokens,
+                "max_context": self.max_context}
 
     def generate(self, request: GenerationRequest) -> str:
         import torch
@@ -259,6 +159,10 @@ class ExtractiveGenerator:
         self.default_idf = max(idf.values()) if idf else 1.0
         self.max_chars, self.rank_penalty = max_chars, rank_penalty
         self._cache: dict[str, tuple] = {}
+
+    def settings(self) -> dict:
+        """What decides this generator's answers besides the passages (for keying saved answers)."""
+        return {"max_chars": self.max_chars, "rank_penalty": self.rank_penalty}
 
     def _parsed(self, p: Passage) -> tuple[set[str], list[tuple[str, set[str], set[str]]]]:
         """``(title tokens, [(sentence, its tokens, its tokens | title tokens)])`` of ``p``, computed once per passage."""
@@ -347,6 +251,8 @@ class MemoryGenerator:
     def __init__(self, passages: list[Passage], seed: int = 0, memory_fraction: float = 0.3,
                  constitution_fraction: float = 0.6, cite_noise: float = 0.35, max_keep: float = 0.9):
         self.seed, self.cite_noise = seed, cite_noise
+        self._settings = {"seed": seed, "memory_fraction": memory_fraction, "constitution_fraction": constitution_fraction,
+                          "cite_noise": cite_noise, "max_keep": max_keep}
         names = {}
         for p in passages:
             if p.source == "scotus":
@@ -372,6 +278,10 @@ class MemoryGenerator:
         self.memory = [p for p in passages if keep_doc[p.doc]]
         self.remembered_docs = sorted(d for d, k in keep_doc.items() if k)
         self.extractor = ExtractiveGenerator(idf=corpus_idf(p.text for p in passages)[0], rank_penalty=0.0)
+
+    def settings(self) -> dict:
+        """What decides this generator's answers besides the corpus (for keying saved answers)."""
+        return dict(self._settings)
 
     def _recall_ref(self, p: Passage) -> str:
         if p.source != "scotus" or _unit("cite:" + p.doc, self.seed) >= self.cite_noise:
