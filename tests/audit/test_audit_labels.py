@@ -169,3 +169,10 @@ def test_statute_citations_are_labelled_like_case_citations():
     assert fake["groundedness"] == "misgrounded" and fake["hallucinated"]  # the U.S. Code has 54 titles
     outside = label_response(q, "It is codified at 28 USC § 1332. See also 28 U.S.C. § 9999.")
     assert [c["existence"] for c in outside["citations"]] == ["exists", "unverifiable"]
+
+
+def test_extractive_statute_answer_stays_grounded():
+    # the naive RAG answer to rule_qa-035 in the legal-rag study; the statute citation must not misground it
+    r = label_response(_q("rule_qa-035"), "35 USC 103 [ruleqa/035].")
+    assert (r["correctness"], r["groundedness"]) == ("correct", "grounded")
+    assert [c["existence"] for c in r["citations"]] == ["exists", "exists"]

@@ -125,3 +125,11 @@ def test_statute_passages_of_a_users_corpus():
     auth = build_authorities([p])
     (c,) = extract_citations("Fair use is a defence, 17 U.S.C. § 107(1).")
     assert check_existence(c, auth)[0] == EXISTS and check_existence(c, auth)[2] == ["mine/usc17-107"]
+
+
+def test_a_statute_answer_with_its_passage_id_claims_the_statute():
+    from rizzearch.legal.citations import propositions
+
+    (prop,) = propositions("35 USC 103 [ruleqa/035].")
+    assert [c.kind for c in prop["citations"]] == ["statute", "internal"]
+    assert prop["claim"].strip(" .[]") == "35 USC 103"  # not "[ruleqa/035]", which no passage text holds

@@ -254,7 +254,9 @@ def propositions(answer: str) -> list[dict]:
             props[-1]["citations"] += mine
             continue
         if mine and not content_tokens(claim):  # the answer is the citation itself ("X, 341 U.S. 494 (1951).")
-            claim = s
+            # (passage ids are never what a sentence says: "35 USC 103 [ruleqa/035]." claims "35 USC 103")
+            claim = _strip_citations(s, [(c.start, c.end) for c in mine if c.kind == "internal"], a)
+            claim = claim if content_tokens(claim) else s
         props.append({"sentence": s, "claim": claim.strip(), "citations": mine})
     return props
 
