@@ -353,6 +353,10 @@ def build_authorities(passages: list[Passage]) -> Authorities:
         elif p.source == "constitution":
             for k in _const_key(p):
                 const.setdefault(k, []).append(p)
+        elif p.source == "documents" and p.doc not in names and p.meta.get("citation"):
+            for c in _eyecite_cases(p.meta["citation"]):  # a user's document that is a case: cite it like ours
+                by_cite.setdefault(c.normalized, p.doc)
+                names[p.doc] = c.case_name or p.title
     pts = sorted({(int(c.split()[0]), by_doc[d][0].meta.get("year")) for c, d in by_cite.items()
                   if c.split()[1] == "U.S." and by_doc[d][0].meta.get("year")})
     return Authorities(passages, {p.id: p for p in passages}, by_cite, by_doc, names, const, pts)
@@ -466,7 +470,7 @@ def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, 
     if c.case_name:
         for d, name in auth.case_names.items():
             if _names_agree(c.case_name, name) and content_set(c.case_name) >= {w for w in content_set(name) if w not in _NAME_STOP}:
-                real = auth.by_doc[d][0].meta["cite"]
+                real = auth.by_doc[d][0].meta.get("cite") or next(k for k, v in auth.by_cite.items() if v == d)
                 return NONEXISTENT, f"{name} is reported at {real}, not {c.normalized}", []
     if c.reporter == "U.S." and c.volume is not None:
         if c.volume > 610:
