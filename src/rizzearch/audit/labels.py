@@ -12,16 +12,26 @@ Paper definitions (Section 4.2 and Table 1 of Magesh et al.):
 
 How each is decided here (deterministically, no model in the loop):
 
-* refusal: a fixed list of abstention phrases (``I cannot answer``, ``no relevant information``...).
-* correct: the answer contains the gold answer: every content token of a short gold answer
+* refusal: a fixed list of abstention phrases (``I cannot answer``, ``I'm not able to determine``, ``the provided
+  passages do not say``, ``no relevant information ... found``...).
+* correct: the answer contains the gold answer, both in one citation spelling (``35 U.S.C. § 112(a)`` =
+  ``35 USC 112``, ``legal.text.normalize_citation_forms``): every content token of a short gold answer
   (<= 3 tokens), or, for longer ones, an IDF-weighted recall of the gold tokens >= ``gold_threshold``
-  that includes the gold's rarest token (so ``District of Columbia`` does not match ``District of Kansas``).
+  that includes the gold's rarest token (so ``District of Columbia`` does not match ``District of Kansas``);
+  a long gold (>= ``gold_semantic_min_tokens`` words) is also matched by a paraphrase: an answer sentence with
+  MiniLM cosine >= ``gold_semantic`` (and recall >= ``gold_floor``). Every number of the gold must be there.
 * premise flag (false-premise queries): a fixed list of correction phrases (``did not``, ``there is no``,
-  ``the premise is false``...).
+  ``the premise is false``, ``has nothing to do with``...).
 * support: each sentence that carries citations is a proposition (``legal.citations.propositions``);
-  with the citation text removed, the IDF-weighted share of its content words found in the cited
-  authority's text must reach ``support_threshold``. An optional LLM judge (``audit.judge``) can
-  replace this scorer. The scorer is the audit's own: no system under audit uses it.
+  with the citation text removed, denied names ("not Justice Holmes") and discourse words dropped, the
+  IDF-weighted share of its content words found in the cited authority's text must reach ``support_threshold``,
+  or (a paraphrase) ``support_floor`` with MiniLM cosine >= ``support_semantic`` to one cited sentence and every
+  name and number of the claim in the source. A sentence that only introduces its citation ("It is reported at
+  274 U.S. 37.") is supported when the citation exists. An optional LLM judge (``audit.judge``) can replace this
+  scorer. The scorer is the audit's own: no system under audit uses it.
+
+Thresholds were tuned on the ``tune`` half of the hand-labelled development set (``audit/data/devset.jsonl``);
+``audit.agreement.devset_agreement("report")`` measures agreement on the other half.
 """
 
 from __future__ import annotations
