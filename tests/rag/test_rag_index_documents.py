@@ -122,3 +122,20 @@ def test_documents_need_out_and_bad_input_exits_2(tmp_path, jsonl, capsys):
     bad.write_text('{"id": "a", "title": "t"}\n')
     assert main(["rag", "index", "--documents", str(bad), "--out", str(tmp_path / "i.sqlite"), "--dense", "false"]) == 2
     assert "bad.jsonl:1: document without 'text'" in capsys.readouterr().err
+
+
+def test_a_documents_index_is_never_replaced_by_the_bundled_corpus(tmp_path, jsonl):
+    from rizzearch.errors import ConfigError
+    from rizzearch.rag.index import Index, open_or_build
+
+    path = tmp_path / "mine.sqlite"
+    Index.build(path, load_documents(jsonl), dense=False, corpus="documents").close()
+    before = path.read_bytes()
+    idx = open_or_build(path, dense=False)
+    assert [p.doc for p in idx.passages] == ["doc/smith-v-jones", "doc/fair-use"] and idx.meta["corpus"] == "documents"
+    idx.close()
+    with pytest.raises(ConfigError, match="without dense vectors.*--mode bm25"):
+        open_or_build(path, dense=True)
+    with pytest.raises(ConfigError, match="indexes your own documents: rebuild it with `rizz rag index --documents"):
+        open_or_build(path, dense=False, rebuild=True)
+    assert path.read_bytes() == before

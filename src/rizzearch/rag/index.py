@@ -272,17 +272,19 @@ def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild
     if path.exists() and not is_index_file(path):  # never overwrite a file that is not ours
         raise DataError(f"{path} exists and is not a rizzearch index (corrupt, or another file); "
                         f"delete it or choose another --index path")
-    if path.is_file() and not rebuild:
+    if path.is_file():
         try:
             idx = Index.open(path)
             if idx.meta.get("corpus") == "documents":  # the user's own documents: use them as indexed
-                if dense and not idx.has_dense:
+                if rebuild or (dense and not idx.has_dense):
                     idx.close()
-                    raise ConfigError(f"{path} was indexed without dense vectors: use --mode bm25, or rebuild it with "
-                                      f"`rizz rag index --documents ... --dense true`")
+                    raise ConfigError(f"{path} indexes your own documents" + ("" if rebuild else " without dense vectors")
+                                      + ": rebuild it with `rizz rag index --documents PATH --out FILE`"
+                                      + ("" if rebuild else ", or use --mode bm25"))
                 return idx
             fresh_vectors = not idx.has_dense or idx.meta.get("embed_model") == _embed_id(None)
-            if idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense) and fresh_vectors:
+            if not rebuild and idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense) \
+                    and fresh_vectors:
                 return idx
             idx.close()
         except DataError:
