@@ -136,6 +136,7 @@ def test_refusal_phrasings(answer):
 
 
 def test_faithful_paraphrase_of_constitutional_text_is_correct():
+    pytest.importorskip("sentence_transformers")
     q = _q("const_text-const_amend3")
     r = label_response(q, "The Third Amendment says that in peacetime no soldier may be housed in a private home unless "
                           "the owner agrees, and in wartime only in a way the law prescribes. U.S. Const. amend. III.")
@@ -144,6 +145,7 @@ def test_faithful_paraphrase_of_constitutional_text_is_correct():
 
 
 def test_semantic_off_is_words_only():
+    pytest.importorskip("sentence_transformers")
     q = _q("const_text-const_amend3")
     ans = ("The Third Amendment says that in peacetime no soldier may be housed in a private home unless the owner "
            "agrees, and in wartime only in a way the law prescribes.")
