@@ -116,3 +116,19 @@ def test_sheet_escapes_formula_cells_and_reads_them_back(tmp_path):
         w.writerows(got)
     back = import_sheet(path, expected=[("-sys", f"={i}") for i in range(len(risky))])
     assert sorted(back) == sorted(("-sys", f"={i}") for i in range(len(risky)))
+
+
+def test_retrieval_quality_by_hand():
+    from rizzearch.audit.metrics import retrieval_quality
+
+    rows = [{"gold_passages": ["a", "b"], "retrieved": ["x", "a", "y", "z"]},  # recall 1/2, hit, 1/rank 1/2
+            {"gold_passages": ["c"], "retrieved": ["c", "x"]},  # recall 1, hit, 1/rank 1
+            {"gold_passages": ["d"], "retrieved": ["x", "y"]},  # recall 0, miss, 0
+            {"gold_passages": [], "retrieved": ["a"]},  # no gold passages (fake case): left out
+            {"gold_passages": ["a"], "retrieved": []}]  # nothing retrieved (closed-book): left out
+    r = retrieval_quality(rows, n_boot=200)
+    assert (r["n"], r["k"]) == (3, 4)
+    assert r["recall_at_k"]["rate"] == 0.5 and r["hit_at_k"]["rate"] == round(2 / 3, 4) and r["mrr"]["rate"] == 0.5
+    lo, hi = r["mrr"]["ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+    assert retrieval_quality([{"gold_passages": ["a"], "retrieved": []}]) is None

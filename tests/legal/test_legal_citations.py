@@ -87,3 +87,49 @@ def test_authority_table_tokenises_and_weighs_once():
     toks = auth.passage_tokens("scotus/347us483/meta")
     assert {"warren", "brown"} <= toks and auth.passage_tokens("scotus/347us483/meta") is toks
     assert auth.passage_tokens("no/such/passage") is None
+
+
+# --- statutes and regulations (U.S. Code, C.F.R.) ---------------------------------------------------------------
+
+def test_statute_citations_are_extracted_in_every_spelling():
+    from rizzearch.legal.citations import extract_citations
+
+    got = [(c.kind, c.normalized, c.path) for c in extract_citations(
+        "Codified at 35 U.S.C. § 112(a); see also 28 USC § 1332, 28 U.S.C. 1367 and 40 C.F.R. § 1.2.")]
+    assert got == [("statute", "35 U.S.C. § 112", ["usc", 35, "112"]), ("statute", "28 U.S.C. § 1332", ["usc", 28, "1332"]),
+                   ("statute", "28 U.S.C. § 1367", ["usc", 28, "1367"]), ("statute", "40 C.F.R. § 1.2", ["cfr", 40, "1.2"])]
+
+
+def test_statute_existence_against_the_index():
+    from rizzearch.legal.citations import EXISTS, NONEXISTENT, UNVERIFIABLE, check_existence, default_authorities, extract_citations
+
+    auth = default_authorities()
+
+    def verdict(text):
+        (c,) = extract_citations(text)
+        return check_existence(c, auth)
+
+    v, _, pids = verdict("35 U.S.C. § 112(a)")
+    assert v == EXISTS and "ruleqa/036" in pids  # the rule_qa passage quotes "35 USC 112"
+    assert verdict("99 U.S.C. § 1")[0] == NONEXISTENT and "54 titles" in verdict("99 U.S.C. § 1")[1]
+    assert verdict("60 C.F.R. § 5.1")[0] == NONEXISTENT
+    assert verdict("35 U.S.C. § 9999")[0] == UNVERIFIABLE
+
+
+def test_statute_passages_of_a_users_corpus():
+    from rizzearch.legal.citations import EXISTS, build_authorities, check_existence, extract_citations
+    from rizzearch.legal.corpus import Passage
+
+    p = Passage("mine/usc17-107", "user", "17 U.S.C. § 107", "Fair use",
+                "The fair use of a copyrighted work for purposes such as criticism or teaching is not an infringement.")
+    auth = build_authorities([p])
+    (c,) = extract_citations("Fair use is a defence, 17 U.S.C. § 107(1).")
+    assert check_existence(c, auth)[0] == EXISTS and check_existence(c, auth)[2] == ["mine/usc17-107"]
+
+
+def test_a_statute_answer_with_its_passage_id_claims_the_statute():
+    from rizzearch.legal.citations import propositions
+
+    (prop,) = propositions("35 USC 103 [ruleqa/035].")
+    assert [c.kind for c in prop["citations"]] == ["statute", "internal"]
+    assert prop["claim"].strip(" .[]") == "35 USC 103"  # not "[ruleqa/035]", which no passage text holds

@@ -73,21 +73,48 @@ def summarize(rows: list[dict], n_boot: int = 2000, seed: int = 0, key: str = ""
     return out
 
 
+def retrieval_quality(rows: list[dict], n_boot: int = 2000, seed: int = 0, key: str = "") -> dict | None:
+    """How well the retrieved passages (``retrieved``, ranked) find the query's ``gold_passages``.
+
+    Over rows with gold passages and a retrieval (closed-book systems retrieve nothing: None):
+    ``recall_at_k`` = share of a query's gold passages among the k retrieved, ``hit_at_k`` = at least one
+    gold passage retrieved, ``mrr`` = mean of 1 / rank of the first gold passage (0 when none), each with
+    a bootstrap 95% interval over queries; ``k`` = the most passages any row retrieved.
+    """
+    use = [r for r in rows if r.get("gold_passages") and r.get("retrieved")]
+    if not use:
+        return None
+    rec, hit, rr = [], [], []
+    for r in use:
+        gold, got = set(r["gold_passages"]), r["retrieved"]
+        rec.append(len(gold & set(got)) / len(gold))
+        hit.append(float(bool(gold & set(got))))
+        rr.append(next((1.0 / (i + 1) for i, pid in enumerate(got) if pid in gold), 0.0))
+    out: dict = {"n": len(use), "k": max(len(r["retrieved"]) for r in use)}
+    for name, xs in (("recall_at_k", rec), ("hit_at_k", hit), ("mrr", rr)):
+        m, lo, hi = bootstrap_ci(xs, n_boot, seed, f"{key}/retrieval/{name}")
+        out[name] = {"rate": round(m, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+    return out
+
+
 def compute_metrics(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     """Metrics for every system in ``rows`` (each row: ``system``, ``query_id``, ``category``, labels, ``status``).
 
-    Returns ``{"systems": {name: {"overall": ..., "by_category": {...}, "errors": n}}, "paired": {...}}``.
+    Returns ``{"systems": {name: {"overall": ..., "by_category": {...}, "errors": n, "retrieval": ...}}, "paired": {...}}``
+    (``retrieval``: ``retrieval_quality`` of the system's rows, also inside each category).
     """
     systems = sorted({r["system"] for r in rows}, key=lambda s: (_ORDER.get(s, 99), s))
     out: dict = {"systems": {}, "n_boot": n_boot, "seed": seed}
     for s in systems:
         mine = [r for r in rows if r["system"] == s]
         ok = [r for r in mine if r.get("status") != "error"]
-        entry = {"overall": summarize(ok, n_boot, seed, s), "errors": len(mine) - len(ok), "by_category": {}}
+        entry = {"overall": summarize(ok, n_boot, seed, s), "errors": len(mine) - len(ok), "by_category": {},
+                 "retrieval": retrieval_quality(ok, n_boot, seed, s)}
         for cat in CATEGORIES:
             sub = [r for r in ok if r["category"] == cat]
             if sub:
                 entry["by_category"][cat] = summarize(sub, n_boot, seed, f"{s}/{cat}")
+                entry["by_category"][cat]["retrieval"] = retrieval_quality(sub, n_boot, seed, f"{s}/{cat}")
         out["systems"][s] = entry
     out["paired"] = {}
     for a in systems:

@@ -114,6 +114,24 @@ def _example_md(r: dict, gen: str = "-") -> str:
             f"  - labels: {r['correctness']} / {r['groundedness']} -> **{r['label']}**; citations: {cites}\n")
 
 
+def _retrieval_md(metrics: dict, cats: list[str]) -> list[str]:
+    """The retrieval-quality table: recall@k, hit@k and MRR of the retrieved passages against the gold passages,
+    overall (with 95% intervals) and MRR per category; systems that retrieve nothing are left out."""
+    rs = {s: e for s, e in metrics["systems"].items() if e.get("retrieval")}
+    if not rs:
+        return []
+    lines = ["", "## Retrieval quality (against the queries' gold passages)", "",
+             "| system | k | recall@k | hit@k | MRR | " + " | ".join(f"MRR {c}" for c in cats) + " | queries |",
+             "|---" * (len(cats) + 6) + "|"]
+    for s, e in rs.items():
+        r = e["retrieval"]
+        per = [e["by_category"].get(c, {}).get("retrieval") for c in cats]
+        lines.append(f"| {s} | {r['k']} | {_cell(r['recall_at_k'])} | {_cell(r['hit_at_k'])} | {r['mrr']['rate']:.3f} "
+                     f"[{r['mrr']['ci95'][0]:.3f}, {r['mrr']['ci95'][1]:.3f}] | "
+                     + " | ".join(f"{x['mrr']['rate']:.3f}" if x else "-" for x in per) + f" | {r['n']} |")
+    return lines
+
+
 def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: str = "Legal RAG hallucination audit",
                  extra_md: str = "", intro_md: str = "") -> dict:
     """Write ``report.md``, ``report.html`` and ``audit_chart.png`` into ``out_dir``; returns their paths.
@@ -138,6 +156,7 @@ def write_report(out_dir: str | Path, metrics: dict, rows: list[dict], title: st
     lines += ["| system | generator | " + " | ".join(cats) + " |", "|---" * (len(cats) + 2) + "|"]
     for s, e in metrics["systems"].items():
         lines.append(f"| {s} | {generator_short(e)} | " + " | ".join(_cell(e["by_category"][c]["hallucinated"]) if c in e["by_category"] else "-" for c in cats) + " |")
+    lines += _retrieval_md(metrics, cats)
     lines += ["", "## Primary labels and citations", "",
               "| system | generator | correct | incorrect | refusal | grounded | misgrounded | ungrounded | citations | nonexistent | unsupported |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -213,7 +213,8 @@ def _label_all(systems: dict, queries: list[dict], done: dict, authorities, judg
                 continue
             base = {"system": s, "query_id": q["id"], "category": q["category"], "family": q.get("family", ""),
                     "question": q["question"], "gold_answer": q["gold_answer"], "answer": a["answer"],
-                    "status": a["status"], "error": a.get("error")}
+                    "status": a["status"], "error": a.get("error"),
+                    "retrieved": [p["id"] for p in a.get("passages") or []], "gold_passages": list(q.get("gold_passages") or [])}
             if a["status"] == "error":
                 rows.append({**base, "correctness": None, "groundedness": None, "hallucinated": None, "label": "error",
                              "citations": [], "notes": [a.get("error")]})

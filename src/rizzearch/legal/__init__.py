@@ -4,8 +4,12 @@
   as ``Passage`` objects with stable ids and citable references, and small corpus helpers
   (``date_words``, ``REVIEW_PHRASES``).
 * ``legal.citations``: citation extraction (eyecite, our Constitution parser, internal passage ids),
-  the authority table (``Authorities``: which cases and provisions exist) and existence checks
+  the authority table (``Authorities``: which cases, statutes and provisions exist) and existence checks
   (with reporters-db), and ``propositions`` (an answer's sentences with the citations they carry).
+* ``legal.documents``: a user's own documents (folder of .txt/.md/.html, or JSONL) as passages, chunked like
+  the bundled corpus (``rizz rag index --documents``).
+* ``legal.embed``: the bundled all-MiniLM-L6-v2 sentence encoder (offline), used by dense retrieval and by
+  the audit labeller's paraphrase similarity.
 * ``legal.text``: text normalisation (content tokens, the light stemmer, stop words, case-name stop
   words, Roman numerals, ordinals, the sentence splitter, IDF tables and weighted recall).
 

@@ -41,17 +41,18 @@ class Citation:
     """One citation found in a text.
 
     Args:
-        kind: ``case``, ``constitution`` or ``internal``.
+        kind: ``case``, ``statute`` (U.S. Code or C.F.R.), ``constitution`` or ``internal``.
         text: the matched text.
         start: character offset where the citation starts (its case name included, if any).
         end: character offset just past the citation (year parenthetical included, if any).
         normalized: canonical form (``347 U.S. 483``, ``U.S. Const. art. I, § 3, cl. 3``, ``ruleqa/012``).
         case_name: the case name written before a case citation, if any.
         year: the year written after a case citation, if any.
-        volume: reporter volume (case citations).
-        reporter: reporter abbreviation as normalized by eyecite (case citations).
+        volume: reporter volume (case citations), title (statute citations).
+        reporter: reporter abbreviation as normalized by eyecite (``U.S.``; ``U.S.C.`` / ``C.F.R.`` for statutes).
         page: first page (case citations).
-        path: Constitution location, e.g. ``["art", 1, "s", 3, "cl", 3]`` or ``["amend", 19]``.
+        path: Constitution location, e.g. ``["art", 1, "s", 3, "cl", 3]`` or ``["amend", 19]``; for a statute
+            ``["usc", 35, "112"]`` (code, title, section without subsections).
     """
 
     kind: str
@@ -164,15 +165,62 @@ def _const_cites(text: str) -> list[Citation]:
     return out
 
 
+CODES = {"U.S.C.": ("usc", 54), "C.F.R.": ("cfr", 50)}  # reporter -> (path key, number of titles)
+_CODE_FALLBACK = re.compile(r"\b(\d{1,2})\s+(U\.?\s?S\.?\s?C|C\.?\s?F\.?\s?R)\.?(?:\s*(?:§§?|sec(?:tion)?s?\.?))?\s*(\d+[\w.-]*)",
+                            re.IGNORECASE)
+
+
+_CODE_HINT = re.compile(r"U\.?\s?S\.?\s?C\b|C\.?\s?F\.?\s?R\b", re.IGNORECASE)
+
+
+def _statute(text: str, s: int, e: int, title: str, reporter: str, section: str) -> Citation | None:
+    try:
+        t = int(title)
+    except (TypeError, ValueError):
+        return None
+    section = re.sub(r"(\d)(?:\([a-z0-9]{1,4}\))+$", r"\1", section.rstrip(".,;"))
+    key = CODES[reporter][0]
+    return Citation("statute", text[s:e], s, e, f"{t} {reporter} § {section}", volume=t, reporter=reporter,
+                    path=[key, t, section])
+
+
+def _law_cites(text: str) -> list[Citation]:
+    """U.S. Code and C.F.R. citations: eyecite's ``FullLawCitation`` (``35 U.S.C. § 112(a)``, ``40 C.F.R. § 1.2``),
+    plus the bare form eyecite skips (``28 U.S.C. 1367``)."""
+    from eyecite import get_citations
+    from eyecite.models import FullLawCitation
+
+    out = []
+    for c in get_citations(text):
+        if not isinstance(c, FullLawCitation):
+            continue
+        rep = c.corrected_reporter() if hasattr(c, "corrected_reporter") else c.groups.get("reporter")
+        if rep not in CODES:
+            continue
+        g = c.groups
+        got = _statute(text, *c.span(), g.get("title") or g.get("chapter"), rep, str(g.get("section") or ""))
+        if got is not None:
+            out.append(got)
+    for m in _CODE_FALLBACK.finditer(text):
+        if any(c.start <= m.start() < c.end for c in out):
+            continue
+        rep = "U.S.C." if m.group(2).upper().replace(".", "").replace(" ", "") == "USC" else "C.F.R."
+        got = _statute(text, m.start(), m.end(), m.group(1), rep, m.group(3))
+        if got is not None:
+            out.append(got)
+    return out
+
+
 def extract_citations(text: str) -> list[Citation]:
-    """All case, Constitution and internal-id citations in ``text``, in order of appearance."""
+    """All case, statute/regulation (U.S.C., C.F.R.), Constitution and internal-id citations in ``text``, in order."""
     if not text:
         return []
     cites = _const_cites(text)
     taken = [(c.start, c.end) for c in cites]
-    for c in _eyecite_cases(text):
+    for c in _eyecite_cases(text) + _law_cites(text):
         if not any(a <= c.start < b or a < c.end <= b for a, b in taken):
             cites.append(c)
+            taken.append((c.start, c.end))
     for m in _INTERNAL.finditer(text):
         cites.append(Citation("internal", m.group(1), m.start(1), m.end(1), m.group(1)))
     cites.sort(key=lambda c: (c.start, c.end))
@@ -206,7 +254,9 @@ def propositions(answer: str) -> list[dict]:
             props[-1]["citations"] += mine
             continue
         if mine and not content_tokens(claim):  # the answer is the citation itself ("X, 341 U.S. 494 (1951).")
-            claim = s
+            # (passage ids are never what a sentence says: "35 USC 103 [ruleqa/035]." claims "35 USC 103")
+            claim = _strip_citations(s, [(c.start, c.end) for c in mine if c.kind == "internal"], a)
+            claim = claim if content_tokens(claim) else s
         props.append({"sentence": s, "claim": claim.strip(), "citations": mine})
     return props
 
@@ -236,6 +286,23 @@ class Authorities:
             self.idf = corpus_idf(p.text for p in self.passages)
         return self.idf
 
+    def statute_passages(self) -> dict:
+        """``("usc"|"cfr", title, section) -> [passage ids]``: passages that are, or quote, a statute section.
+
+        Built once, on the first statute citation checked: the reference of each passage (a user's corpus may
+        index the sections themselves) and its text are read for U.S.C. and C.F.R. citations."""
+        got = self.tokens.get(("statutes",))
+        if got is None:
+            got = {}
+            for p in self.passages:
+                text = f"{p.ref}\n{p.text}"
+                if not _CODE_HINT.search(text):  # eyecite is slow; most passages cite no code
+                    continue
+                for c in _law_cites(text):
+                    got.setdefault((c.path[0], c.volume, _section_base(c.path[2])), []).append(p.id)
+            self.tokens[("statutes",)] = got
+        return got
+
     def passage_tokens(self, pid: str) -> set[str] | None:
         """Content tokens of passage ``pid`` (its text and title), tokenised once; None for an unknown id."""
         got = self.tokens.get(pid)
@@ -245,6 +312,11 @@ class Authorities:
                 return None
             got = self.tokens[pid] = content_set(p.text) | content_set(p.title)
         return got
+
+
+def _section_base(section: str) -> str:
+    """``112(a)`` -> ``112``; ``1983-1985`` -> ``1983`` (a range is checked by its first section)."""
+    return re.split(r"[(\-–]", section, maxsplit=1)[0].strip()
 
 
 def _const_key(p: Passage) -> list[tuple]:
@@ -281,6 +353,10 @@ def build_authorities(passages: list[Passage]) -> Authorities:
         elif p.source == "constitution":
             for k in _const_key(p):
                 const.setdefault(k, []).append(p)
+        elif p.source == "documents" and p.doc not in names and p.meta.get("citation"):
+            for c in _eyecite_cases(p.meta["citation"]):  # a user's document that is a case: cite it like ours
+                by_cite.setdefault(c.normalized, p.doc)
+                names[p.doc] = c.case_name or p.title
     pts = sorted({(int(c.split()[0]), by_doc[d][0].meta.get("year")) for c, d in by_cite.items()
                   if c.split()[1] == "U.S." and by_doc[d][0].meta.get("year")})
     return Authorities(passages, {p.id: p for p in passages}, by_cite, by_doc, names, const, pts)
@@ -349,6 +425,18 @@ def _reporter_check(c: Citation) -> tuple[str, str]:
     return UNVERIFIABLE, f"{c.reporter} is a real reporter (reporters-db) but {c.normalized} is not in our corpus"
 
 
+def _statute_existence(c: Citation, auth: Authorities) -> tuple[str, str, list[str]]:
+    """A U.S.C./C.F.R. section exists when a passage of the index is that section (its reference) or quotes it;
+    a title beyond the code's last is nonexistent; any other section is real-looking but unverifiable."""
+    key, n_titles = CODES[c.reporter]
+    pids = auth.statute_passages().get((key, c.volume, _section_base(c.path[2])), [])
+    if pids:
+        return EXISTS, f"{c.normalized} is in the index", list(pids)
+    if not 1 <= (c.volume or 0) <= n_titles:
+        return NONEXISTENT, f"the {c.reporter} has {n_titles} titles, not {c.volume}", []
+    return UNVERIFIABLE, f"{c.normalized} is not in our index (a real-looking section we cannot read)", []
+
+
 def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, str, list[str]]:
     """``(verdict, detail, passage_ids)``: verdict is ``exists``, ``nonexistent`` or ``unverifiable``."""
     auth = auth or default_authorities()
@@ -359,6 +447,8 @@ def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, 
         if docs:
             return EXISTS, "document id in the corpus", [p.id for d in docs for p in auth.by_doc[d]]
         return NONEXISTENT, f"no passage {c.normalized!r} in the corpus", []
+    if c.kind == "statute":
+        return _statute_existence(c, auth)
     if c.kind == "constitution":
         key = tuple(c.path)
         ps = auth.const_docs.get(key)
@@ -380,7 +470,7 @@ def check_existence(c: Citation, auth: Authorities | None = None) -> tuple[str, 
     if c.case_name:
         for d, name in auth.case_names.items():
             if _names_agree(c.case_name, name) and content_set(c.case_name) >= {w for w in content_set(name) if w not in _NAME_STOP}:
-                real = auth.by_doc[d][0].meta["cite"]
+                real = auth.by_doc[d][0].meta.get("cite") or next(k for k, v in auth.by_cite.items() if v == d)
                 return NONEXISTENT, f"{name} is reported at {real}, not {c.normalized}", []
     if c.reporter == "U.S." and c.volume is not None:
         if c.volume > 610:

