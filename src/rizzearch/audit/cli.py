@@ -100,11 +100,9 @@ def audit(
         seed: seed of the bootstrap and of the closed-book memory.
         progress: show a progress bar.
     """
-    from rizzearch.legal.citations import build_authorities
-    from rizzearch.audit.human import export_sheet
     from rizzearch.audit.queries import load_queries
-    from rizzearch.audit.report import write_report
     from rizzearch.audit.runner import run_audit
+    from rizzearch.legal.citations import build_authorities
     from rizzearch.rag.index import open_or_build
     from rizzearch.rag.systems import make_system
 
@@ -113,31 +111,45 @@ def audit(
     if not qs:
         raise DataError("no queries selected (check --categories / --limit / --queries)")
     Path(out).mkdir(parents=True, exist_ok=True)
-    run_lock = lock_run_dir(out, "audit")  # one writer per run folder (released on return or error)
-    idx = open_or_build(index, dense=dense and mode != "bm25", progress=progress)
-    auth = build_authorities(idx.passages)
-    systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed, base_url=base_url, model=model,
-                              timeout=timeout, retries=retries) for s in system}
-    j = None
-    if judge:
-        from rizzearch.audit.judge import LLMJudge
-        from rizzearch.rag.generators import EndpointGenerator
+    run_lock = lock_run_dir(out, "audit")  # one writer per run folder
+    try:
+        idx = open_or_build(index, dense=dense and mode != "bm25", progress=progress)
+        auth = build_authorities(idx.passages)
+        systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed, base_url=base_url, model=model,
+                                  timeout=timeout, retries=retries) for s in system}
+        j = _judge(base_url, model, timeout, retries, judge_runs) if judge else None
+        res = run_audit(systems, qs, out, resume=resume, progress=progress, authorities=auth, judge=j, n_boot=n_boot,
+                        seed=seed, settings=audit_settings(systems, generator, idx, queries))
+        return _write_outputs(res, Path(out), auth, human_sheet, second_human_sheet)
+    finally:
+        run_lock.release()
 
-        j = LLMJudge(EndpointGenerator(base_url, model, timeout=timeout, retries=retries), runs=judge_runs)
-    res = run_audit(systems, qs, out, resume=resume, progress=progress, authorities=auth, judge=j, n_boot=n_boot,
-                    seed=seed, settings=audit_settings(systems, generator, idx, queries))
+
+def _judge(base_url, model, timeout: float, retries: int, runs: int):
+    """The optional LLM judge of support, at the same OpenAI-compatible endpoint settings."""
+    from rizzearch.audit.judge import LLMJudge
+    from rizzearch.rag.generators import EndpointGenerator
+
+    return LLMJudge(EndpointGenerator(base_url, model, timeout=timeout, retries=retries), runs=runs)
+
+
+def _write_outputs(res: dict, out: Path, auth, human_sheet: str | None, second_human_sheet: str | None) -> dict:
+    """Label sheet, report (with the failed answers and the human agreement), a JSON summary on stdout.
+    Raises RizzError (after writing the report) when every answer failed."""
+    from rizzearch.audit.human import export_sheet
+    from rizzearch.audit.report import write_report
+
     rows, metrics = res["rows"], res["metrics"]
-    export_sheet(rows, Path(out) / "label_sheet.csv", auth.by_id)
+    export_sheet(rows, out / "label_sheet.csv", auth.by_id)
     all_failed = bool(rows) and all(r.get("status") == "error" for r in rows)
     extra = _errors_md(rows)
     if human_sheet and not all_failed:  # all failed: nothing to compare with, and the report says why
-        extra += _human_agreement(rows, metrics, human_sheet, second_human_sheet, Path(out))
+        extra += _human_agreement(rows, metrics, human_sheet, second_human_sheet, out)
     paths = write_report(out, metrics, rows, extra_md=extra)
     summary = {s: {k2: e["overall"][k2]["rate"] for k2 in ("accurate", "incomplete", "hallucinated")}
                for s, e in metrics["systems"].items()}
     print(json.dumps({"out": str(out), "new_answers": res["new_answers"], "reused_answers": res["reused_answers"],
                       "summary": summary, **paths}, indent=1))
-    run_lock.release()
     if all_failed:
         raise RizzError(f"every one of the {len(rows)} answers failed (first: {rows[0].get('error')}); "
                         f"the report in {out} says so; rerun with --resume true to retry them")
