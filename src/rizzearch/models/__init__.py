@@ -7,5 +7,6 @@ from rizzearch.models.base import CausalLM, build_model, generate, model_names
 from rizzearch.models.gpt import GPT, GPTConfig
 from rizzearch.models.rwkv import RWKV, RWKVConfig
 from rizzearch.models.xlstm import XLSTM, XLSTMConfig
+from rizzearch.models.xlstm_large import XLSTMLarge, XLSTMLargeConfig
 
-__all__ = ["CausalLM", "GPT", "GPTConfig", "RWKV", "RWKVConfig", "XLSTM", "XLSTMConfig", "build_model", "generate", "model_names"]
+__all__ = ["CausalLM", "GPT", "GPTConfig", "RWKV", "RWKVConfig", "XLSTM", "XLSTMConfig", "XLSTMLarge", "XLSTMLargeConfig", "build_model", "generate", "model_names"]
