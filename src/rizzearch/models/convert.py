@@ -351,3 +351,13 @@ def to_official_rwkv(model: RWKV) -> dict:
             t = t.view(1, 1, -1)
         out[key] = t
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# xLSTM-7B architecture (xlstm_large): lives in convert_xlstm_large.py, re-exported here
+
+from rizzearch.models.convert_xlstm_large import (  # noqa: E402
+    from_hf_xlstm,
+    from_official_xlstm_large,
+    load_hf_xlstm_folder,
+)
