@@ -117,8 +117,9 @@ def test_official_step_decoding_and_chunked_prefill():
 
 @pytest.mark.parametrize("gate_bias", [12.0, 40.0])
 def test_official_open_input_gates(gate_bias):
-    """Input gates at the soft cap (m near 15): the official ``+ eps`` in the normaliser weighs
-    ``eps exp(m)`` ~ 3 there, a per-(token, head) scale that the per-head LayerNorm removes."""
+    """Input gates at the soft cap (m near 15, where the official ``+ eps`` in the normaliser weighs
+    most, relative to the stabilised normaliser): a per-(token, head) scale that the per-head
+    LayerNorm removes."""
     from rizzearch.models.convert import from_official_xlstm_large
 
     ref = official(gate_bias=gate_bias)
