@@ -137,18 +137,14 @@ def soft_cap(x: Tensor, cap: float | None) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
     """RMSNorm over the last dim, reduced in fp32, then ``* weight (+ bias)`` in x's dtype."""
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight  # x * rsqrt(mean(x^2) + eps)
     return y if bias is None else y + bias
 
 
 def head_layer_norm(h: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm over each head's features: h (B, T, NH, Dv) -> (B, T, NH * Dv), fp32 reductions."""
     B, T, NH, Dv = h.shape
-    hf = h.float()
-    mu = hf.mean(-1, keepdim=True)
-    var = hf.var(-1, keepdim=True, unbiased=False)
-    y = ((hf - mu) * torch.rsqrt(var + eps)).to(h.dtype).reshape(B, T, NH * Dv) * weight
+    y = F.layer_norm(h.float(), (Dv,), eps=eps).to(h.dtype).reshape(B, T, NH * Dv) * weight  # (h - mean) / sqrt(var + eps)
     return y if bias is None else y + bias
 
 
