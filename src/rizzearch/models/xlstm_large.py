@@ -137,7 +137,10 @@ def soft_cap(x: Tensor, cap: float | None) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
     """RMSNorm over the last dim, reduced in fp32, then ``* weight (+ bias)`` in x's dtype."""
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight  # x * rsqrt(mean(x^2) + eps)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one kernel
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    else:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight  # x * rsqrt(mean(x^2) + eps)
     return y if bias is None else y + bias
 
 
@@ -272,16 +275,17 @@ class XLSTMLarge(CausalLM):
             raise ShapeError("state: expected an xLSTM-large state {'blocks': [...]} (from init_state or a forward)")
         if len(state["blocks"]) != len(self.blocks):
             raise ShapeError(f"state['blocks']: expected {len(self.blocks)} blocks, got {len(state['blocks'])} (state from another config?)")
-        want = self.blocks[0].init_state(B, "meta")
+        b0 = self.blocks[0]
+        want = {"C": (B, b0.NH, b0.Dqk, b0.Dv), "n": (B, b0.NH, b0.Dqk), "m": (B, b0.NH)}
         for i, got in enumerate(state["blocks"]):
             if not isinstance(got, dict) or set(got) != set(want):
                 raise ShapeError(f"state['blocks'][{i}]: expected keys {sorted(want)}, got {sorted(got) if isinstance(got, dict) else type(got).__name__}")
             for key, w in want.items():
                 g = got[key]
-                if not isinstance(g, Tensor) or tuple(g.shape) != tuple(w.shape):
+                if not isinstance(g, Tensor) or tuple(g.shape) != w:
                     shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
                     raise ShapeError(
-                        f"state['blocks'][{i}]['{key}']: expected shape {tuple(w.shape)}, got {shape} (state from another config or batch size?)"
+                        f"state['blocks'][{i}]['{key}']: expected shape {w}, got {shape} (state from another config or batch size?)"
                     )
 
     # -- forward --------------------------------------------------------------------------------
