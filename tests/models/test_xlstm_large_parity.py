@@ -190,3 +190,35 @@ def test_hf_folder_with_an_unknown_config_key_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"config\.json: unknown xLSTM config key\(s\) \['slstm_at'\]"):
         load_hf_xlstm_folder(tmp_path)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_official_checkpoint_folder(tmp_path, sharded):
+    """A folder as NX-AI publishes it (config.yaml + safetensors, optionally model_0/1...): the
+    official loader reads it, and ours gives the same logits; an unknown key is named."""
+    import dataclasses
+
+    import yaml
+    from safetensors.torch import save_file
+    from xlstm.xlstm_large.from_pretrained import load_from_pretrained
+
+    from rizzearch.errors import ConfigError
+    from rizzearch.models.convert import load_official_xlstm_large_folder
+
+    ref = official()
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    if sharded:
+        keys = sorted(sd)
+        save_file({k: sd[k] for k in keys[: len(keys) // 2]}, str(tmp_path / "model_0.safetensors"))
+        save_file({k: sd[k] for k in keys[len(keys) // 2 :]}, str(tmp_path / "model_1.safetensors"))
+    else:
+        save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(ref.config)))
+    x = torch.randint(0, V, (B, 21))
+    with torch.no_grad():
+        want, _ = load_from_pretrained(tmp_path, backend_mode="inference").eval()(x)
+        got, _ = load_official_xlstm_large_folder(tmp_path)(x)
+    assert_close(got, want, atol=1e-4, rtol=1e-4, name="logits of the official checkpoint folder")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(ref.config), "num_slstm": 2}))
+    with pytest.raises(ConfigError, match=r"config\.yaml: unknown xLSTM config key\(s\) \['num_slstm'\]"):
+        load_official_xlstm_large_folder(tmp_path)

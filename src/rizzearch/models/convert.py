@@ -360,4 +360,5 @@ from rizzearch.models.convert_xlstm_large import (  # noqa: E402
     from_hf_xlstm,
     from_official_xlstm_large,
     load_hf_xlstm_folder,
+    load_official_xlstm_large_folder,
 )

@@ -5,6 +5,9 @@
 - ``from_hf_xlstm(model)``: transformers' ``xLSTMForCausalLM``.
 - ``load_hf_xlstm_folder(folder)``: an HF folder on disk (``config.json`` with ``model_type
   "xlstm"`` + ``model.safetensors`` or sharded safetensors with an index), without transformers.
+- ``load_official_xlstm_large_folder(folder)``: an official checkpoint folder (``config.yaml`` with
+  the ``xLSTMLargeConfig`` fields + ``model.safetensors`` or ``model_0.safetensors``,
+  ``model_1.safetensors``, ...), as ``xlstm.xlstm_large.from_pretrained`` reads it.
 
 The reference models are only read (their config attributes and ``state_dict()``), never wrapped.
 Every reference parameter must be used and every one of ours filled, else ``CheckpointError``.
@@ -23,7 +26,13 @@ from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import config_from_dict
 from rizzearch.models.xlstm_large import XLSTMLarge, XLSTMLargeConfig
 
-__all__ = ["from_official_xlstm_large", "from_hf_xlstm", "load_hf_xlstm_folder", "xlstm_large_config_from_hf"]
+__all__ = [
+    "from_official_xlstm_large",
+    "from_hf_xlstm",
+    "load_hf_xlstm_folder",
+    "load_official_xlstm_large_folder",
+    "xlstm_large_config_from_hf",
+]
 
 # HF config.json key -> our field (the architecture)
 _HF_TO_OURS = {
@@ -245,3 +254,36 @@ def load_hf_xlstm_folder(folder) -> XLSTMLarge:
     ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="backbone.embeddings.weight", blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=where)
     return _build(cfg, ours, where)
+
+
+def load_official_xlstm_large_folder(folder) -> XLSTMLarge:
+    """An official xLSTM-large checkpoint folder (``config.yaml`` + safetensors) as our model."""
+    import yaml
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: no config.yaml")
+    try:
+        values = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{cfg_path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{cfg_path}: expected a mapping of xLSTMLargeConfig fields")
+    # the official field names are the HF ones (``embedding_dim``/``num_blocks`` are HF aliases)
+    cfg = xlstm_large_config_from_hf({**values, "model_type": "xlstm"}, where=str(cfg_path))
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:  # shards model_0, model_1, ... up to the first one missing
+        files = []
+        while (folder / f"model_{len(files)}.safetensors").is_file():
+            files.append(folder / f"model_{len(files)}.safetensors")
+        if not files:
+            raise CheckpointError(f"{folder}: no model.safetensors or model_0.safetensors")
+    sd: dict = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="embedding.weight", blocks_prefix="backbone.blocks",
+                                     out_norm_prefix="backbone.out_norm", where=str(files[0]))
+    return _build(cfg, ours, str(files[0]))
