@@ -222,3 +222,32 @@ def test_official_checkpoint_folder(tmp_path, sharded):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(ref.config), "num_slstm": 2}))
     with pytest.raises(ConfigError, match=r"config\.yaml: unknown xLSTM config key\(s\) \['num_slstm'\]"):
         load_official_xlstm_large_folder(tmp_path)
+
+
+def test_hf_folder_bad_input_is_named(tmp_path):
+    """Weights that do not fit config.json, a missing tensor, the wrong model_type, broken JSON."""
+    from safetensors.torch import load_file, save_file
+
+    from rizzearch.errors import CheckpointError, ConfigError
+    from rizzearch.models.convert import load_hf_xlstm_folder
+
+    hf(hidden_size=64, qk_dim_factor=1.0).save_pretrained(tmp_path)
+    cfg_file, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "num_heads": 2, "qk_dim_factor": 0.5}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: blocks\.0\.qkvo\.weight: expected shape \(192, 64\) from the config, got \(256, 64\)"):
+        load_hf_xlstm_folder(tmp_path)
+    cfg_file.write_text(json.dumps(cfg))
+    sd = load_file(str(weights))
+    save_file({k: v for k, v in sd.items() if "blocks.1.ffn.proj_up." not in k}, str(weights))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor 'backbone\.blocks\.1\.ffn\.proj_up\.weight'"):
+        load_hf_xlstm_folder(tmp_path)
+    save_file({**sd, "backbone.blocks.0.extra": torch.zeros(1)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"not used by the xLSTM-large architecture: \['backbone\.blocks\.0\.extra'\]"):
+        load_hf_xlstm_folder(tmp_path)
+    cfg_file.write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type is 'mamba', expected 'xlstm'"):
+        load_hf_xlstm_folder(tmp_path)
+    cfg_file.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_hf_xlstm_folder(tmp_path)
