@@ -17,6 +17,7 @@ Backend choices of the reference config (kernel names, mode, autocast dtypes, th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,8 +110,11 @@ def state_dict_from_reference(sd: dict, n_blocks: int, *, embed_key: str, blocks
     """Map an official / HF xLSTM-large state dict to ours; every source tensor must be used."""
     used: set = set()
     try:
-        ours = {"embed.weight": sd[embed_key], "lm_head.weight": sd.get("lm_head.weight", sd[embed_key])}
-        used.update({embed_key, "lm_head.weight"})
+        ours = {"embed.weight": sd[embed_key]}
+        used.add(embed_key)
+        if "lm_head.weight" in sd:  # absent: a head tied to the embedding
+            ours["lm_head.weight"] = sd["lm_head.weight"]
+            used.add("lm_head.weight")
         for suffix, name in (("weight", "out_norm"), ("bias", "out_norm_bias")):
             if f"{out_norm_prefix}.{suffix}" in sd:
                 ours[name] = sd[f"{out_norm_prefix}.{suffix}"]
@@ -126,21 +130,32 @@ def state_dict_from_reference(sd: dict, n_blocks: int, *, embed_key: str, blocks
     return ours
 
 
-def _build(config: XLSTMLargeConfig, sd: dict, where: str) -> XLSTMLarge:
-    model = XLSTMLarge(config)
-    if config.tie_embeddings:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        sd["lm_head.weight"] = sd["embed.weight"]
+def _build(config: XLSTMLargeConfig, sd: dict, where: str, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """Our model holding ``sd`` in ``dtype``: built on the meta device and allocated once (no random
+    initialisation of weights that are overwritten anyway; a 7B model loads without a second copy)."""
+    if "lm_head.weight" not in sd:
+        if not config.tie_embeddings:
+            raise CheckpointError(f"{where}: no lm_head.weight and tie_word_embeddings is false")
+    elif config.tie_embeddings:  # the weights decide: a separate head is used as stored (transformers does)
+        if sd["lm_head.weight"] is not sd["embed.weight"] and not torch.equal(sd["lm_head.weight"], sd["embed.weight"]):
+            config = dataclasses.replace(config, tie_embeddings=False)
+        else:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = XLSTMLarge(config).to(dtype)
     own = model.state_dict()
     for name, t in sd.items():
         if name in own and tuple(t.shape) != tuple(own[name].shape):
             raise CheckpointError(f"{where}: {name}: expected shape {tuple(own[name].shape)} from the config, got {tuple(t.shape)}")
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(set(own) - set(sd) - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if missing:
         raise CheckpointError(f"{where}: no tensor for {missing[:5]} (a config option the weights do not have?)")
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty gives each module its own new tensor: tie again
+        model.lm_head.weight = model.embed.weight
     with torch.no_grad():
-        for name, t in own.items():
-            t.copy_(sd[name].to(t.dtype))
+        for name, p in model.named_parameters():  # a tied head is the embedding parameter: filled once
+            p.copy_(sd[name])
     return model.eval()
 
 
@@ -196,24 +211,24 @@ def xlstm_large_config_from_hf(values: dict, where: str = "config.json") -> XLST
 # Entry points
 
 
-def from_official_xlstm_large(official_model) -> XLSTMLarge:
-    """Our ``XLSTMLarge`` with every weight of an official ``xlstm.xlstm_large`` ``xLSTMLarge``."""
+def from_official_xlstm_large(official_model, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """Our ``XLSTMLarge`` with every weight of an official ``xlstm.xlstm_large`` ``xLSTMLarge`` (in ``dtype``)."""
     where = "official xLSTMLarge"
     cfg = _config_from_reference(official_model.config, where)
     sd = {k: v.detach() for k, v in official_model.state_dict().items()}
     ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="embedding.weight", blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=where)
-    return _build(cfg, ours, where)
+    return _build(cfg, ours, where, dtype)
 
 
-def from_hf_xlstm(hf_model) -> XLSTMLarge:
-    """Our ``XLSTMLarge`` with every weight of a transformers ``xLSTMForCausalLM``."""
+def from_hf_xlstm(hf_model, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """Our ``XLSTMLarge`` with every weight of a transformers ``xLSTMForCausalLM`` (in ``dtype``)."""
     where = "transformers xLSTMForCausalLM"
     cfg = _config_from_reference(hf_model.config, where)
     sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
     ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="backbone.embeddings.weight", blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=where)
-    return _build(cfg, ours, where)
+    return _build(cfg, ours, where, dtype)
 
 
 def _read_safetensors(folder: Path) -> tuple[dict, str]:
@@ -237,8 +252,9 @@ def _read_safetensors(folder: Path) -> tuple[dict, str]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_hf_xlstm_folder(folder) -> XLSTMLarge:
-    """An HF xLSTM folder (``config.json`` + safetensors, as ``save_pretrained`` writes it) as our model."""
+def load_hf_xlstm_folder(folder, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """An HF xLSTM folder (``config.json`` + safetensors, as ``save_pretrained`` writes it) as our
+    model with its weights in ``dtype`` (recurrent states stay fp32)."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -253,11 +269,11 @@ def load_hf_xlstm_folder(folder) -> XLSTMLarge:
     sd, where = _read_safetensors(folder)
     ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="backbone.embeddings.weight", blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=where)
-    return _build(cfg, ours, where)
+    return _build(cfg, ours, where, dtype)
 
 
-def load_official_xlstm_large_folder(folder) -> XLSTMLarge:
-    """An official xLSTM-large checkpoint folder (``config.yaml`` + safetensors) as our model."""
+def load_official_xlstm_large_folder(folder, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """An official xLSTM-large checkpoint folder (``config.yaml`` + safetensors) as our model in ``dtype``."""
     import yaml
     from safetensors.torch import load_file
 
@@ -286,4 +302,4 @@ def load_official_xlstm_large_folder(folder) -> XLSTMLarge:
         sd.update(load_file(str(f)))
     ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="embedding.weight", blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=str(files[0]))
-    return _build(cfg, ours, str(files[0]))
+    return _build(cfg, ours, str(files[0]), dtype)
