@@ -9,5 +9,7 @@ from rizzearch.models.llama import Llama, LlamaConfig
 from rizzearch.models.pretrained import Pretrained, load_pretrained, save_pretrained
 from rizzearch.models.rwkv import RWKV, RWKVConfig
 from rizzearch.models.xlstm import XLSTM, XLSTMConfig
+from rizzearch.models.xlstm_large import XLSTMLarge, XLSTMLargeConfig
 
-__all__ = ["CausalLM", "GPT", "GPTConfig", "Llama", "LlamaConfig", "Pretrained", "RWKV", "RWKVConfig", "XLSTM", "XLSTMConfig", "build_model", "generate", "load_pretrained", "model_names", "save_pretrained"]
+__all__ = ["CausalLM", "GPT", "GPTConfig", "Llama", "LlamaConfig", "Pretrained", "RWKV", "RWKVConfig", "XLSTM", "XLSTMConfig",
+           "XLSTMLarge", "XLSTMLargeConfig", "build_model", "generate", "load_pretrained", "model_names", "save_pretrained"]

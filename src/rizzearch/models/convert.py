@@ -355,7 +355,8 @@ def to_official_rwkv(model: RWKV) -> dict:
     return out
 
 
-# ==============================================================================================
+# =======================================================================================
+
 # Llama family (HF transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
 # ==============================================================================================
 
@@ -391,3 +392,13 @@ def to_hf_llama(model: "Llama"):
     if missing or unexpected:
         raise CheckpointError(f"to_hf_llama: transformers expects {missing[:5]} and does not know {unexpected[:5]}")
     return hf
+=======
+# ----------------------------------------------------------------------------------------------
+# xLSTM-7B architecture (xlstm_large): lives in convert_xlstm_large.py, re-exported here
+
+from rizzearch.models.convert_xlstm_large import (  # noqa: E402
+    from_hf_xlstm,
+    from_official_xlstm_large,
+    load_hf_xlstm_folder,
+    load_official_xlstm_large_folder,
+)

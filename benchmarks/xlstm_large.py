@@ -1,0 +1,196 @@
+"""xLSTM-7B architecture (``xlstm_large``) speed against the official ``xLSTMLarge`` and transformers'
+``xLSTMForCausalLM`` on the CPU, in one process, on the same weights (fp32, no_grad).
+
+Two shapes: a small model (d_model 256, 4 heads, 4 blocks, vocab 4096) and one block of the 7B
+shape (d_model 4096, 8 heads, qk_dim_factor 0.5, ffn 10944, vocab 256 so the block dominates).
+Two workloads: decoding (one token per call with the state in and out, batch 1; the references in
+``mode="inference"`` with their ``native`` step kernel, transformers through its ``xLSTMCache``)
+and prefill (one forward over ``--T`` tokens from the empty state; the references' native
+chunkwise kernel). Target (issue 18): at least 2x faster, or at the memory-bandwidth bound.
+
+The bound for decoding: every weight matrix is read once per token (bytes/token printed), plus
+the recurrent state (read and written). The ``bound`` row times one fp32 matrix-vector product
+(``F.linear``) over a matrix of exactly that many bytes, interleaved with the decoders in the same
+loop (so under the same machine load); its bytes / time is the measured read bandwidth. Every
+comparison first checks that the three sides compute the same logits.
+
+    python benchmarks/xlstm_large.py [--repeats 5] [--T 256] [--threads 1] [--skip_7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+from common import emit_json, interleaved, load_average, print_header, print_table, summary  # noqa: E402
+
+# benchmarks/xlstm.py would shadow the ``xlstm`` package: keep this folder off sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from rizzearch.models.convert import from_official_xlstm_large  # noqa: E402
+from rizzearch.testing import assert_close  # noqa: E402
+
+warnings.filterwarnings("ignore")
+TARGET_SPEEDUP = 2.0
+KERNELS = dict(
+    chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native", step_kernel="native",
+    mode="inference", autocast_kernel_dtype="float32", inference_state_dtype="float32",
+)
+SHAPES = {
+    "small": dict(embedding_dim=256, num_heads=4, num_blocks=4, vocab_size=4096),
+    "7b_layer": dict(embedding_dim=4096, num_heads=8, num_blocks=1, vocab_size=256),
+}
+
+
+def build(shape: str):
+    """The official model (random weights, gates included), ours and transformers' on the same weights."""
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    torch.manual_seed(0)
+    kw = SHAPES[shape]
+    off = xLSTMLarge(xLSTMLargeConfig(**kw, chunk_size=64, return_last_states=True, **KERNELS)).eval()
+    with torch.no_grad():
+        for name, p in off.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.02 if "norm" not in name else 0.1)
+    hf_cfg = xLSTMConfig(
+        vocab_size=kw["vocab_size"], hidden_size=kw["embedding_dim"], num_hidden_layers=kw["num_blocks"], num_heads=kw["num_heads"],
+        chunk_size=64, ffn_proj_factor=2.6667, **KERNELS,
+    )
+    hf = xLSTMForCausalLM(hf_cfg).eval()
+    sd = {("backbone.embeddings.weight" if k == "embedding.weight" else k): v for k, v in off.state_dict().items()}
+    hf.load_state_dict(sd)
+    return off, from_official_xlstm_large(off), hf
+
+
+def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int) -> dict:
+    """Each function decodes ``calls`` tokens after a prefill done once (state copies per call)."""
+    with torch.no_grad():
+        _, off_state = off(prompt)
+        _, our_state = ours(prompt)
+        hf_out = hf(prompt, use_cache=True)
+    tok = prompt[:, -1:]
+
+    @torch.no_grad()
+    def official():
+        st = {i: tuple(t.clone() for t in s) for i, s in off_state.items()}
+        for _ in range(calls):
+            off(tok, st)
+
+    @torch.no_grad()
+    def ours_fn():
+        st = our_state
+        for _ in range(calls):
+            _, st = ours.step(tok[:, 0], st)
+
+    @torch.no_grad()
+    def transformers():
+        cache = hf_out.cache
+        for _ in range(calls):
+            hf(tok, cache=cache, use_cache=True)
+
+    return {"official": official, "transformers": transformers, "ours": ours_fn}
+
+
+def check_same(off, ours, hf, x) -> float:
+    with torch.no_grad():
+        a, _ = off(x)
+        b, _ = ours(x)
+        c = hf(x).logits
+    assert_close(b, a, atol=1e-3, rtol=1e-3, name="ours vs official logits")
+    assert_close(c, a, atol=1e-3, rtol=1e-3, name="transformers vs official logits")
+    return float((b - a).abs().max())
+
+
+def decode_bytes(ours) -> int:
+    """Bytes read per decoded token: every weight except the embedding table (one row of it), plus
+    the recurrent state read and written."""
+    weights = sum(p.numel() for n, p in ours.named_parameters() if n != "embed.weight") + ours.config.d_model
+    state = sum(t.numel() for blk in ours.init_state(1)["blocks"] for t in blk.values())
+    return 4 * (weights + 2 * state)
+
+
+def bench_shape(shape: str, a) -> dict:
+    off, ours, hf = build(shape)
+    V = SHAPES[shape]["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    err = check_same(off, ours, hf, torch.randint(0, V, (1, 128), generator=g))
+    prompt = torch.randint(0, V, (1, 16), generator=g)
+    calls = a.calls if shape == "small" else max(1, a.calls // 10)
+    fns = decode_fns(off, ours, hf, prompt, calls)
+    probe_w = torch.randn(decode_bytes(ours) // 4 // 1024, 1024)  # as many bytes as a decode step reads
+    probe_x = torch.randn(1, 1024)
+
+    def bound():
+        for _ in range(calls):
+            torch.nn.functional.linear(probe_x, probe_w)
+
+    fns["bound"] = bound
+    dec = interleaved(fns, repeats=a.repeats, warmup=1)
+    dec = {k: [t / calls for t in v] for k, v in dec.items()}
+    x = torch.randint(0, V, (1, a.T), generator=g)
+    pre = interleaved(
+        {"official": lambda: off(x), "transformers": lambda: hf(x), "ours": lambda: ours(x)},
+        repeats=a.repeats if shape == "small" else max(2, a.repeats // 2), warmup=1,
+    )
+    out = {"max_abs_logit_err": err, "decode": dec, "prefill": pre, "decode_bytes_per_token": decode_bytes(ours)}
+    del off, ours, hf
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--T", type=int, default=256, help="prefill length")
+    p.add_argument("--calls", type=int, default=50, help="decode steps per timing sample (small; /10 at the 7B shape)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every side (0: torch's default)")
+    p.add_argument("--skip_7b", action="store_true", help="only the small shape")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    info = print_header("xlstm_large vs official xLSTMLarge and transformers xLSTMForCausalLM (CPU, fp32)", ("xlstm", "mlstm_kernels", "transformers"))
+    load = load_average()
+    print(f"  load average (1 min) at start: {load}; threads {torch.get_num_threads()}")
+    shapes = ["small"] if a.skip_7b else ["small", "7b_layer"]
+    rows, results = [], {}
+    for shape in shapes:
+        r = bench_shape(shape, a)
+        ours_dec, bound = statistics.median(r["decode"]["ours"]), statistics.median(r["decode"]["bound"])
+        res = {
+            "decode_bytes_per_token": r["decode_bytes_per_token"], "decode_bound_ms": bound * 1e3,
+            "read_bandwidth_GBps": r["decode_bytes_per_token"] / bound / 1e9, "decode_time_over_bound": ours_dec / bound,
+            "max_abs_logit_err": r["max_abs_logit_err"],
+        }
+        for work in ("decode", "prefill"):
+            ts = r[work]
+            ours_med = statistics.median(ts["ours"])
+            for impl, v in ts.items():
+                s = summary(v)
+                rows.append({"shape": shape, "work": work, "impl": impl, "median_ms": s["median_s"] * 1e3, "min_ms": s["min_s"] * 1e3,
+                             "spread": s["spread"], "ours_speedup": statistics.median(v) / ours_med})
+            res[f"{work}_speedup_vs_official"] = statistics.median(ts["official"]) / ours_med
+            res[f"{work}_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / ours_med
+        results[shape] = res
+    print_table(rows, ["shape", "work", "impl", "median_ms", "min_ms", "spread", "ours_speedup"])
+    for shape, res in results.items():
+        print(f"  {shape}: decode reads {res['decode_bytes_per_token'] / 1e6:.1f} MB/token; read bandwidth {res['read_bandwidth_GBps']:.2f} GB/s, "
+              f"bound {res['decode_bound_ms']:.3f} ms/token; ours at {res['decode_time_over_bound']:.2f}x the bound")
+    load_end = load_average()
+    print(f"  load average (1 min) at end: {load_end}")
+    emit_json({
+        "benchmark": "xlstm_large", "target_speedup": TARGET_SPEEDUP,
+        "results": {s: {k: float(f"{v:.4g}") for k, v in r.items()} for s, r in results.items()}, "T": a.T,
+        "load_avg": [load, load_end], "threads": torch.get_num_threads(),
+        "machine": {k: info[k] for k in ("processor", "cpu_count", "torch", "xlstm", "mlstm_kernels", "transformers") if k in info},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The xLSTM-7B architecture (``xlstm_large``) beyond the shared contract tests (which run it too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rizzearch.errors import ConfigError, ShapeError
+from rizzearch.models import XLSTMLarge, XLSTMLargeConfig, build_model
+from rizzearch.models.base import tiny_overrides
+from rizzearch.ops.backends import use_backend
+from rizzearch.testing import assert_close
+
+V = 97
+
+
+def make(**kw) -> XLSTMLarge:
+    torch.manual_seed(0)
+    m = build_model("xlstm_large", **{**tiny_overrides("xlstm_large"), "vocab_size": V, **kw}).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def test_widths_follow_the_official_rounding():
+    seven_b = XLSTMLargeConfig()
+    assert (seven_b.qk_dim, seven_b.v_dim, seven_b.ffn_dim) == (2048, 4096, 10944)
+    # the official ((x + m - 1) // m) * m on a float x with a fraction rounds 64.5 *down* to 64
+    odd = XLSTMLargeConfig(d_model=43, n_heads=1, qk_dim_factor=1.0, ffn_proj_factor=1.5)
+    assert odd.ffn_dim == 64
+    assert XLSTMLargeConfig(d_model=64, ffn_proj_factor=2.0).ffn_dim == 128
+
+
+def test_seven_b_parameter_count():
+    """Counted on the meta device: embedding + head 2 x 50304 x 4096, and per block the q/k/v/o,
+    gate, output and SwiGLU matrices plus three norm vectors, plus the final norm."""
+    with torch.device("meta"):
+        model = XLSTMLarge(XLSTMLargeConfig())
+    d, qk, v, ffn, nh = 4096, 2048, 4096, 10944, 8
+    block = d * (2 * qk + 2 * v) + (d + 1) * 2 * nh + v * d + d * 2 * ffn + ffn * d + 2 * d + v
+    assert model.num_params() == 2 * 50304 * d + 32 * block + d == 6_865_424_896
+
+
+def test_logits_are_soft_capped():
+    m = make()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1e4)
+        logits, _ = m(torch.randint(0, V, (2, 9)))
+    assert logits.abs().max() <= 30.0
+    assert logits.abs().max() > 29.0  # the cap is reached, not a clamp elsewhere
+    uncapped = make(logit_soft_cap=None)
+    with torch.no_grad():
+        uncapped.lm_head.weight.mul_(1e4)
+        assert uncapped(torch.randint(0, V, (2, 9)))[0].abs().max() > 100
+
+
+@pytest.mark.parametrize("T", [1, 15, 37, 64])
+def test_chunkwise_equals_the_parallel_form_for_any_length(T):
+    """Chunks of 16 (T not a multiple included), fused and reference, against one chunk >= T (the
+    parallel form), on the same weights."""
+    m = make()
+    x = torch.randint(0, V, (3, T))
+    one_chunk = XLSTMLarge(XLSTMLargeConfig(**{**m.config.__dict__, "chunk_size": 128})).eval()
+    one_chunk.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        want, ws = one_chunk(x)
+        for backend in ("fast", "reference"):
+            with use_backend("mlstm", backend):
+                got, gs = m(x)
+            assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"logits, chunks of 16, {backend}, T={T}")
+            assert_close(gs["blocks"][1]["C"], ws["blocks"][1]["C"], atol=1e-5, rtol=1e-5, name="final C")
+
+
+def test_trains_gradients_reach_every_parameter():
+    m = make().train()
+    x = torch.randint(0, V, (2, 21))
+    logits, _ = m(x)
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1)).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_step_with_gradient_matches_the_no_grad_step():
+    m = make()
+    x = torch.randint(0, V, (2, 5))
+    _, state = m(x)
+    nxt = torch.randint(0, V, (2,))
+    with torch.no_grad():
+        a, sa = m.step(nxt, state)
+    b, sb = m.step(nxt, state)  # grad enabled: the chunkwise path with T = 1
+    assert_close(b, a, atol=1e-5, rtol=1e-5, name="step logits")
+    assert_close(sb["blocks"][0]["m"], sa["blocks"][0]["m"], atol=1e-6, rtol=1e-6, name="state m")
+
+
+def test_bfloat16_weights_keep_fp32_states():
+    m = make().to(torch.bfloat16)
+    x = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        logits, state = m(x)
+        step_logits, state = m.step(x[:, -1], state)
+        ref, _ = make()(x)
+    assert logits.dtype == torch.bfloat16 and state["blocks"][0]["C"].dtype == torch.float32
+    assert (logits.float() - ref).abs().max() < 0.25
+
+
+def test_bad_config_and_state_are_named():
+    with pytest.raises(ConfigError, match="qk_dim = 30.*multiple of n_heads = 4"):
+        build_model("xlstm_large", d_model=60, n_heads=4, vocab_size=V)
+    with pytest.raises(ConfigError, match="gate_soft_cap must be > 0"):
+        build_model("xlstm_large", **tiny_overrides("xlstm_large"), gate_soft_cap=0.0)
+    m = make()
+    _, state = m(torch.randint(0, V, (2, 4)))
+    state["blocks"][1]["n"] = state["blocks"][1]["n"][:, :2]
+    with pytest.raises(ShapeError, match=r"state\['blocks'\]\[1\]\['n'\]: expected shape \(2, 4, 8\), got \(2, 2, 8\)"):
+        m(torch.randint(0, V, (2, 4)), state)
