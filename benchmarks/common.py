@@ -9,14 +9,13 @@ Every script prints the machine, the library versions and a table, and ends with
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
+
+from rizzearch.reproduce.common import environment, load_average  # noqa: F401  (load_average: used by the scripts)
 
 
 def sync(device: str | torch.device | None = None) -> None:
@@ -54,24 +53,6 @@ def ratio(baseline: list[float], ours: list[float]) -> float:
     return statistics.median(baseline) / statistics.median(ours)
 
 
-def machine() -> dict:
-    info = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    return info
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS has none): printed around timings on shared machines."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def versions(*packages: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -85,7 +66,7 @@ def versions(*packages: str) -> dict:
 
 
 def print_header(title: str, packages: tuple[str, ...] = ()) -> dict:
-    info = {**machine(), **versions("rizzearch", *packages)}
+    info = {**environment(), **versions(*packages)}
     print(f"# {title}")
     for k, v in info.items():
         print(f"  {k}: {v}")

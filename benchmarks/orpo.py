@@ -134,7 +134,7 @@ def step_time(pairs: int, seq_len: int, repeats: int) -> tuple[dict, list[dict]]
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     from rizzearch.data.tokenizer import byte_tokenizer
-    from rizzearch.objectives.orpo import orpo_batch_loss
+    from rizzearch.training.preference import orpo_batch_loss
 
     torch.manual_seed(0)
     pad = V - 1  # never drawn as a real token below

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit_json, interleaved, print_header, print_table  # noqa: E402
 
 from rizzearch.models import build_model  # noqa: E402
-from rizzearch.objectives.lm import lm_loss  # noqa: E402
+from rizzearch.training.losses import lm_loss  # noqa: E402
 from rizzearch.training.loop import TrainConfig, make_optimizer  # noqa: E402
 
 

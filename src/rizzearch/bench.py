@@ -64,5 +64,3 @@ def bench(names: list[str] | None = None, out: str | None = None, timeout_s: int
         print(f"  {r['benchmark']:<20} {status}")
     return results
 
-
-bench.__positional__ = ("names",)  # rizz bench rwkv xlstm

@@ -9,14 +9,20 @@ loads the YAML, applies the dotted overrides, validates every key and type (an u
 wrong type fails with a message naming the key), prints the resolved config, and calls
 ``train(...)``. Functions are imported only when their command runs, so ``rizz --help`` is fast
 and one broken extra cannot take the whole CLI down.
+
+Two tables beside the signatures: ``POSITIONALS`` names the parameters that may also be given
+positionally, anywhere among the options (``rizz rag ask --k 6 "QUESTION"``); and a
+``model_config`` parameter next to ``model`` is typed by that registered model's config dataclass
+(``--model_config.d_model abc`` fails naming ``model_config.d_model``), so a newly registered model
+needs no change here.
 """
 
 from __future__ import annotations
 
-import contextvars
+import argparse
 import importlib
-import json
 import sys
+import types
 from typing import Callable
 
 # command -> ("module:function", one-line help). Two-word commands are subcommand groups.
@@ -32,9 +38,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("rizzearch.bench:bench", "Run the speed benchmarks against the reference implementations."),
     "reproduce": ("rizzearch.reproduce.run:reproduce", "Reproduce the papers' main claims (all studies, or one) and write a report."),
 }
-
-# The resolved config of the running command (YAML text); run folders save it as config.yaml.
-RESOLVED_CONFIG: contextvars.ContextVar[str | None] = contextvars.ContextVar("RESOLVED_CONFIG", default=None)
 
 
 def _load(target: str) -> Callable:
@@ -65,47 +68,123 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def build_parser(command: str):
-    """The jsonargparse parser of one command (its function's signature) -> (parser, function)."""
+# command -> parameters that may also be given positionally, in order, anywhere among the options
+# (``rizz rag ask "QUESTION" --k 6``, ``rizz reproduce rwkv``, ``rizz bench rwkv xlstm``). Each keeps
+# its ``--name`` form (and its YAML key); a list-typed last one takes every remaining value.
+POSITIONALS: dict[str, tuple[str, ...]] = {
+    "rag ask": ("question",),
+    "reproduce": ("study",),
+    "bench": ("names",),
+}
+
+
+# A parameter of this name, in a command that also takes ``model``, is typed by the registered
+# config dataclass of that model (``--model_config.d_model 128``, YAML ``model_config: {d_model: 128}``).
+MODEL_CONFIG = "model_config"
+
+
+class _Positional(argparse.Action):
+    """A positional that shares its destination with the ``--name`` option of the same parameter.
+
+    When the positional is absent it leaves the option's (or the YAML file's) value alone; when it
+    is given, the value is validated by the parameter's type like the option's.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None or values == []:
+            return
+        setattr(namespace, self.dest, values)
+
+
+def _is_list(annotation) -> bool:
+    """Is the annotation a list/tuple type (or an optional one)?"""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _takes_model_config(fn: Callable) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return MODEL_CONFIG in params and "model" in params
+
+
+def build_parser(command: str, model: str | None = None):
+    """The jsonargparse parser of one command (its function's signature) -> (parser, function).
+
+    With ``model`` (a registered name), a ``model_config`` parameter is typed by that model's
+    config dataclass (every field optional: ``models.base.config_overrides_type``), so each key
+    and value is validated like any other option.
+    """
+    import typing
+
     from jsonargparse import ArgumentParser
 
     fn = _load(COMMANDS[command][0])
     parser = ArgumentParser(prog=f"rizz {command}", description=(fn.__doc__ or "").strip().split("\n\n")[0], exit_on_error=True)
     parser.add_argument("--config", action="config", help="YAML file with any of the options below.")
-    parser.add_function_arguments(fn, fail_untyped=False, as_group=False)
+    typed = model is not None and _takes_model_config(fn)
+    parser.add_function_arguments(fn, fail_untyped=False, as_group=False, skip={MODEL_CONFIG} if typed else None)
+    if typed:
+        from rizzearch.models.base import config_overrides_type, get_model_class
+
+        parser.add_class_arguments(config_overrides_type(get_model_class(model)[1]), MODEL_CONFIG,
+                                   help=f"overrides of the {model!r} model's config (unset keys keep its defaults)")
+    hints = typing.get_type_hints(fn)
+    names = POSITIONALS.get(command, ())
+    for i, name in enumerate(names):
+        many = _is_list(hints.get(name)) and i == len(names) - 1
+        parser.add_argument(name, nargs="*" if many else "?", default=None, action=_Positional, metavar=name.upper(),
+                            help=f"the same as --{name}, given positionally")
     return parser, fn
 
 
-def _positional_to_options(names: list[str], args: list[str], list_names: frozenset = frozenset()) -> list[str]:
-    """A function may name parameters that can also be given positionally, in order
-    (``rizz rag ask "QUESTION"``, ``rizz reproduce rwkv``); a list-typed last name takes every
-    remaining value (``rizz bench rwkv xlstm``)."""
-    values = []
-    while args and not args[0].startswith("-"):
-        values.append(args.pop(0))
-    if len(values) > len(names) and not names:
-        return values + args  # let the parser report the unexpected argument
-    out = []
-    for i, name in enumerate(names[: len(values)]):
-        if i == len(names) - 1 and (len(values) > len(names) or name in list_names):
-            out += [f"--{name}", "[" + ", ".join(json.dumps(v) for v in values[i:]) + "]"]
-        else:
-            out += [f"--{name}", values[i]]
-    return out + args
+def _model_in_argv(args: list[str]) -> str | None:
+    """The value of ``--model`` on the command line (for --help, before anything is parsed)."""
+    for i, a in enumerate(args):
+        if a == "--model" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def parse_command(command: str, args: list[str]):
+    """Parse ``args`` against the command's signature -> (parser, function, namespace).
+
+    A command with ``model`` and ``model_config`` parameters is parsed twice: once to learn the
+    model name (from --model, the YAML file or the default), then with ``model_config`` typed by
+    that registered model's config (so a model registered later needs no CLI change).
+    """
+    parser, fn = build_parser(command)
+    if _takes_model_config(fn) and any(a in ("-h", "--help") for a in args):
+        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model"))
+    cfg = parser.parse_args(list(args))
+    if _takes_model_config(fn) and cfg.get("model") is not None:
+        parser, fn = build_parser(command, model=cfg.model)
+        cfg = parser.parse_args(list(args))
+    return parser, fn, cfg
 
 
 def run_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature, print the resolved config, call it."""
-    parser, fn = build_parser(command)
-    import inspect
+    from rizzearch.runs import RESOLVED_CONFIG
 
-    lists = frozenset(n for n, prm in inspect.signature(fn).parameters.items() if "list" in str(prm.annotation))
-    args = _positional_to_options(list(getattr(fn, "__positional__", ())), list(args), lists)
-    cfg = parser.parse_args(args)
+    parser, fn, cfg = parse_command(command, args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)
     init = parser.instantiate_classes(cfg)
     kwargs = {k: v for k, v in init.items() if k not in ("config", "__default_config__")}
+    if _takes_model_config(fn):
+        from rizzearch.models.base import overrides_to_dict
+
+        kwargs[MODEL_CONFIG] = overrides_to_dict(kwargs.get(MODEL_CONFIG)) or None
     token = RESOLVED_CONFIG.set(resolved)
     try:
         return fn(**kwargs)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 from pathlib import Path
 
 from rizzearch.errors import ConfigError
+
+# The resolved config of the running CLI command (YAML text), set by ``rizzearch.cli`` while a
+# command runs; ``make_run_dir`` saves it as the run folder's config.yaml.
+RESOLVED_CONFIG: contextvars.ContextVar[str | None] = contextvars.ContextVar("RESOLVED_CONFIG", default=None)
 
 
 def cache_dir(*parts: str) -> Path:
@@ -38,8 +43,6 @@ def make_run_dir(out: str | None, command: str, *, allow_existing: bool = True) 
     The config of the running CLI command is written to ``config.yaml``; an older one is kept as
     ``config.<n>.yaml`` rather than overwritten.
     """
-    from rizzearch.cli import RESOLVED_CONFIG
-
     path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path}: exists and is not a folder")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rizzearch.cli import COMMANDS, build_parser, main
+from rizzearch.cli import COMMANDS, main, parse_command
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -50,8 +50,7 @@ def test_presets_validate(preset):
     header = preset.read_text().splitlines()[0]
     m = re.match(r"#\s*command:\s*(.+)", header)
     assert m, f"{preset.name}: first line must be '# command: <rizz command>'"
-    parser, _ = build_parser(m.group(1).strip())
-    parser.parse_args(["--config", str(preset)])
+    parse_command(m.group(1).strip(), ["--config", str(preset)])
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +97,9 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--train.steps", "many"])
     assert "train.steps" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "x"), *TINY, "--model_config.d_modle", "3"]) == 2
+    with pytest.raises(SystemExit) as e:  # model_config is typed by the model's config: a parse error, exit status 2
+        main(["train", "--out", str(tmp_path / "x"), *TINY, "--model_config.d_modle", "3"])
+    assert e.value.code == 2
     assert "d_modle" in capsys.readouterr().err
 
 
@@ -161,15 +162,61 @@ def test_tokenizer_vocabulary_mismatch(trained_run, tmp_path, capsys):
     assert digests(run / "checkpoints") == before
 
 
-def test_positional_arguments_become_options():
-    from rizzearch.cli import _positional_to_options as conv
+@pytest.mark.parametrize("args", [
+    ["Who wrote it?", "--k", "6", "--generator", "extractive"],
+    ["--k", "6", "Who wrote it?", "--generator", "extractive"],
+    ["--k", "6", "--generator", "extractive", "Who wrote it?"],
+    ["--question", "Who wrote it?", "--k", "6", "--generator", "extractive"],
+])
+def test_rag_ask_question_is_positional_anywhere_or_an_option(args):
+    _, _, cfg = parse_command("rag ask", args)
+    assert cfg.question == "Who wrote it?" and cfg.k == 6 and cfg.generator == "extractive"
 
-    assert conv(["study"], ["rwkv", "--out", "x"]) == ["--study", "rwkv", "--out", "x"]
-    assert conv(["names"], ["a", "b", "--x", "1"]) == ["--names", '["a", "b"]', "--x", "1"]
-    assert conv(["names"], ["a"], frozenset({"names"})) == ["--names", '["a"]']
-    assert conv([], ["stray"]) == ["stray"]
-    parser, fn = build_parser("bench")
-    assert parser.parse_args(conv(["names"], ["train_throughput"], frozenset({"names"}))).names == ["train_throughput"]
+
+@pytest.mark.parametrize("args, study, out", [
+    (["rwkv"], "rwkv", None),
+    (["rwkv", "--out", "x"], "rwkv", "x"),
+    (["--out", "x", "rwkv"], "rwkv", "x"),
+    (["--study", "rwkv", "--out", "x"], "rwkv", "x"),
+    (["--out", "x"], None, "x"),
+])
+def test_reproduce_study_is_positional_anywhere_or_an_option(args, study, out):
+    _, _, cfg = parse_command("reproduce", args)
+    assert (cfg.study, cfg.out) == (study, out)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["a", "b", "--timeout_s", "5"], ["a", "b"]),
+    (["--timeout_s", "5", "a", "b"], ["a", "b"]),
+    (["train_throughput", "--timeout_s", "5"], ["train_throughput"]),
+    (["--names", '["a"]', "--timeout_s", "5"], ["a"]),
+    (["--timeout_s", "5"], None),
+])
+def test_bench_names_are_positional_anywhere_or_an_option(args, names):
+    _, _, cfg = parse_command("bench", args)
+    assert cfg.names == names and cfg.timeout_s == 5
+
+
+def test_positionals_keep_yaml_values_and_reject_extra_values(tmp_path, capsys):
+    cfg_file = tmp_path / "b.yaml"
+    cfg_file.write_text("names: [rwkv]\ntimeout_s: 7\n")
+    assert parse_command("bench", ["--config", str(cfg_file)])[2].names == ["rwkv"]  # an absent positional changes nothing
+    assert parse_command("bench", ["--config", str(cfg_file), "xlstm"])[2].names == ["xlstm"]
+    with pytest.raises(SystemExit):
+        parse_command("reproduce", ["rwkv", "xlstm"])
+    assert "xlstm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_command("train", ["stray"])
+    assert "stray" in capsys.readouterr().err
+
+
+def test_rag_ask_positional_after_options_end_to_end(tmp_path, capsys):
+    """The reported failure: ``rizz rag ask --generator X "question"`` said "unrecognized arguments"."""
+    rc = main(["rag", "ask", "--generator", "extractive", "--mode", "bm25", "--index", str(tmp_path / "i.sqlite"),
+               "--as_json", "true", "What is hearsay?"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["question"] == "What is hearsay?"
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -185,3 +232,97 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir("native") == tmp_path / "c" / "native"
     assert default_index_path() == tmp_path / "c" / "legal_rag_index.sqlite"
     assert not (tmp_path / "c").exists()  # nothing is created by asking
+
+
+def test_run_folder_saves_the_resolved_config_without_importing_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rizzearch.runs import RESOLVED_CONFIG, make_run_dir\n"
+        "RESOLVED_CONFIG.set('steps: 3\\n')\n"
+        f"make_run_dir({str(tmp_path / 'run')!r}, 'train')\n"
+        "assert 'rizzearch.cli' not in sys.modules, 'runs.py imports the cli (upward)'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == "steps: 3\n"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--model_config.d_model", "abc"], "model_config.d_model"),
+    (["--model_config.tie_embeddings", "maybe"], "model_config.tie_embeddings"),
+    (["--model", "xlstm", "--model_config.slstm_at", "one"], "model_config.slstm_at"),
+    (["--model", "xlstm", "--model_config.n_layer", "2"], "model_config.n_layer"),  # gpt's key, not xlstm's
+])
+def test_model_config_is_typed_by_the_chosen_model(args, key, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_command("train", args)
+    assert e.value.code == 2
+    assert key in capsys.readouterr().err
+
+
+SEEN: dict = {}
+
+
+def fake_train(model: str = "gpt", model_config: dict | None = None, steps: int = 1) -> None:
+    """A command with the same model / model_config parameters as ``rizz train``."""
+    SEEN.clear()
+    SEEN.update(model=model, model_config=model_config, steps=steps)
+
+
+def test_model_config_overrides_reach_the_function_typed_and_partial(tmp_path, monkeypatch):
+    from rizzearch.cli import run_command
+
+    monkeypatch.setitem(COMMANDS, "fake", (f"{__name__}:fake_train", "test"))
+    run_command("fake", ["--model", "xlstm", "--model_config.n_blocks", "2", "--model_config.slstm_at", "[0]"])
+    assert SEEN["model_config"] == {"n_blocks": 2, "slstm_at": (0,)}  # only what was given: vocab_size stays the tokenizer's
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: rwkv\nmodel_config:\n  d_model: 96\n  tie_embeddings: true\n")
+    run_command("fake", ["--config", str(cfg), "--model_config.n_layer", "3"])
+    assert SEEN["model"] == "rwkv" and SEEN["model_config"] == {"d_model": 96, "tie_embeddings": True, "n_layer": 3}
+    run_command("fake", ["--steps", "2"])
+    assert SEEN["model_config"] is None and SEEN["steps"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: rwkv\nmodel_config:\n  n_head: 4\n")  # gpt's key under rwkv
+    with pytest.raises(SystemExit):
+        run_command("fake", ["--config", str(bad)])
+
+
+def test_a_newly_registered_model_config_is_typed_without_cli_changes(monkeypatch, capsys):
+    from dataclasses import dataclass
+
+    from rizzearch.models import base
+
+    @dataclass(frozen=True)
+    class ToyConfig:
+        """Toy.
+
+        Args:
+            vocab_size: number of token ids.
+            width: hidden width.
+            kinds: layer kinds.
+        """
+
+        vocab_size: int = 256
+        width: int = 8
+        kinds: tuple[str, ...] = ("a",)
+
+    class Toy(base.CausalLM):
+        pass
+
+    monkeypatch.setitem(base._REGISTRY, "toy", (Toy, ToyConfig))
+    monkeypatch.setitem(base._TINY, "toy", {})
+    _, _, cfg = parse_command("train", ["--model", "toy", "--model_config.width", "16", "--model_config.kinds", "[a, b]"])
+    assert cfg.model_config.width == 16 and list(cfg.model_config.kinds) == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parse_command("train", ["--model", "toy", "--model_config.width", "wide"])
+    assert "model_config.width" in capsys.readouterr().err
+
+
+def test_saved_config_parses_back_to_the_same_overrides(trained_run):
+    from rizzearch.models.base import overrides_to_dict
+
+    _, _, cfg = parse_command("train", ["--config", str(trained_run / "config.yaml")])
+    assert overrides_to_dict(cfg.model_config.as_dict()) == {"n_layer": 1, "d_model": 32, "n_head": 2}
+    assert cfg.train.steps == 4

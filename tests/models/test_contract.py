@@ -53,10 +53,27 @@ def test_init_state_is_the_empty_prefix(model):
 
 @pytest.mark.parametrize("length", [1, 2, 5, 64, 131])
 def test_any_length(model, length):
+    """Any T (1, not a multiple of the chunk, several chunks) gives the logits of the recurrence:
+    the sequence forward equals two forwards that carry the state across an odd split point, and
+    its last position equals one ``step`` after the rest; and it is causal (changing the last token
+    changes no earlier logit, but does change the last)."""
     x = torch.randint(0, V, (2, length))
     logits, _ = model(x)
     assert logits.shape == (2, length, V)
-    assert torch.isfinite(logits).all()
+    state = model.init_state(2)
+    if length > 1:
+        a = length // 2 + 1 if length > 2 else 1
+        first, state_a = model(x[:, :a])
+        second, _ = model(x[:, a:], state_a)
+        assert_close(torch.cat([first, second], 1), logits, atol=1e-4, rtol=1e-4, name=f"split forward, T={length}")
+        _, state = model(x[:, :-1])
+    last, _ = model.step(x[:, -1], state)
+    assert_close(last, logits[:, -1], atol=1e-4, rtol=1e-4, name=f"last step, T={length}")
+    y = x.clone()
+    y[:, -1] = (x[:, -1] + 1) % V
+    changed, _ = model(y)
+    assert_close(changed[:, :-1], logits[:, :-1], atol=1e-5, rtol=1e-5, name="logits before the changed last token")
+    assert not torch.allclose(changed[:, -1], logits[:, -1]), "the last token does not reach its own logits"
 
 
 def test_left_padding_leaves_state_unchanged(model):
@@ -146,3 +163,41 @@ def test_incompatible_state_dict_is_named(model):
     with pytest.raises(CheckpointError, match=rf"missing \['{dropped}'\]"):
         model.load_state_dict({k: v for k, v in sd.items() if k != dropped})
     model.load_state_dict(sd)  # its own weights load
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_config_round_trips_through_a_plain_dict_and_bad_keys_are_named(name):
+    """What a checkpoint's meta.json stores (``config_to_dict``, tuples as JSON lists) rebuilds the same
+    config; an unknown key or a value of the wrong type is a ConfigError naming the key."""
+    import json
+
+    from rizzearch.errors import ConfigError
+    from rizzearch.models.base import config_from_dict, config_to_dict, get_model_class
+
+    model = make(name)
+    cls = get_model_class(name)[1]
+    stored = json.loads(json.dumps(config_to_dict(model.config)))
+    assert config_from_dict(cls, stored) == model.config
+    with pytest.raises(ConfigError, match="unknown key.*'d_modle'"):
+        config_from_dict(cls, {**stored, "d_modle": 3})
+    with pytest.raises(ConfigError, match=r"\.d_model: expected int, got 'abc'"):
+        config_from_dict(cls, {**stored, "d_model": "abc"})
+    with pytest.raises(ConfigError, match=r"\.vocab_size: expected int, got True"):
+        config_from_dict(cls, {**stored, "vocab_size": True})
+
+
+def test_checkpoint_with_an_unknown_config_key_is_named(tmp_path):
+    """meta.json's config dict is rebuilt with the plain typed constructor: a key the config does not
+    have is a CheckpointError naming the file and the key."""
+    import json
+
+    from rizzearch.training import checkpoint as ckpt_io
+
+    model = make("gpt")
+    ckpt = ckpt_io.save_checkpoint(tmp_path / "checkpoints", 1, model, ckpt_io.model_meta(model), None)
+    meta = json.loads((ckpt / ckpt_io.META_FILE).read_text())
+    ckpt_io.load_checkpoint(ckpt, tokenizer=False)  # as saved, it loads
+    meta["config"]["n_layers"] = 2
+    (ckpt / ckpt_io.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model\.json.*unknown key.*'n_layers'"):
+        ckpt_io.load_checkpoint(ckpt, tokenizer=False)

@@ -15,7 +15,6 @@ from rizzearch.objectives.goldfish import (
     PRODUCT_TABLE_SIZE,
     STRATEGIES,
     GoldfishConfig,
-    GoldfishLoss,
     goldfish_cross_entropy,
     goldfish_mask,
     hash_keys,
@@ -24,6 +23,7 @@ from rizzearch.objectives.goldfish import (
 )
 from rizzearch.objectives.lm import cross_entropy
 from rizzearch.testing import assert_close
+from rizzearch.training.losses import GoldfishLoss, lm_loss
 
 PROPS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -276,7 +276,7 @@ def test_bad_targets_shape_or_dtype():
         goldfish_mask(torch.zeros(1, 5), "hash", 4)
 
 
-def test_loss_fn_eval_mode_is_standard_loss_and_random_varies_per_step():
+def test_loss_fn_does_not_switch_on_eval_mode_and_random_varies_per_step():
     from rizzearch.models import build_model
 
     model = build_model("gpt", n_layer=2, n_head=2, d_model=32, vocab_size=64)
@@ -284,11 +284,18 @@ def test_loss_fn_eval_mode_is_standard_loss_and_random_varies_per_step():
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     fn = GoldfishLoss(GoldfishConfig(k=2, strategy="random"), protected_ids=(0,))
     assert fn.config.protected_ids == (0,)
+    # the all-token evaluation loss is explicit (lm_loss), never a silent switch on model.training
     model.eval()
     with torch.no_grad():
-        ev, _ = fn(model, batch)
+        ev, _ = lm_loss(model, batch)
         logits, _ = model(batch["input_ids"])
         ref, _ = cross_entropy(logits, batch["targets"])
+        for mode in (True, False):
+            model.train(mode)
+            torch.manual_seed(5)
+            gf, m = fn(model, batch)
+            assert float(m["dropped_fraction"]) > 0, f"training={mode}: the goldfish mask dropped nothing"
+            assert not torch.equal(gf, ref), f"training={mode}: goldfish loss fell back to the standard loss"
     assert torch.equal(ev, ref)
     model.train()
     torch.manual_seed(3)
@@ -309,3 +316,33 @@ def test_masks_identical_on_cpu_and_cuda():
         gpu = goldfish_mask(y.cuda(), strategy, 4, 13, protected_ids=(5, 6), seed=9)
         assert torch.equal(cpu, gpu.cpu()), strategy
     assert torch.equal(hash_keys(y, 13, 2), hash_keys(y.cuda(), 13, 2).cpu())
+
+
+def test_loss_fn_adds_protected_ids_without_touching_the_config():
+    cfg = GoldfishConfig(k=3, strategy="hash", protected_ids=(1,))
+    fn = GoldfishLoss(cfg, protected_ids=(1, 2))
+    assert fn.config.protected_ids == (1, 2) and cfg.protected_ids == (1,)
+    assert (fn.config.k, fn.config.h, fn.config.strategy, fn.config.seed) == (cfg.k, cfg.h, cfg.strategy, cfg.seed)
+
+
+def test_loop_validates_goldfish_runs_with_the_explicit_eval_loss(tmp_path):
+    from rizzearch.data.batches import EvalWindows, RandomWindows
+    from rizzearch.models import build_model
+    from rizzearch.training.loop import TrainConfig, evaluate_loss, train
+
+    tokens = torch.randint(2, 64, (2000,))
+    cfg = TrainConfig(steps=1, batch_size=4, log_every=1, eval_every=1)
+    fn = GoldfishLoss(GoldfishConfig(k=2, strategy="static"))
+    evals = {}
+    for name, eval_fn in (("explicit", lm_loss), ("default", None)):
+        torch.manual_seed(0)
+        model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64)
+        ev = EvalWindows(tokens, 4, 16, max_batches=2)
+        res = train(model, fn, RandomWindows(tokens, 4, 16, seed=1), cfg, tmp_path / name, eval_data=ev,
+                    eval_loss_fn=eval_fn, progress=False, save_checkpoints=False)
+        evals[name] = res.final_eval
+        if name == "explicit":
+            want = evaluate_loss(model, lm_loss, ev, cfg, torch.device("cpu"))
+    assert evals["explicit"]["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert "val_dropped_fraction" not in evals["explicit"]
+    assert evals["default"]["val_dropped_fraction"] > 0  # without it, validation is the goldfish loss itself

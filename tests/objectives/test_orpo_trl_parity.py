@@ -18,8 +18,9 @@ datasets = pytest.importorskip("datasets")
 
 from rizzearch.data.preference import PreferencePair, encode_pairs  # noqa: E402
 from rizzearch.data.tokenizer import byte_tokenizer  # noqa: E402
-from rizzearch.objectives.orpo import TRL_METRICS, orpo_batch_loss  # noqa: E402
+from rizzearch.objectives.orpo import TRL_METRICS  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
+from rizzearch.training.preference import orpo_batch_loss  # noqa: E402
 
 pytestmark = pytest.mark.anchors
 

@@ -17,7 +17,7 @@ import torch
 from rizzearch.data.batches import EvalWindows, RandomWindows
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.models import build_model
-from rizzearch.objectives.lm import lm_loss
+from rizzearch.training.losses import lm_loss
 from rizzearch.testing import assert_close
 from rizzearch.training.loop import NonFiniteLossError, TrainConfig, lr_at, train
 
@@ -138,7 +138,7 @@ def test_config_validation_names_the_key():
 DDP_SCRIPT = r"""
 import sys, torch
 from rizzearch.models import build_model
-from rizzearch.objectives.lm import lm_loss
+from rizzearch.training.losses import lm_loss
 from rizzearch.data.batches import RandomWindows
 from rizzearch.training.loop import TrainConfig, train
 from safetensors.torch import save_file

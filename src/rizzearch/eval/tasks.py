@@ -2,7 +2,7 @@
 
 Both tasks are ordinary next-token problems over a tiny vocabulary, so *any* registered CausalLM
 trains on them with the shared loop (``rizzearch.training.loop.train`` with
-``rizzearch.objectives.lm.lm_loss``) and is scored by the same accuracy functions.
+``rizzearch.training.losses.lm_loss``) and is scored by the same accuracy functions.
 
 **Parity** (Deletang et al. 2023, "Neural Networks and the Chomsky Hierarchy", the regular-language
 task of xLSTM paper section 4.1 / figure 4): the input is a random bit string; at every position

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, Callable
@@ -226,82 +227,86 @@ def get_model_class(name: str) -> tuple[type, type]:
     return _REGISTRY[name]
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert a value from the CLI/YAML (often a string) to the field's annotated type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing, **vars(typing)})  # noqa: S307 (annotations only)
-    origin = typing.get_origin(annotation)
+def _check_field(key: str, value: Any, hint: Any) -> Any:
+    """Check one config value against its field's type; JSON lists become tuples for tuple fields.
+
+    Nothing is parsed from strings (the CLI does that, typed by jsonargparse): a value of the wrong
+    type is a ConfigError naming the key.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        errors = []
         for a in args:
             try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        for c in choices:
-            if value == c or str(value) == str(c):
-                return c
-        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            import yaml
-
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        inner = typing.get_args(annotation)
-        item_t = inner[0] if inner else Any
-        out = [_coerce(v, item_t, key) if item_t is not Any else v for v in value]
-        return tuple(out) if origin is tuple else out
-    if annotation is bool:
-        if isinstance(value, bool):
+                return _check_field(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is typing.Literal:
+        if value in args:
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{key}: expected a bool, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an int, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an int, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"{key}: expected an int, got {value!r}")
-        return int(f)
-    if annotation is float:
-        try:
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        item = args[0] if args else Any
+        return tuple(v if item is Any else _check_field(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a float, got {value!r}") from None
-    if annotation is str:
-        return str(value)
-    return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is Any or (isinstance(hint, type) and isinstance(value, hint)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def config_from_dict(config_cls: type, values: dict | None, where: str = "model config"):
-    """Build a frozen config dataclass from a dict, converting types and naming unknown keys."""
+    """Build a frozen config dataclass from plain values (keyword overrides, a checkpoint's meta.json).
+
+    Unknown keys and values of the wrong type raise ConfigError naming the key; the config's own
+    ``__post_init__`` checks the rest (its ValueError becomes a ConfigError too).
+    """
     values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - set(fields))
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {unknown} for {config_cls.__name__}; valid keys: {sorted(fields)}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {config_cls.__name__}; valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(config_cls)
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    kwargs = {k: _check_field(f"{where}.{k}", v, hints[k]) for k, v in values.items()}
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+@functools.lru_cache(maxsize=None)
+def config_overrides_type(config_cls: type) -> type:
+    """A frozen dataclass with every field of ``config_cls`` made optional, default None ("keep the default").
+
+    It is the CLI's type of ``--model_config`` for a registered model (jsonargparse validates each
+    key and value against it); the fields that are not None are the overrides given to ``build_model``.
+    Fields whose own default is None cannot be told apart from "not given", which is harmless.
+    """
+    hints = typing.get_type_hints(config_cls)
+    fields = [(f.name, typing.Optional[hints[f.name]], dataclasses.field(default=None)) for f in dataclasses.fields(config_cls)]
+    cls = dataclasses.make_dataclass(f"{config_cls.__name__}Overrides", fields, frozen=True)
+    cls.__doc__ = config_cls.__doc__
+    cls.__module__ = config_cls.__module__
+    return cls
+
+
+def overrides_to_dict(overrides: Any) -> dict:
+    """The given (non-None) fields of a ``config_overrides_type`` instance (or a dict) as a plain dict."""
+    if overrides is None:
+        return {}
+    if dataclasses.is_dataclass(overrides):
+        overrides = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)}
+    return {k: v for k, v in dict(overrides).items() if v is not None}
 
 
 def build_model(name: str, **overrides) -> CausalLM:

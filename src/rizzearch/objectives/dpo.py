@@ -8,25 +8,26 @@ computed once over the whole data set (``precompute_reference_logps``) and carri
 ``ref_chosen_logps`` / ``ref_rejected_logps``: training then needs one forward per step (chosen
 and rejected concatenated) and no second model in memory, and the reference costs one no-grad pass
 over the data instead of one per step.
+
+This module is pure; the model-calling side (the reference pass, the loop's ``loss_fn``) is
+``rizzearch.training.preference``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.objectives.orpo import preference_forward, score_pairs
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _check_beta(beta: float) -> float:
+def check_beta(beta: float) -> float:
     beta = float(beta)
     if not math.isfinite(beta) or beta <= 0:
         raise ConfigError(f"dpo.beta must be a finite number > 0, got {beta}")
@@ -46,7 +47,7 @@ def dpo_loss(
     reward_margin, reward_accuracy (fraction with reward_chosen > reward_rejected),
     chosen_logp_sum / rejected_logp_sum (policy).
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ShapeError(f"dpo_loss: all four log-prob tensors must share one (B,) shape, got {sorted(shapes)}")
@@ -83,43 +84,6 @@ class DPOConfig:
     ref_batch_size: int = 32
 
     def __post_init__(self):
-        _check_beta(self.beta)
+        check_beta(self.beta)
         if self.ref_batch_size < 1:
             raise ConfigError(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
-
-
-@torch.no_grad()
-def precompute_reference_logps(model, tensors: dict[str, Tensor], batch_size: int = 32, chunk_size: int | None = None, device=None) -> dict[str, Tensor]:
-    """Summed response log-probs of the frozen reference for every pair -> {"ref_chosen_logps", "ref_rejected_logps"} (N,).
-
-    One no-grad pass over the data in eval mode (dropout off); the result is meant to be merged
-    into the training tensors so each batch carries its reference values.
-    """
-    out: dict[str, list[Tensor]] = {k: [] for k in REF_KEYS}
-    for fw in score_pairs(model, tensors, batch_size, chunk_size=chunk_size, device=device):
-        out["ref_chosen_logps"].append(fw.chosen.sum.float().cpu())
-        out["ref_rejected_logps"].append(fw.rejected.sum.float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def dpo_batch_loss(model, batch: dict[str, Tensor], beta: float = 0.1, chunk_size: int | None = None) -> tuple[Tensor, dict]:
-    """``loss_fn(model, batch)``: one concatenated forward, reference log-probs from the batch."""
-    missing = [k for k in REF_KEYS if k not in batch]
-    if missing:
-        raise ShapeError(f"dpo: batch lacks {missing}; run precompute_reference_logps on the data first")
-    fw = preference_forward(model, batch, nll_mode=None, chunk_size=chunk_size)
-    loss, metrics = dpo_loss(fw.chosen.sum, fw.rejected.sum, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta)
-    with torch.no_grad():
-        margin = fw.chosen.mean - fw.rejected.mean
-        metrics.update({
-            "chosen_logp": fw.chosen.mean.mean(),
-            "rejected_logp": fw.rejected.mean.mean(),
-            "logp_margin": margin.mean(),
-            "pref_accuracy": (margin > 0).float().mean(),
-        })
-    return loss, metrics
-
-
-def make_dpo_loss(config: DPOConfig = DPOConfig()):
-    """The loop's ``loss_fn`` for a DPOConfig (the data must carry the reference log-probs)."""
-    return partial(dpo_batch_loss, beta=config.beta, chunk_size=config.chunk_size)

@@ -38,6 +38,9 @@ never dropped either, since their context is unknown.
 
 ``k = None`` (or 0) means the standard loss: ``goldfish_cross_entropy`` then returns exactly
 ``rizzearch.objectives.lm.cross_entropy``.
+
+This module is pure (targets and logits in). The training loop's ``loss_fn`` that runs the model is
+``rizzearch.training.losses.GoldfishLoss``.
 """
 
 from __future__ import annotations
@@ -319,30 +322,3 @@ def goldfish_cross_entropy(
         "tokens": n_keep.detach(),
     }
     return loss, metrics
-
-
-class GoldfishLoss:
-    """``loss_fn(model, batch)`` for the training loop: the goldfish loss in training mode.
-
-    In evaluation mode (``model.eval()``, as the loop's validation does) it returns the standard
-    all-token cross-entropy, so validation losses of goldfish and standard runs are comparable.
-    For the ``random`` strategy each training call draws a fresh mask seed from the global torch
-    RNG (which the loop seeds and checkpoints, so resumed runs are bit-identical); with a fixed
-    seed every batch would get the same positional pattern, which is just a static mask.
-    """
-
-    def __init__(self, config: GoldfishConfig, protected_ids: Sequence[int] = ()):
-        extra = tuple(int(i) for i in protected_ids if int(i) not in config.protected_ids)
-        self.config = GoldfishConfig(config.k, config.h, config.strategy, config.seed, tuple(config.protected_ids) + extra)
-
-    def __call__(self, model, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        logits, _ = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        if not model.training:
-            return cross_entropy(logits, batch["targets"])
-        seed = None
-        if self.config.strategy == "random" and self.config.enabled:
-            seed = self.config.seed * 1_000_003 + int(torch.randint(0, 2**31 - 1, (1,)))
-        return goldfish_cross_entropy(logits, batch["targets"], self.config, seed=seed)
-
-    def __repr__(self) -> str:
-        return f"GoldfishLoss({self.config})"

@@ -33,12 +33,6 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_IN
     return loss, {"loss": loss.detach(), "tokens": n.detach()}
 
 
-def lm_loss(model, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-    """Standard language-model loss for a batch {"input_ids", "targets"[, "attention_mask"]}."""
-    logits, _ = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return cross_entropy(logits, batch["targets"])
-
-
 # ----------------------------------------------------------------------------------------------
 # Masked sequence log-probs (shared by SFT, DPO and ORPO)
 #

@@ -92,5 +92,3 @@ def ask(question: str, index: str | None = None, system: str = "naive_rag", gene
             w(f"  {i}. [{p['id']}] {p['ref']} (score {p['score']:.4f})\n     {p['text'][:240]}...\n")
     return rec
 
-
-ask.__positional__ = ("question",)  # rizz rag ask "QUESTION"

@@ -1,4 +1,4 @@
-"""What every study shares: the ``results.json`` schema, the environment record, modes, threads, timing, plots.
+"""What every study shares: the ``results.json`` schema, modes and sizes, the run context, clocks, writers.
 
 Every study (``rizz reproduce <study> --out DIR``) writes ``DIR/results.json``::
 
@@ -9,6 +9,14 @@ Every study (``rizz reproduce <study> --out DIR``) writes ``DIR/results.json``::
 
 Reports and checks read these files, never printed text. ``write_results`` validates the schema
 before writing (atomically), so a study cannot produce a file the report builder would reject.
+
+A study is a module with ``run(out_dir, *, full=False, tiny=False, device="cpu", seed=0)`` built
+from the same parts: a ``Modes`` table (its sizes and wall-clock budget per mode), a
+``StudyRun`` started from it (folder, mode, sizes, device, seed, clock), then data, train,
+evaluate and claims steps, and the shared writers (``Markdown`` for report.md, ``figure`` for
+plots, ``claims_table`` for claims). Tiers: every study has the ``quick`` tier (models trained from
+scratch); a tier is one ``Modes`` table, so a later ``real`` tier (pretrained models) is a second
+table the same ``StudyRun`` selects from.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -31,6 +39,8 @@ from rizzearch.errors import ConfigError, DataError
 from rizzearch.runs import atomic_write_text
 
 CLAIM_KEYS = ("id", "statement", "paper_value", "our_value", "holds")
+MODES = ("tiny", "quick", "full")
+TIERS = ("quick",)  # issue 16 adds "real" (pretrained models): one more Modes table per study
 
 
 @dataclass
@@ -52,8 +62,11 @@ class Claim:
     holds: bool
 
 
+# -- environment and clocks ---------------------------------------------------------------------
+
+
 def environment() -> dict:
-    """Machine and library versions for the record (CPU/GPU, threads, versions)."""
+    """Machine and library versions for the record (CPU/GPU, threads, versions); benchmarks print the same."""
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -65,6 +78,129 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "rizzearch": rizzearch.__version__,
     }
+
+
+def load_averages() -> tuple[float, float, float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the platform has none)."""
+    try:
+        return os.getloadavg()
+    except (OSError, AttributeError):
+        return None
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, recorded beside timings (None where the platform has none)."""
+    loads = load_averages()
+    return None if loads is None else loads[0]
+
+
+@dataclass
+class Budget:
+    """Wall-clock budget of a study run, and its clocks: wall and CPU time, load average at the start."""
+
+    seconds: float
+    start: float = field(default_factory=time.perf_counter)
+    cpu_start: float = field(default_factory=time.process_time)
+    load_start: float | None = field(default_factory=load_average)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def cpu_elapsed(self) -> float:
+        return time.process_time() - self.cpu_start
+
+
+# -- modes, sizes and the run context -----------------------------------------------------------
+
+
+def study_mode(full: bool, tiny: bool) -> str:
+    """``"tiny"``, ``"full"`` or ``"quick"`` (the default) from a study's two flags."""
+    if full and tiny:
+        raise ConfigError("full and tiny: choose at most one")
+    return "tiny" if tiny else "full" if full else "quick"
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class Modes(Generic[S]):
+    """One tier of a study: its sizes (a frozen dataclass of the study's own) and budget per mode.
+
+    Args:
+        tiny: smoke-test sizes (seconds; the numbers mean nothing).
+        quick: the default sizes (``make demo``), each study within its minutes on 2 CPU cores.
+        full: larger models and longer runs.
+        budget_s: wall-clock budget in seconds per mode (``{"tiny": .., "quick": .., "full": ..}``).
+        tier: the tier this table belongs to (``"quick"``; issue 16 adds ``"real"``).
+    """
+
+    tiny: S
+    quick: S
+    full: S
+    budget_s: Mapping[str, float]
+    tier: str = "quick"
+
+    def __post_init__(self) -> None:
+        missing = [m for m in MODES if m not in self.budget_s]
+        if missing:
+            raise ConfigError(f"budget_s: no budget for mode(s) {missing}")
+        if self.tier not in TIERS:
+            raise ConfigError(f"tier: unknown tier {self.tier!r}; choose one of {', '.join(TIERS)}")
+
+    def size(self, mode: str) -> S:
+        if mode not in MODES:
+            raise ConfigError(f"mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        return getattr(self, mode)
+
+
+@dataclass
+class StudyRun(Generic[S]):
+    """One run of a study, what every step receives: folder, tier, mode, sizes, device, seed, clock."""
+
+    study: str
+    out: Path
+    tier: str
+    mode: str
+    size: S
+    device: str
+    seed: int
+    budget: Budget
+
+    @classmethod
+    def start(cls, study: str, out_dir: str | Path, modes: Modes[S], *, full: bool, tiny: bool, device: str, seed: int) -> "StudyRun[S]":
+        """Choose the mode from the flags, create ``out_dir`` and start the clock."""
+        mode = study_mode(full, tiny)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return cls(study, out, modes.tier, mode, modes.size(mode), device, seed, Budget(modes.budget_s[mode]))
+
+    def finish(self, claims: list[Claim | dict], metrics: dict) -> dict:
+        """Write ``results.json`` (last: it marks the study done) and return it as read back."""
+        return read_results(write_results(self.out, self.study, claims, metrics))
+
+
+@contextmanager
+def torch_threads(n: int, device: str | None = None) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads, restored afterwards (left alone on a non-CPU ``device``).
+
+    The study models are tiny: per-op overhead dominates, and on a shared machine every extra
+    spinning thread makes each small op wait (studies measured 4x slower with two threads per
+    process on 2 cores); one thread also makes timings independent of the core count.
+    """
+    old = torch.get_num_threads()
+    if device is None or torch.device(device).type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# -- results.json -------------------------------------------------------------------------------
 
 
 def _jsonable(x: Any) -> Any:
@@ -133,47 +269,70 @@ def read_results(path: str | Path) -> dict:
     return validate_results(data, str(p))
 
 
+# -- writers: values, tables, report.md, plots --------------------------------------------------
+
+
+def fmt_value(v: Any) -> str:
+    """A claim or metric value as report text (floats to 4 significant digits, dicts as ``k: v``)."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one letter per column, ``l`` or ``r`` (default: all left)."""
+    align = align or "l" * len(header)
+    if len(align) != len(header):
+        raise ValueError(f"align {align!r} has {len(align)} letters for {len(header)} columns")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"table row has {len(row)} cells for {len(header)} columns: {row!r}")
+        lines.append("| " + " | ".join(v if isinstance(v, str) else fmt_value(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(claims: Iterable[Claim | dict]) -> str:
+    """The claims table every report shows: the claim, the paper's value, ours, whether it holds."""
+    rows = []
+    for c in claims:
+        c = asdict(c) if isinstance(c, Claim) else c
+        rows.append([str(c["statement"]), fmt_value(c["paper_value"]), fmt_value(c["our_value"]), "yes" if c["holds"] else "**no**"])
+    return md_table(["claim", "paper", "ours", "holds"], rows)
+
+
 @dataclass
-class Budget:
-    """Wall-clock budget for a study's stages (quick mode must fit its minutes)."""
+class Markdown:
+    """A report.md built from sections (a heading and blocks of text), never spliced strings."""
 
-    seconds: float
-    start: float = field(default_factory=time.perf_counter)
+    title: str
+    blocks: list[str] = field(default_factory=list)
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+    def section(self, heading: str | None, *blocks: str) -> "Markdown":
+        """Append ``## heading`` (none when None) and the blocks, separated by blank lines."""
+        if heading:
+            self.blocks.append(f"## {heading}")
+        self.blocks.extend(b for b in blocks if b)
+        return self
 
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
+    def claims(self, claims: Iterable[Claim | dict], heading: str | None = "Claims") -> "Markdown":
+        return self.section(heading, claims_table(claims))
 
+    def image(self, path: str | Path, alt: str) -> "Markdown":
+        return self.section(None, f"![{alt}]({Path(path).name})")
 
-def study_mode(full: bool, tiny: bool) -> str:
-    """``"tiny"``, ``"full"`` or ``"quick"`` (the default) from a study's two flags."""
-    if full and tiny:
-        raise ConfigError("full and tiny: choose at most one")
-    return "tiny" if tiny else "full" if full else "quick"
+    def text(self) -> str:
+        return "\n\n".join([f"# {self.title}", *self.blocks]) + "\n"
 
-
-@contextmanager
-def torch_threads(n: int, device: str | None = None) -> Iterator[None]:
-    """Run the body with ``n`` torch intra-op threads, restored afterwards (left alone on a non-CPU ``device``).
-
-    The study models are tiny: per-op overhead dominates, and on a shared machine every extra
-    spinning thread makes each small op wait (studies measured 4x slower with two threads per
-    process on 2 cores); one thread also makes timings independent of the core count.
-    """
-    old = torch.get_num_threads()
-    if device is None or torch.device(device).type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def load_average() -> float | None:
-    """The 1-minute load average, recorded beside timings (None where the platform has none)."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    def write(self, path: str | Path) -> Path:
+        atomic_write_text(Path(path), self.text())
+        return Path(path)
 
 
 def pyplot():
@@ -191,3 +350,15 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+@contextmanager
+def figure(path: str | Path, ncols: int, figsize: tuple[float, float], dpi: int = 110) -> Iterator[Any]:
+    """A row of ``ncols`` axes to draw on; the figure is saved to ``path`` (and closed) when the body ends."""
+    fig, axes = pyplot().subplots(1, ncols, figsize=figsize)
+    try:
+        yield axes
+    except BaseException:
+        pyplot().close(fig)
+        raise
+    save_figure(fig, path, dpi)

@@ -26,7 +26,6 @@ goldfish training memorizes <= 5%; goldfish validation loss on held-out text is 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -38,11 +37,12 @@ from rizzearch import corpora
 from rizzearch.data.batches import EvalWindows, RowBatches
 from rizzearch.data.tokenizer import Tokenizer, tokenizer_fingerprint, train_bpe
 from rizzearch.errors import DataError
-from rizzearch.eval.memorization import audit_memorization, write_report
+from rizzearch.eval.memorization import audit_memorization
+from rizzearch.eval.memorization import write_report as write_audit_report
 from rizzearch.models.base import build_model
-from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
-from rizzearch.objectives.lm import lm_loss
-from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
+from rizzearch.objectives.goldfish import GoldfishConfig
+from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
+from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
@@ -55,7 +55,7 @@ _TITLE = re.compile(r"^ = [^=].* = $")
 
 
 @dataclass(frozen=True)
-class StudySize:
+class Size:
     """Sizes of one study mode.
 
     Args:
@@ -93,11 +93,12 @@ class StudySize:
     heldout_documents: int = 20
 
 
-QUICK = StudySize()
-FULL = StudySize(tokens=256, d_model=192, n_layer=3, n_head=6, steps=480, prompt_tokens=32, new_tokens=128, num_beams=4,
+QUICK = Size()
+FULL = Size(tokens=256, d_model=192, n_layer=3, n_head=6, steps=480, prompt_tokens=32, new_tokens=128, num_beams=4,
                  val_tokens=65536, extra_strategies=("product", "static"))
-TINY = StudySize(articles=12, tokens=40, vocab_size=300, d_model=32, n_layer=1, n_head=2, steps=24, batch_size=6,
+TINY = Size(articles=12, tokens=40, vocab_size=300, d_model=32, n_layer=1, n_head=2, steps=24, batch_size=6,
                  prompt_tokens=16, new_tokens=16, num_beams=2, val_tokens=2048, heldout_documents=8)
+MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": QUICK_BUDGET_S, "quick": QUICK_BUDGET_S, "full": QUICK_BUDGET_S})
 
 
 def wikitext_articles() -> list[tuple[str, str]]:
@@ -122,7 +123,7 @@ def wikitext_articles() -> list[tuple[str, str]]:
     return [(a[0].strip().strip("=").strip(), "".join(a)) for a in out]
 
 
-def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor, size: StudySize, tok: Tokenizer,
+def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor, size: Size, tok: Tokenizer,
                out: Path, seed: int, device: str, meta: dict) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)  # identical initialization for every run
     model = build_model("gpt", vocab_size=tok.vocab_size, d_model=size.d_model, n_layer=size.n_layer, n_head=size.n_head)
@@ -132,7 +133,7 @@ def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor
                       weight_decay=0.0, log_every=max(1, size.steps // 40), seed=seed, device=device)
     run_dir = out / name
     t0, c0 = time.perf_counter(), time.process_time()
-    res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
+    res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, eval_loss_fn=lm_loss, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
                      progress=True)
     tok.save(run_dir / "tokenizer.json")
     return model, {
@@ -154,20 +155,37 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     shared one two spinning threads per process made it 4x slower in wall time (781 s vs 201 s
     measured side by side); one thread also makes the numbers independent of the core count.
     """
+    r = StudyRun.start(STUDY, out_dir, MODES, full=full, tiny=tiny, device=device, seed=seed)
     with torch_threads(1, device):
-        return _run(out_dir, full=full, tiny=tiny, device=device, seed=seed)
+        data = prepare_data(r.size, r.out)
+        results, model = {}, None
+        for name, (loss_fn, meta) in objectives(r.size, data.tok, seed).items():
+            model, results[name] = train_and_audit(r, data, name, loss_fn, meta)
+        claims = make_claims(r.size, results, data.rows.shape[0])
+        metrics = collect_metrics(r, data, results, model.num_params())
+        plot(results, r.out / "goldfish.png", r.size)
+        write_report(r.out / "report.md", claims, results, metrics, r.size)
+        print(f"[goldfish study] {r.mode}: {metrics['wall_seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU, load average "
+              f"{metrics['loadavg_1min_start']:.1f} -> {metrics['loadavg_1min_end']:.1f}")
+        return r.finish(claims, metrics)
 
 
-def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = study_mode(full, tiny)
-    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
-    budget = Budget(QUICK_BUDGET_S)
-    cpu0 = time.process_time()
-    load0 = os.getloadavg()[0]
+@dataclass
+class Data:
+    """The tokenizer, the training rows (one per document) and the held-out documents and tokens."""
 
-    # -- data -------------------------------------------------------------------------------
+    arts: list[tuple[str, str]]  # (title, text) of every article
+    tok: Tokenizer
+    train_idx: list[int]
+    rows: torch.Tensor  # (D, tokens + 1)
+    held: list[tuple[str, list[int]]]  # (title, token ids) of the audited held-out articles
+    val_stream: torch.Tensor  # (val_tokens + 1,) held-out tokens for the validation loss
+    skipped_short: list[str]
+
+
+def prepare_data(size: Size, out: Path) -> Data:
+    """Articles, a BPE tokenizer trained on all of them, training rows and held-out text; writes
+    tokenizer.json, documents.jsonl and heldout.jsonl into ``out``."""
     arts = wikitext_articles()
     if len(arts) < size.articles + 2:
         raise DataError(f"bundled WikiText-2 has {len(arts)} articles; the study needs {size.articles} + held-out ones")
@@ -181,39 +199,45 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
         raise DataError(f"not enough WikiText-2 articles with >= {size.tokens + 1} tokens for {size.articles} training documents")
     rows = torch.tensor([encoded[i][: size.tokens + 1] for i in train_idx])  # (D, tokens + 1)
     held = [(arts[i][0], encoded[i][: size.tokens + 1]) for i in held_idx if len(encoded[i]) >= size.prompt_tokens + size.new_tokens]
-    held = held[: size.heldout_documents]
     val_stream = torch.tensor([t for i in held_idx for t in encoded[i]][: size.val_tokens + 1])
     for fname, idx in (("documents.jsonl", train_idx), ("heldout.jsonl", held_idx)):
         (out / fname).write_text("".join(json.dumps({"id": arts[i][0], "text": arts[i][1]}) + "\n" for i in idx))
+    return Data(arts, tok, train_idx, rows, held[: size.heldout_documents], val_stream, skipped_short)
 
-    # -- training ---------------------------------------------------------------------------
+
+def objectives(size: Size, tok: Tokenizer, seed: int) -> dict[str, tuple]:
+    """name -> (loss function, run metadata): the standard loss, then goldfish with each mask strategy."""
     runs: dict[str, tuple] = {"standard": (lm_loss, {"objective": "lm"})}
     for strategy in ("hash", *size.extra_strategies):
         cfg = GoldfishConfig(k=4, h=13, strategy=strategy, seed=seed)
         name = "goldfish" if strategy == "hash" else f"goldfish-{strategy}"
         runs[name] = (GoldfishLoss(cfg, protected_ids=tok.special_ids), {"objective": "goldfish", "goldfish": asdict(cfg)})
-    results: dict[str, dict] = {}
-    for name, (loss_fn, meta) in runs.items():
-        print(f"[goldfish study] training {name} ({size.steps} steps, {rows.shape[0]} documents x {size.tokens} tokens)")
-        model, info = _train_one(name, loss_fn, rows, val_stream, size, tok, out, seed, device, meta)
-        t0 = time.perf_counter()
-        report = audit_memorization(model, rows.tolist(), heldout=[d for _, d in held], prompt_tokens=size.prompt_tokens,
-                                    new_tokens=size.new_tokens, num_beams=size.num_beams, tokenizer=tok,
-                                    ids=[arts[i][0] for i in train_idx], heldout_ids=[t for t, _ in held],
-                                    batch_size=25, device=device, progress=True)
-        write_report(report, out / name / "audit")
-        info["audit_seconds"] = time.perf_counter() - t0
-        info["audit"] = report.summary
-        results[name] = info
-        print(report.table())
+    return runs
 
-    # -- claims -----------------------------------------------------------------------------
+
+def train_and_audit(r: StudyRun[Size], data: Data, name: str, loss_fn, meta: dict) -> tuple[torch.nn.Module, dict]:
+    """Train one model (same initialization and data order for every run), then audit its memorization."""
+    size = r.size
+    print(f"[goldfish study] training {name} ({size.steps} steps, {data.rows.shape[0]} documents x {size.tokens} tokens)")
+    model, info = _train_one(name, loss_fn, data.rows, data.val_stream, size, data.tok, r.out, r.seed, r.device, meta)
+    t0 = time.perf_counter()
+    report = audit_memorization(model, data.rows.tolist(), heldout=[d for _, d in data.held], prompt_tokens=size.prompt_tokens,
+                                new_tokens=size.new_tokens, num_beams=size.num_beams, tokenizer=data.tok,
+                                ids=[data.arts[i][0] for i in data.train_idx], heldout_ids=[t for t, _ in data.held],
+                                batch_size=25, device=r.device, progress=True)
+    write_audit_report(report, r.out / name / "audit")
+    info["audit_seconds"] = time.perf_counter() - t0
+    info["audit"] = report.summary
+    print(report.table())
+    return model, info
+
+
+def make_claims(size: Size, results: dict, n_docs: int) -> list[Claim]:
     std, gf = results["standard"], results["goldfish"]
     std_exact = std["audit"]["greedy"]["train"]["exact_match_rate"]
     gf_exact = gf["audit"]["greedy"]["train"]["exact_match_rate"]
     ratio = gf["val_loss"] / std["val_loss"]
-    n_docs = rows.shape[0]
-    claims = [
+    return [
         Claim("standard_memorizes",
               f"Standard training for {std['epochs']:.0f} epochs on {n_docs} WikiText-2 articles memorizes at least half of them "
               f"(greedy exact match of the {size.new_tokens}-token continuation after a {size.prompt_tokens}-token prompt)",
@@ -228,99 +252,83 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
               "validation loss close to the standard loss's (little cost)",
               f"goldfish {gf['val_loss']:.4f} / standard {std['val_loss']:.4f} = {ratio:.3f}", ratio <= 1 + VAL_LOSS_MARGIN),
     ]
-    wall = budget.elapsed()
-    cpu = time.process_time() - cpu0
-    metrics = {
-        "mode": mode,
+
+
+def collect_metrics(r: StudyRun[Size], data: Data, results: dict, model_params: int) -> dict:
+    size = r.size
+    std, gf = results["standard"], results["goldfish"]
+    return {
+        "mode": r.mode,
         "subset": {
-            "training_documents": n_docs,
+            "training_documents": data.rows.shape[0],
             "tokens_per_document": size.tokens,
-            "heldout_documents": len(held),
-            "val_tokens": int(val_stream.numel() - 1),
-            "skipped_short_articles": skipped_short,
+            "heldout_documents": len(data.held),
+            "val_tokens": int(data.val_stream.numel() - 1),
+            "skipped_short_articles": data.skipped_short,
             "source": "WikiText-2 validation + test articles (bundled), in file order",
         },
         "size": asdict(size),
-        "model_params": model.num_params(),
-        "runs": {name: {k: v for k, v in r.items() if k != "history"} for name, r in results.items()},
-        "standard_exact_match_rate": std_exact,
-        "goldfish_exact_match_rate": gf_exact,
-        "val_loss_ratio": ratio,
-        "wall_seconds": wall,
-        "cpu_seconds": cpu,
-        "quick_budget_seconds": QUICK_BUDGET_S,
+        "model_params": model_params,
+        "runs": {name: {k: v for k, v in res.items() if k != "history"} for name, res in results.items()},
+        "standard_exact_match_rate": std["audit"]["greedy"]["train"]["exact_match_rate"],
+        "goldfish_exact_match_rate": gf["audit"]["greedy"]["train"]["exact_match_rate"],
+        "val_loss_ratio": gf["val_loss"] / std["val_loss"],
+        "wall_seconds": r.budget.elapsed(),
+        "cpu_seconds": r.budget.cpu_elapsed(),
+        "quick_budget_seconds": r.budget.seconds,
         "torch_threads": torch.get_num_threads(),
-        "loadavg_1min_start": load0,
-        "loadavg_1min_end": os.getloadavg()[0],
+        "loadavg_1min_start": r.budget.load_start,
+        "loadavg_1min_end": load_average(),
     }
-    _plot(results, out / "goldfish.png", size)
-    (out / "report.md").write_text(_report(claims, results, metrics, size))
-    print(f"[goldfish study] {mode}: {wall:.0f}s wall, {cpu:.0f}s CPU, load average {load0:.1f} -> {metrics['loadavg_1min_end']:.1f}")
-    return read_results(write_results(out, STUDY, claims, metrics))
 
 
-def _report(claims: list[Claim], results: dict, metrics: dict, size: StudySize) -> str:
-    lines = [
-        "# Goldfish loss: memorization with and without goldfish training",
-        "",
-        f"Mode **{metrics['mode']}**: {metrics['subset']['training_documents']} WikiText-2 articles x {size.tokens} tokens, "
-        f"GPT d={size.d_model} x {size.n_layer} layers ({metrics['model_params']:,} parameters), {size.steps} steps of "
-        f"{size.batch_size} documents ({results['standard']['epochs']:.0f} epochs), BPE vocab {size.vocab_size}. "
-        f"Audit: prompt P={size.prompt_tokens}, continuation N={size.new_tokens}, beam width {size.num_beams}; "
-        f"{metrics['subset']['heldout_documents']} held-out articles.",
-        "",
-        "| claim | paper | ours | holds |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'NO'} |" for c in claims]
-    lines += [
-        "",
-        "| run | greedy exact | beam exact | token match | RougeL | longest run | held-out exact | loss AUC | zlib AUC | val loss | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        a = r["audit"]
+def write_report(path: Path, claims: list[Claim], results: dict, metrics: dict, size: Size) -> None:
+    setup = (f"Mode **{metrics['mode']}**: {metrics['subset']['training_documents']} WikiText-2 articles x {size.tokens} tokens, "
+             f"GPT d={size.d_model} x {size.n_layer} layers ({metrics['model_params']:,} parameters), {size.steps} steps of "
+             f"{size.batch_size} documents ({results['standard']['epochs']:.0f} epochs), BPE vocab {size.vocab_size}. "
+             f"Audit: prompt P={size.prompt_tokens}, continuation N={size.new_tokens}, beam width {size.num_beams}; "
+             f"{metrics['subset']['heldout_documents']} held-out articles.")
+    rows = []
+    for name, res in results.items():
+        a = res["audit"]
         g, b = a["greedy"]["train"], a.get("beam", {}).get("train", {})
         mia = a.get("membership") or {}
-        lines.append(
-            f"| {name} | {g['exact_match_rate']:.1%} | {b.get('exact_match_rate', float('nan')):.1%} | {g['token_match']:.3f} | "
-            f"{g['rougeL']:.3f} | {g['longest_run']:.1f} | {a['greedy'].get('heldout', {}).get('exact_match_rate', float('nan')):.1%} | "
-            f"{mia.get('loss_auc', float('nan')):.3f} | {mia.get('zlib_auc', float('nan')):.3f} | {r['val_loss']:.4f} | {r['train_seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s CPU), 1-min load average "
-        f"{metrics['loadavg_1min_start']:.1f} at start and {metrics['loadavg_1min_end']:.1f} at the end.",
-        "",
-        "![goldfish](goldfish.png)",
-        "",
-    ]
-    return "\n".join(lines)
+        rows.append([name, f"{g['exact_match_rate']:.1%}", f"{b.get('exact_match_rate', float('nan')):.1%}", f"{g['token_match']:.3f}",
+                     f"{g['rougeL']:.3f}", f"{g['longest_run']:.1f}", f"{a['greedy'].get('heldout', {}).get('exact_match_rate', float('nan')):.1%}",
+                     f"{mia.get('loss_auc', float('nan')):.3f}", f"{mia.get('zlib_auc', float('nan')):.3f}", f"{res['val_loss']:.4f}",
+                     f"{res['train_seconds']:.0f}"])
+    table = md_table(["run", "greedy exact", "beam exact", "token match", "RougeL", "longest run", "held-out exact", "loss AUC", "zlib AUC",
+                      "val loss", "train s"], rows, "l" + "r" * 10)
+    clock = (f"Wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s CPU), 1-min load average "
+             f"{metrics['loadavg_1min_start']:.1f} at start and {metrics['loadavg_1min_end']:.1f} at the end.")
+    doc = Markdown("Goldfish loss: memorization with and without goldfish training").section(None, setup).claims(claims)
+    doc.section("Memorization audit", table, clock).image("goldfish.png", "goldfish").write(path)
 
 
-def _plot(results: dict, path: Path, size: StudySize) -> None:
-    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        steps = [h["step"] for h in r["history"]]
-        (line,) = ax1.plot(steps, [h.get("all_token_loss", h["loss"]) for h in r["history"]], label=f"{name}: all tokens")
-        if "all_token_loss" in r["history"][-1]:
-            ax1.plot(steps, [h["loss"] for h in r["history"]], "--", color=line.get_color(), label=f"{name}: kept tokens")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (nats/token)")
-    ax1.set_title("training loss on the memorized documents")
-    ax1.legend(fontsize=8)
-    names = list(results)
-    metrics = [("greedy exact", lambda a: a["greedy"]["train"]["exact_match_rate"]),
-               ("beam exact", lambda a: a.get("beam", {}).get("train", {}).get("exact_match_rate", 0.0)),
-               ("token match", lambda a: a["greedy"]["train"]["token_match"]),
-               ("RougeL", lambda a: a["greedy"]["train"]["rougeL"])]
-    width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        vals = [f(results[name]["audit"]) for _, f in metrics]
-        ax2.bar([i + j * width for i in range(len(metrics))], vals, width, label=name)
-    ax2.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(metrics))], [m for m, _ in metrics])
-    ax2.set_ylim(0, 1.05)
-    ax2.set_title(f"memorization of the training documents (P={size.prompt_tokens}, N={size.new_tokens})")
-    ax2.legend(fontsize=8)
-    save_figure(fig, path)
+AUDIT_BARS = (("greedy exact", lambda a: a["greedy"]["train"]["exact_match_rate"]),
+              ("beam exact", lambda a: a.get("beam", {}).get("train", {}).get("exact_match_rate", 0.0)),
+              ("token match", lambda a: a["greedy"]["train"]["token_match"]),
+              ("RougeL", lambda a: a["greedy"]["train"]["rougeL"]))
+
+
+def plot(results: dict, path: Path, size: Size) -> None:
+    with figure(path, 2, (11, 4)) as (ax1, ax2):
+        for name, res in results.items():
+            steps = [h["step"] for h in res["history"]]
+            (line,) = ax1.plot(steps, [h.get("all_token_loss", h["loss"]) for h in res["history"]], label=f"{name}: all tokens")
+            if "all_token_loss" in res["history"][-1]:
+                ax1.plot(steps, [h["loss"] for h in res["history"]], "--", color=line.get_color(), label=f"{name}: kept tokens")
+        ax1.set_yscale("log")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("training loss (nats/token)")
+        ax1.set_title("training loss on the memorized documents")
+        ax1.legend(fontsize=8)
+        names = list(results)
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            vals = [f(results[name]["audit"]) for _, f in AUDIT_BARS]
+            ax2.bar([i + j * width for i in range(len(AUDIT_BARS))], vals, width, label=name)
+        ax2.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(AUDIT_BARS))], [m for m, _ in AUDIT_BARS])
+        ax2.set_ylim(0, 1.05)
+        ax2.set_title(f"memorization of the training documents (P={size.prompt_tokens}, N={size.new_tokens})")
+        ax2.legend(fontsize=8)

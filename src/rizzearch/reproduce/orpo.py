@@ -31,7 +31,6 @@ model and forwards fewer sequences than SFT+DPO.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,16 +39,17 @@ from pathlib import Path
 import torch
 
 from rizzearch.data.batches import RandomWindows
-from rizzearch.data.preference import PreferencePair, encode_pairs
-from rizzearch.data.tokenizer import train_bpe
+from rizzearch.data.preference import PreferencePair, PreferenceSet, encode_pairs
+from rizzearch.data.tokenizer import Tokenizer, train_bpe
 from rizzearch.models.base import build_model, eval_mode, generate
 from rizzearch.objectives.dpo import DPOConfig
-from rizzearch.objectives.lm import lm_loss
-from rizzearch.objectives.orpo import ORPOConfig, score_pairs
-from rizzearch.reproduce.common import Budget, Claim, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
+from rizzearch.objectives.orpo import ORPOConfig
+from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_averages, md_table, torch_threads
 from rizzearch.training.align import ForwardCounter, evaluate_preferences, run_stage
+from rizzearch.training.losses import lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
+from rizzearch.training.preference import score_pairs
 
 STUDY = "orpo"
 COMPETITIVE_MARGIN = 0.05  # "competitive": within 5 accuracy points of SFT+DPO, or better
@@ -58,7 +58,7 @@ METHODS = ("base", "sft", "sft+dpo", "orpo", "orpo_lam1")
 
 
 @dataclass(frozen=True)
-class Sizes:
+class Size:
     """Scale of one study run (quick / tiny / full)."""
 
     n_layer: int = 2
@@ -86,11 +86,12 @@ class Sizes:
     bootstrap: int = 2000
 
 
-QUICK = Sizes()
-TINY = Sizes(d_model=32, n_head=2, vocab_size=400, pretrain_docs=300, pretrain_steps=10, pretrain_batch=8, train_pairs=64, val_pairs=24,
+QUICK = Size()
+TINY = Size(d_model=32, n_head=2, vocab_size=400, pretrain_docs=300, pretrain_steps=10, pretrain_batch=8, train_pairs=64, val_pairs=24,
              align_steps=4, dpo_steps=4, align_batch=8, gen_eval=8, bootstrap=200)
-FULL = Sizes(d_model=96, pretrain_docs=12000, pretrain_steps=2500, train_pairs=6000, val_pairs=2000, align_steps=800, dpo_steps=800,
+FULL = Size(d_model=96, pretrain_docs=12000, pretrain_steps=2500, train_pairs=6000, val_pairs=2000, align_steps=800, dpo_steps=800,
              gen_eval=2000)
+MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": 30, "quick": 6 * 60, "full": 60 * 60})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,14 +165,20 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int, seed: int = 0) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Study
+# Study: data, pretrain, align + evaluate, claims, report
 
 
-def _evaluate(model, val_set, val_pairs, tok, sz: Sizes, device) -> tuple[dict, dict]:
-    pref = evaluate_preferences(model, val_set.tensors, 128, device=device)
-    wins = pair_wins(model, val_set.tensors, device)
-    task = task_correct(model, val_pairs[: sz.gen_eval], tok, device)
-    return {**pref, "task_accuracy": float(task.float().mean())}, {"wins": wins, "task": task}
+@dataclass
+class Data:
+    """The study's data: pretraining text and token stream, preference pairs, tokenizer, encoded sets."""
+
+    text: str
+    stream: torch.Tensor  # (N,) token ids of the pretraining text
+    train_pairs: list[PreferencePair]
+    val_pairs: list[PreferencePair]
+    tok: Tokenizer
+    train_set: PreferenceSet
+    val_set: PreferenceSet
 
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
@@ -183,87 +190,108 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     of CPU per pretraining step, measured side by side); one thread also makes the numbers
     independent of the core count.
     """
-    with torch_threads(1, device):
-        return _run(out_dir, full=full, tiny=tiny, device=device, seed=seed)
-
-
-def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dict:
     from tqdm.auto import tqdm
 
-    mode = study_mode(full, tiny)
-    sz = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = Budget({"quick": 6 * 60, "tiny": 30, "full": 60 * 60}[mode])
-    c_start = time.process_time()
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    dev = torch.device(device)
-    bar = tqdm(total=7, desc="orpo study", disable=tiny)
+    r = StudyRun.start(STUDY, out_dir, MODES, full=full, tiny=tiny, device=device, seed=seed)
+    with torch_threads(1, device):
+        torch.manual_seed(seed)
+        bar = tqdm(total=7, desc="orpo study", disable=tiny)
+        bar.set_postfix_str("data")
+        data = prepare_data(r.size, random.Random(seed))
+        bar.set_postfix_str("pretrain")
+        base, pretrain = pretrain_base(r, data)
+        evals = {"base": evaluate(base, data, r)}
+        bar.update(1)
+        compute = align_all(r, data, base, evals, bar)
+        bar.set_postfix_str("report")
+        results, raw = {m: e[0] for m, e in evals.items()}, {m: e[1] for m, e in evals.items()}
+        claims, diffs = make_claims(r.size, results, raw, compute, seed)
+        metrics = collect_metrics(r, data, results, compute, diffs, pretrain)
+        write_report(r.out, claims, metrics)
+        plot(r.out / "orpo.png", metrics["results"], compute)
+        bar.update(1)
+        bar.close()
+        return r.finish(claims, metrics)
 
-    # 1. data and tokenizer
-    bar.set_postfix_str("data")
+
+def prepare_data(sz: Size, rng: random.Random) -> Data:
+    """Pretraining text, training and held-out pairs, a BPE tokenizer trained on them, encoded sets."""
     text = make_pretraining_text(sz.pretrain_docs, rng, sz.list_len, sz.high)
     train_pairs = make_pairs(sz.train_pairs, rng, sz.list_len, sz.high)
     val_pairs = make_pairs(sz.val_pairs, rng, sz.list_len, sz.high)
     tok = train_bpe([text, "\n".join(p.messages[0][1] + p.chosen for p in train_pairs[:500])], sz.vocab_size)
     enc = dict(template="plain", max_length=sz.seq_len, max_response_length=8)
-    train_set = encode_pairs(train_pairs, tok, **enc)
-    val_set = encode_pairs(val_pairs, tok, **enc)
-    stream = torch.tensor(tok.encode(text), dtype=torch.long)
+    return Data(text=text, stream=torch.tensor(tok.encode(text), dtype=torch.long), train_pairs=train_pairs, val_pairs=val_pairs,
+                tok=tok, train_set=encode_pairs(train_pairs, tok, **enc), val_set=encode_pairs(val_pairs, tok, **enc))
 
-    # 2. base model, pretrained through the shared loop
-    bar.set_postfix_str("pretrain")
-    base = build_model("gpt", n_layer=sz.n_layer, n_head=sz.n_head, d_model=sz.d_model, vocab_size=tok.vocab_size).to(dev)
-    pre_cfg = TrainConfig(steps=sz.pretrain_steps, batch_size=sz.pretrain_batch, lr=sz.pretrain_lr, warmup_steps=max(1, sz.pretrain_steps // 10),
-                          weight_decay=0.1, log_every=max(1, sz.pretrain_steps // 10), seed=seed, device=device)
+
+def pretrain_base(r: StudyRun[Size], data: Data) -> tuple[torch.nn.Module, dict]:
+    """The base GPT, pretrained from scratch on the number lists through the shared loop."""
+    sz = r.size
+    base = build_model("gpt", n_layer=sz.n_layer, n_head=sz.n_head, d_model=sz.d_model, vocab_size=data.tok.vocab_size).to(torch.device(r.device))
+    cfg = TrainConfig(steps=sz.pretrain_steps, batch_size=sz.pretrain_batch, lr=sz.pretrain_lr, warmup_steps=max(1, sz.pretrain_steps // 10),
+                      weight_decay=0.1, log_every=max(1, sz.pretrain_steps // 10), seed=r.seed, device=r.device)
     t0, c0 = time.perf_counter(), time.process_time()
-    pre = train_loop(base, lm_loss, RandomWindows(stream, sz.pretrain_batch, sz.seq_len, seed=seed), pre_cfg, out / "runs" / "pretrain",
+    pre = train_loop(base, lm_loss, RandomWindows(data.stream, sz.pretrain_batch, sz.seq_len, seed=r.seed), cfg, r.out / "runs" / "pretrain",
                      progress=False, save_checkpoints=False)
-    pretrain = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "final_loss": pre.final_loss, "steps": pre.steps,
-                "tokens": pre.tokens}
-    results, raw = {}, {}
-    results["base"], raw["base"] = _evaluate(base, val_set, val_pairs, tok, sz, dev)
+    return base, {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "final_loss": pre.final_loss,
+                  "steps": pre.steps, "tokens": pre.tokens}
+
+
+def evaluate(model, data: Data, r: StudyRun[Size]) -> tuple[dict, dict]:
+    """Held-out preference metrics and greedy task accuracy, and the per-pair outcomes for the bootstrap."""
+    dev = torch.device(r.device)
+    pref = evaluate_preferences(model, data.val_set.tensors, 128, device=dev)
+    wins = pair_wins(model, data.val_set.tensors, dev)
+    task = task_correct(model, data.val_pairs[: r.size.gen_eval], data.tok, dev)
+    return {**pref, "task_accuracy": float(task.float().mean())}, {"wins": wins, "task": task}
+
+
+def _stage(r: StudyRun[Size], data: Data, method: str, model, name: str, cfg: TrainConfig, bar, orpo: ORPOConfig = ORPOConfig()) -> dict:
+    """One alignment stage through ``training.align.run_stage``, its forward passes and CPU time counted."""
+    bar.set_postfix_str(name)
+    counter = ForwardCounter(model)
+    c = time.process_time()
+    try:
+        _, rec = run_stage(method, model, data.train_set, cfg, r.out / "runs" / name, orpo=orpo, dpo=DPOConfig(beta=r.size.beta),
+                           counter=counter, progress=False, save_checkpoints=False)
+    finally:
+        counter.close()
+    rec["cpu_seconds"] = time.process_time() - c
     bar.update(1)
+    return rec
 
+
+def align_all(r: StudyRun[Size], data: Data, base, evals: dict, bar) -> dict:
+    """SFT, SFT then DPO, ORPO and the ORPO lambda ablation from the same base weights, each evaluated
+    into ``evals`` right after its stage; returns the compute record of every stage."""
+    sz = r.size
     align_cfg = TrainConfig(steps=sz.align_steps, batch_size=sz.align_batch, lr=sz.align_lr, warmup_steps=max(1, sz.align_steps // 10),
-                            weight_decay=0.0, log_every=max(1, sz.align_steps // 10), seed=seed, device=device)
+                            weight_decay=0.0, log_every=max(1, sz.align_steps // 10), seed=r.seed, device=r.device)
     compute: dict[str, dict] = {}
-
-    def stage(method: str, model, name: str, cfg: TrainConfig, orpo: ORPOConfig = ORPOConfig()) -> dict:
-        bar.set_postfix_str(name)
-        counter = ForwardCounter(model)
-        c = time.process_time()
-        try:
-            _, rec = run_stage(method, model, train_set, cfg, out / "runs" / name, orpo=orpo, dpo=DPOConfig(beta=sz.beta),
-                               counter=counter, progress=False, save_checkpoints=False)
-        finally:
-            counter.close()
-        rec["cpu_seconds"] = time.process_time() - c
-        bar.update(1)
-        return rec
-
-    # 3a. SFT alone; its final model is also the start and the frozen reference of DPO
+    # SFT alone; its final model is also the start and the frozen reference of DPO
     sft_model = copy.deepcopy(base)
-    compute["sft"] = stage("sft", sft_model, "sft", align_cfg)
-    results["sft"], raw["sft"] = _evaluate(sft_model, val_set, val_pairs, tok, sz, dev)
-    # 3b. SFT then DPO (lower learning rate, as is usual for DPO after SFT)
+    compute["sft"] = _stage(r, data, "sft", sft_model, "sft", align_cfg, bar)
+    evals["sft"] = evaluate(sft_model, data, r)
+    # SFT then DPO (lower learning rate, as is usual for DPO after SFT)
     dpo_cfg = replace(align_cfg, steps=sz.dpo_steps, lr=sz.align_lr * sz.dpo_lr_ratio)
-    compute["dpo_stage"] = stage("dpo", sft_model, "sft_dpo", dpo_cfg)
+    compute["dpo_stage"] = _stage(r, data, "dpo", sft_model, "sft_dpo", dpo_cfg, bar)
     keys = ("steps", "seconds", "cpu_seconds", "forward_calls", "forward_sequences", "forward_tokens")
     compute["sft+dpo"] = {k: compute["sft"].get(k, 0) + compute["dpo_stage"].get(k, 0) for k in keys}
     compute["sft+dpo"].update({k: v for k, v in compute["dpo_stage"].items() if k.startswith("reference_")})
-    results["sft+dpo"], raw["sft+dpo"] = _evaluate(sft_model, val_set, val_pairs, tok, sz, dev)
+    evals["sft+dpo"] = evaluate(sft_model, data, r)
     del sft_model
-    # 3c. ORPO in one stage from the base model (the paper's lambda), and the lambda ablation
+    # ORPO in one stage from the base model (the paper's lambda), and the lambda ablation
     for name, lam in (("orpo", sz.lam), ("orpo_lam1", sz.lam_ablation)):
         m = copy.deepcopy(base)
-        compute[name] = stage("orpo", m, name, align_cfg, ORPOConfig(lam=lam))
-        results[name], raw[name] = _evaluate(m, val_set, val_pairs, tok, sz, dev)
+        compute[name] = _stage(r, data, "orpo", m, name, align_cfg, bar, ORPOConfig(lam=lam))
+        evals[name] = evaluate(m, data, r)
         del m
+    return compute
 
-    # 4. claims, report, plot
-    bar.set_postfix_str("report")
+
+def make_claims(sz: Size, results: dict, raw: dict, compute: dict, seed: int) -> tuple[list[Claim], dict]:
+    """The three claims, and the paired-bootstrap differences they are judged by."""
     r, c = results, compute
     d_sft = paired_bootstrap(raw["orpo"]["wins"], raw["sft"]["wins"], sz.bootstrap, seed)
     d_dpo = paired_bootstrap(raw["orpo"]["wins"], raw["sft+dpo"]["wins"], sz.bootstrap, seed)
@@ -291,84 +319,66 @@ def _run(out_dir: str, *, full: bool, tiny: bool, device: str, seed: int) -> dic
               f"{c['orpo']['seconds']:.1f}s vs {c['sft+dpo']['seconds']:.1f}s wall",
               c["orpo"]["forward_sequences"] < c["sft+dpo"]["forward_sequences"] and c["orpo"].get("reference_forward_sequences", 0) == 0),
     ]
-    wall, cpu = budget.elapsed(), time.process_time() - c_start
-    metrics = {
-        "mode": mode,
-        "sizes": asdict(sz),
+    return claims, {"orpo_minus_sft_pref": d_sft, "orpo_minus_sft_dpo_pref": d_dpo, "orpo_minus_sft_dpo_task": d_task}
+
+
+def collect_metrics(r: StudyRun[Size], data: Data, results: dict, compute: dict, diffs: dict, pretrain: dict) -> dict:
+    wall, budget = r.budget.elapsed(), r.budget.seconds
+    loads = load_averages()
+    return {
+        "mode": r.mode,
+        "sizes": asdict(r.size),
         "results": results,
         "compute": compute,
-        "paired_differences": {"orpo_minus_sft_pref": d_sft, "orpo_minus_sft_dpo_pref": d_dpo, "orpo_minus_sft_dpo_task": d_task},
+        "paired_differences": diffs,
         "pretrain": pretrain,
-        "data": {"train_pairs": len(train_set), "val_pairs": len(val_set), "tokenizer_vocab": tok.vocab_size,
-                 "pretrain_tokens": int(stream.numel()), "mean_pair_tokens": train_set.stats["mean_tokens"]},
+        "data": {"train_pairs": len(data.train_set), "val_pairs": len(data.val_set), "tokenizer_vocab": data.tok.vocab_size,
+                 "pretrain_tokens": int(data.stream.numel()), "mean_pair_tokens": data.train_set.stats["mean_tokens"]},
         "wall_seconds": wall,
-        "cpu_seconds": cpu,
+        "cpu_seconds": r.budget.cpu_elapsed(),
         "torch_threads": torch.get_num_threads(),
-        "budget_seconds": budget.seconds,
-        "within_budget": wall <= budget.seconds,
-        "load_average": _loadavg(),
+        "budget_seconds": budget,
+        "within_budget": wall <= budget,
+        "load_average": None if loads is None else [round(x, 2) for x in loads],
     }
-    _write_report(out, claims, results, compute, metrics)
-    _plot(out, results, compute)
-    bar.update(1)
-    bar.close()
-    return read_results(write_results(out, STUDY, claims, metrics))
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def _write_report(out: Path, claims, results, compute, metrics) -> None:
-    sz = metrics["sizes"]
-    rows = ["| method | held-out preference accuracy | greedy task accuracy | chosen logp | rejected logp | logp margin | sequences forwarded (training) | wall s | CPU s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def write_report(out: Path, claims: list[Claim], metrics: dict) -> None:
+    sz, results, compute, pre, data = metrics["sizes"], metrics["results"], metrics["compute"], metrics["pretrain"], metrics["data"]
     labels = {"base": "base (pretrained only)", "sft": "SFT", "sft+dpo": "SFT then DPO", "orpo": f"ORPO (lambda {sz['lam']})",
               "orpo_lam1": f"ORPO (lambda {sz['lam_ablation']}, ablation)"}
+    rows = []
     for m in METHODS:
         r, c = results[m], compute.get(m, {})
-        rows.append(f"| {labels[m]} | {r['pref_accuracy']:.3f} | {r['task_accuracy']:.3f} | {r['chosen_logp']:.3f} | {r['rejected_logp']:.3f} | "
-                    f"{r['logp_margin']:.3f} | {c.get('forward_sequences', 0):,} | {c.get('seconds', 0.0):.1f} | {c.get('cpu_seconds', 0.0):.1f} |")
-    cl = ["| claim | ours | holds |", "|---|---|---|"]
-    cl += [f"| {c.statement} | {c.our_value} | {'yes' if c.holds else 'no'} |" for c in claims]
-    pre = metrics["pretrain"]
-    text = f"""# ORPO study ({metrics['mode']} mode)
-
-Task: "which of these {sz['list_len']} numbers (< {sz['high']}) is the largest / smallest?"; chosen = the right number,
-rejected = the runner-up. Base GPT ({sz['n_layer']} layers, d={sz['d_model']}, BPE vocab {metrics['data']['tokenizer_vocab']}) pretrained
-in this run on number lists and their sorted versions for {sz['pretrain_steps']} steps (final loss {pre['final_loss']:.3f},
-{pre['seconds']:.0f}s wall). Alignment: {sz['align_steps']} steps of SFT or ORPO, then {sz['dpo_steps']} DPO steps after SFT
-(beta {sz['beta']}, learning rate x{sz['dpo_lr_ratio']}); batch {sz['align_batch']}, learning rate {sz['align_lr']}.
-{metrics['data']['train_pairs']} training pairs, {metrics['data']['val_pairs']} held-out pairs (greedy accuracy on {min(sz['gen_eval'], metrics['data']['val_pairs'])}).
-
-{chr(10).join(rows)}
-
-SFT then DPO counts both stages and the reference pass ({compute['sft+dpo'].get('reference_forward_sequences', 0):,} sequences,
-one no-grad forward of every training pair).
-
-{chr(10).join(cl)}
-
-Wall time {metrics['wall_seconds']:.0f}s, CPU time {metrics['cpu_seconds']:.0f}s on {metrics['torch_threads']} torch thread(s)
-(budget {metrics['budget_seconds']:.0f}s); load average at the end {metrics['load_average']}.
-"""
-    (out / "report.md").write_text(text)
+        rows.append([labels[m], f"{r['pref_accuracy']:.3f}", f"{r['task_accuracy']:.3f}", f"{r['chosen_logp']:.3f}", f"{r['rejected_logp']:.3f}",
+                     f"{r['logp_margin']:.3f}", f"{c.get('forward_sequences', 0):,}", f"{c.get('seconds', 0.0):.1f}", f"{c.get('cpu_seconds', 0.0):.1f}"])
+    table = md_table(["method", "held-out preference accuracy", "greedy task accuracy", "chosen logp", "rejected logp", "logp margin",
+                      "sequences forwarded (training)", "wall s", "CPU s"], rows, "lrrrrrrrr")
+    setup = (f'Task: "which of these {sz["list_len"]} numbers (< {sz["high"]}) is the largest / smallest?"; chosen = the right number, '
+             f"rejected = the runner-up. Base GPT ({sz['n_layer']} layers, d={sz['d_model']}, BPE vocab {data['tokenizer_vocab']}) pretrained "
+             f"in this run on number lists and their sorted versions for {sz['pretrain_steps']} steps (final loss {pre['final_loss']:.3f}, "
+             f"{pre['seconds']:.0f}s wall). Alignment: {sz['align_steps']} steps of SFT or ORPO, then {sz['dpo_steps']} DPO steps after SFT "
+             f"(beta {sz['beta']}, learning rate x{sz['dpo_lr_ratio']}); batch {sz['align_batch']}, learning rate {sz['align_lr']}. "
+             f"{data['train_pairs']} training pairs, {data['val_pairs']} held-out pairs (greedy accuracy on {min(sz['gen_eval'], data['val_pairs'])}).")
+    ref = (f"SFT then DPO counts both stages and the reference pass ({compute['sft+dpo'].get('reference_forward_sequences', 0):,} sequences, "
+           "one no-grad forward of every training pair).")
+    clock = (f"Wall time {metrics['wall_seconds']:.0f}s, CPU time {metrics['cpu_seconds']:.0f}s on {metrics['torch_threads']} torch thread(s) "
+             f"(budget {metrics['budget_seconds']:.0f}s); load average at the end {metrics['load_average']}.")
+    doc = Markdown(f"ORPO study ({metrics['mode']} mode)").section(None, setup, table, ref).claims(claims).section(None, clock)
+    doc.image("orpo.png", "accuracy and compute per method").write(out / "report.md")
 
 
-def _plot(out: Path, results, compute) -> None:
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    x = list(range(len(METHODS)))
-    w = 0.38
-    axes[0].bar([i - w / 2 for i in x], [results[m]["pref_accuracy"] for m in METHODS], w, label="held-out preference accuracy")
-    axes[0].bar([i + w / 2 for i in x], [results[m]["task_accuracy"] for m in METHODS], w, label="greedy task accuracy")
-    axes[0].set_xticks(x, list(METHODS), fontsize=8)
-    axes[0].set_ylim(0, 1.05)
-    axes[0].legend(loc="lower right", fontsize=8)
-    axes[0].set_title("accuracy")
-    ms = [m for m in METHODS if m in compute]
-    axes[1].bar(ms, [compute[m]["forward_sequences"] for m in ms], color=["C2", "C3", "C4", "C5"][: len(ms)])
-    axes[1].set_title("sequences forwarded for training")
-    axes[1].tick_params(axis="x", labelsize=8)
-    save_figure(fig, out / "orpo.png", dpi=120)
+def plot(path: Path, results: dict, compute: dict) -> None:
+    with figure(path, 2, (11, 4), dpi=120) as axes:
+        x = list(range(len(METHODS)))
+        w = 0.38
+        axes[0].bar([i - w / 2 for i in x], [results[m]["pref_accuracy"] for m in METHODS], w, label="held-out preference accuracy")
+        axes[0].bar([i + w / 2 for i in x], [results[m]["task_accuracy"] for m in METHODS], w, label="greedy task accuracy")
+        axes[0].set_xticks(x, list(METHODS), fontsize=8)
+        axes[0].set_ylim(0, 1.05)
+        axes[0].legend(loc="lower right", fontsize=8)
+        axes[0].set_title("accuracy")
+        ms = [m for m in METHODS if m in compute]
+        axes[1].bar(ms, [compute[m]["forward_sequences"] for m in ms], color=["C2", "C3", "C4", "C5"][: len(ms)])
+        axes[1].set_title("sequences forwarded for training")
+        axes[1].tick_params(axis="x", labelsize=8)

@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Mapping
 from pathlib import Path
 
 from rizzearch.errors import DataError
-from rizzearch.reproduce.common import read_results, write_results
+from rizzearch.reproduce.common import claims_table, fmt_value, read_results, write_results
 
 
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
-    if isinstance(v, list):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return str(v)
+def rerun_command(study: str, full: bool = False, device: str = "cpu") -> str:
+    """The command that reruns one study alone (shown in the report under its section)."""
+    cmd = f"rizz reproduce {study} --out runs/{study}"
+    if full:
+        cmd += " --full true"
+    if device != "cpu":
+        cmd += f" --device {device}"
+    return cmd
 
 
 def _scalar_metrics(metrics: dict, prefix: str = "", limit: int = 24) -> list[tuple[str, str]]:
@@ -39,19 +38,21 @@ def _scalar_metrics(metrics: dict, prefix: str = "", limit: int = 24) -> list[tu
         if isinstance(v, dict):
             rows += _scalar_metrics(v, key + ".", limit)
         elif isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and len(v) > 80):
-            rows.append((key, _fmt(v)))
+            rows.append((key, fmt_value(v)))
         if len(rows) >= limit:
             break
     return rows[:limit]
 
 
-def load_study(run: Path, status: dict, full: bool = False, device: str = "cpu") -> dict:
-    """Gather what the report needs about one study (results, plots, status, the command to rerun it)."""
-    from rizzearch.reproduce.run import STUDIES, rerun_command
+def load_study(run: Path, status: dict, full: bool = False, device: str = "cpu", papers: Mapping[str, str] | None = None) -> dict:
+    """Gather what the report needs about one study (results, plots, status, the command to rerun it).
 
+    ``papers`` maps a study name to the paper's title (the orchestrator's table); the name stands in
+    for a study it does not list.
+    """
     name = status["study"]
     folder = run / name
-    entry = {"name": name, "paper": STUDIES[name].paper if name in STUDIES else name, "status": status.get("status", "unknown"),
+    entry = {"name": name, "paper": (papers or {}).get(name, name), "status": status.get("status", "unknown"),
              "seconds": status.get("seconds"), "error": status.get("error"), "folder": folder,
              "command": rerun_command(name, full, device), "results": None, "plots": []}
     if entry["status"] == "ok":
@@ -63,9 +64,11 @@ def load_study(run: Path, status: dict, full: bool = False, device: str = "cpu")
     return entry
 
 
-def build_report(run: Path, statuses: list[dict], parity: dict | None, wall_seconds: float, full: bool = False, device: str = "cpu") -> dict:
+def build_report(run: Path, statuses: list[dict], parity: dict | None, wall_seconds: float, full: bool = False, device: str = "cpu",
+                 papers: Mapping[str, str] | None = None) -> dict:
+    """Write report.md, report.html and the combined results.json from each study's results.json; returns the combined results."""
     run = Path(run)
-    studies = [load_study(run, s, full, device) for s in statuses]
+    studies = [load_study(run, s, full, device, papers) for s in statuses]
     claims = []  # every study's claims, with the study field added
     for st in studies:
         if st["results"]:
@@ -91,13 +94,6 @@ def build_report(run: Path, statuses: list[dict], parity: dict | None, wall_seco
 # -- Markdown -----------------------------------------------------------------------------------
 
 
-def claims_table_md(claims: list[dict]) -> str:
-    rows = ["| claim | paper | ours | holds |", "|---|---|---|---|"]
-    for c in claims:
-        rows.append(f"| {c['statement']} | {_fmt(c['paper_value'])} | {_fmt(c['our_value'])} | {'yes' if c['holds'] else '**no**'} |")
-    return "\n".join(rows)
-
-
 def summary_table_md(studies: list[dict]) -> str:
     rows = ["| paper | study | status | claims holding | wall time |", "|---|---|---|---:|---:|"]
     for st in studies:
@@ -116,7 +112,7 @@ def render_markdown(run: Path, studies: list[dict], parity: dict | None, env: di
         if st["status"] != "ok":
             out += ["**Study failed**:", "", "```", str(st["error"])[-3000:], "```", ""]
             continue
-        out += [claims_table_md(st["results"]["claims"]), ""]
+        out += [claims_table(st["results"]["claims"]), ""]
         for p in st["plots"]:
             out.append(f"![{p.stem}]({p.relative_to(run)})")
         sm = _scalar_metrics(st["results"]["metrics"])
@@ -126,7 +122,7 @@ def render_markdown(run: Path, studies: list[dict], parity: dict | None, env: di
             out += ["", "</details>"]
         out.append("")
     out += parity_md(parity) + ["## Environment", "", "| key | value |", "|---|---|"]
-    out += [f"| {k} | {_fmt(v)} |" for k, v in env.items()]
+    out += [f"| {k} | {fmt_value(v)} |" for k, v in env.items()]
     return "\n".join(out) + "\n"
 
 
@@ -153,7 +149,7 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}.failed{color:#b3261e}
 
 
 def _e(x) -> str:
-    return html.escape(_fmt(x))
+    return html.escape(fmt_value(x))
 
 
 def render_html(run: Path, studies: list[dict], parity: dict | None, env: dict, metrics: dict) -> str:

@@ -4,8 +4,9 @@ Each study runs in its own Python process (``python -m rizzearch.reproduce.run <
 crash, a memory blow-up or leaked global state in one study cannot take the others down: a failed
 study is recorded with its error and the rest still run. Finished studies are detected by a valid
 ``DIR/<study>/results.json`` and skipped, so an interrupted ``rizz reproduce --out DIR`` resumes
-where it stopped. The parity tests against the reference implementations (pytest marker
-``anchors``) run as a last step when the test suite is available. Finally the report builder
+where it stopped. The package's parity tests against the reference implementations (pytest marker
+``anchors``) run as a last step when it runs from a source checkout (``run_parity``; never the
+current directory's tests). Finally the report builder
 (``reproduce/report.py``) writes ``report.html`` (self-contained), ``report.md`` and a combined
 ``results.json``.
 """
@@ -22,10 +23,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import rizzearch
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.reproduce.common import read_results, study_mode
-from rizzearch.runs import make_run_dir
-from rizzearch.runs import atomic_write_text
+from rizzearch.reproduce.report import build_report
+from rizzearch.runs import atomic_write_text, make_run_dir
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,6 @@ STUDIES: dict[str, Study] = {
         Study("legal-rag", "rizzearch.reproduce.legal_rag", "Hallucination-Free? Assessing the Reliability of Leading AI Legal Research Tools (Magesh et al. 2024)", 5),
     )
 }
-
-
-def rerun_command(study: str, full: bool = False, device: str = "cpu") -> str:
-    cmd = f"rizz reproduce {study} --out runs/{study}"
-    if full:
-        cmd += " --full true"
-    if device != "cpu":
-        cmd += f" --device {device}"
-    return cmd
 
 
 def _is_done(study_dir: Path) -> bool:
@@ -97,33 +90,61 @@ def _run_child(study: Study, study_dir: Path, full: bool, tiny: bool, device: st
     return status
 
 
-def run_parity(out: Path) -> dict:
-    """Run the anchors-marked parity tests (if the test suite is present) and record per-test outcomes."""
-    root = next((p for p in (Path.cwd(), *Path(__file__).resolve().parents) if (p / "tests" / "conftest.py").is_file()), None)
+def parity_suite(package_dir: Path | None = None) -> tuple[Path | None, str | None]:
+    """The root of the source checkout this package runs from, holding its tests, or (None, why not).
+
+    The parity tests belong to the installed package, never to the current directory: the root is
+    found from the package's own location (``ROOT/src/rizzearch``), so a ``tests/`` or
+    ``conftest.py`` wherever the user stands is never run. A wheel install ships no tests.
+    """
+    pkg = (package_dir or Path(rizzearch.__file__).parent).resolve()
+    root = pkg.parent.parent
+    if pkg.parent.name != "src" or not (root / "tests" / "conftest.py").is_file() or not (root / "pyproject.toml").is_file():
+        return None, (f"the parity tests ship with the source repository, not with the installed package ({pkg}): "
+                      "clone the repository and install it with pip install -e '.[dev,anchors]' to run them")
+    return root, None
+
+
+def run_parity(out: Path, select: tuple[str, ...] = ("tests",), package_dir: Path | None = None) -> dict:
+    """Run the package's anchors-marked parity tests (from its source checkout) and record per-test outcomes.
+
+    pytest runs in the checkout's root with its own pyproject.toml as the only configuration
+    (``-c``, ``--rootdir``, ``--confcutdir``) and no cache, whatever the current directory holds.
+    ``select``: test paths or node ids relative to the checkout root (default: the whole suite).
+    """
+    root, reason = parity_suite(package_dir)
     if root is None:
-        return {"status": "skipped", "reason": "tests/ not found (run from a clone of the repository)"}
+        return {"status": "skipped", "reason": reason}
     try:
         importlib.import_module("pytest")
     except ImportError:
         return {"status": "skipped", "reason": "pytest is not installed (pip install -e '.[dev,anchors]')"}
+    out = Path(out).resolve()
     xml = out / "parity-junit.xml"
+    xml.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "anchors", "-p", "no:cacheprovider", "-c", str(root / "pyproject.toml"),
+           f"--rootdir={root}", f"--confcutdir={root}", f"--junitxml={xml}", *(str(root / s) for s in select)]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "anchors", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests"],
-                          cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     (out / "parity-log.txt").write_text(proc.stdout + proc.stderr)
-    tests = []
-    if xml.is_file():
-        import xml.etree.ElementTree as ET
-
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            outcome = "passed"
-            for tag in ("failure", "error", "skipped"):
-                if case.find(tag) is not None:
-                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-            tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome, "seconds": float(case.get("time", 0))})
+    tests = _junit_outcomes(xml) if xml.is_file() else []
     passed = sum(t["outcome"] == "passed" for t in tests)
     return {"status": "ok" if proc.returncode == 0 else "failed", "passed": passed, "total": len(tests),
             "seconds": time.perf_counter() - t0, "tests": tests}
+
+
+def _junit_outcomes(path: Path) -> list[dict]:
+    """Per-test outcomes (passed, failed, error, skipped) and seconds from a pytest JUnit XML file."""
+    import xml.etree.ElementTree as ET
+
+    tests = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = "passed"
+        for tag in ("failure", "error", "skipped"):
+            if case.find(tag) is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome, "seconds": float(case.get("time", 0))})
+    return tests
 
 
 def reproduce(
@@ -153,8 +174,6 @@ def reproduce(
         force: rerun studies that already have results in ``out``.
         parity: also run the parity tests against the reference implementations.
     """
-    from rizzearch.reproduce.report import build_report
-
     if study is not None and study not in STUDIES:
         raise ConfigError(f"study: unknown study {study!r}; choose one of {', '.join(STUDIES)}")
     study_mode(full, tiny)  # both flags: fail here, not in every study
@@ -164,11 +183,32 @@ def reproduce(
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {device!r} requested but no CUDA device is available")
     run = make_run_dir(out, "reproduce")
-    chosen = [STUDIES[study]] if study else list(STUDIES.values())
     # one study into its own folder: `rizz reproduce rwkv --out DIR` writes DIR/results.json
     single = study is not None
-    statuses = []
     t_all = time.perf_counter()
+    statuses = _run_studies([STUDIES[study]] if single else list(STUDIES.values()), run, single, full, tiny, device, seed, force)
+    parity_result = None
+    if parity and not single:
+        print("parity tests against the reference implementations (pytest -m anchors) ...", file=sys.stderr)
+        parity_result = run_parity(run)
+        atomic_write_text(run / "parity.json", json.dumps(parity_result, indent=2))
+        if parity_result["status"] == "skipped":
+            print(f"parity tests skipped: {parity_result['reason']}", file=sys.stderr)
+    if single:
+        return {"statuses": statuses}
+    combined = build_report(run, statuses, parity_result, wall_seconds=time.perf_counter() - t_all, full=full, device=device,
+                            papers={s.name: s.paper for s in STUDIES.values()})
+    print(f"report: {run / 'report.html'} (and report.md, results.json)", file=sys.stderr)
+    held = sum(c["holds"] for c in combined["claims"])
+    print(f"{held}/{len(combined['claims'])} claims hold; studies: " + ", ".join(f"{s['study']} {s['status']}" for s in statuses))
+    return combined
+
+
+
+
+def _run_studies(chosen: list[Study], run: Path, single: bool, full: bool, tiny: bool, device: str, seed: int, force: bool) -> list[dict]:
+    """Run each chosen study in its own process, skipping those already done (unless ``force``); their statuses."""
+    statuses = []
     for i, s in enumerate(chosen, 1):
         study_dir = run if single else run / s.name
         if not force and _is_done(study_dir):
@@ -180,21 +220,7 @@ def reproduce(
         st = _run_child(s, study_dir, full, tiny, device, seed)
         print(f"[{i}/{len(chosen)}] {s.name}: {st['status']} in {st['seconds']:.0f}s", file=sys.stderr)
         statuses.append(st)
-    parity_result = None
-    if parity and not single:
-        print("parity tests against the reference implementations (pytest -m anchors) ...", file=sys.stderr)
-        parity_result = run_parity(run)
-        atomic_write_text(run / "parity.json", json.dumps(parity_result, indent=2))
-    if single:
-        return {"statuses": statuses}
-    combined = build_report(run, statuses, parity_result, wall_seconds=time.perf_counter() - t_all, full=full, device=device)
-    print(f"report: {run / 'report.html'} (and report.md, results.json)", file=sys.stderr)
-    held = sum(c["holds"] for c in combined["claims"])
-    print(f"{held}/{len(combined['claims'])} claims hold; studies: " + ", ".join(f"{s['study']} {s['status']}" for s in statuses))
-    return combined
-
-
-reproduce.__positional__ = ("study",)  # rizz reproduce rwkv
+    return statuses
 
 
 def _child_main(argv: list[str]) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from rizzearch.models.base import build_model
-from rizzearch.reproduce.common import Budget, Claim, load_average, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
+from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
 
 STUDY = "rwkv"
 FLAT_RATIO = 1.3  # RWKV per-token time at the longest context may be at most 1.3x the shortest
@@ -77,6 +77,7 @@ TINY = Size(contexts=(16, 64), decode_tokens=4, decode_repeats=1, d_model=32, n_
             seq_len=32, lr=3e-3, eval_batches=2, evals=1)
 FULL = Size(contexts=(256, 512, 1024, 2048, 4096, 8192), decode_tokens=64, d_model=256, n_layer=6, vocab_size=1024, steps=2000,
             batch_size=32, seq_len=256, lr=1e-3, eval_batches=40, evals=10)
+MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": 5 * 60, "quick": 5 * 60, "full": 5 * 60})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def prepare_data(out: Path, size: Size):
 
 def train_both(models: dict, ds, size: Size, out: Path, device: str, seed: int, progress: bool) -> dict:
     from rizzearch.data.batches import EvalWindows, RandomWindows
-    from rizzearch.objectives.lm import lm_loss
+    from rizzearch.training.losses import lm_loss
     from rizzearch.training.loop import TrainConfig, train
 
     cfg = TrainConfig(
@@ -232,32 +233,45 @@ def train_both(models: dict, ds, size: Size, out: Path, device: str, seed: int, 
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
     """Run the study; writes results.json, report.md and rwkv.png into ``out_dir``; returns the results."""
+    r = StudyRun.start(STUDY, out_dir, MODES, full=full, tiny=tiny, device=device, seed=seed)
+    torch.manual_seed(seed)
+    tok, ds = prepare_data(r.out, r.size)
+    decode_rows = measure_decoding(r, make_models(r.size, tok.vocab_size, device), ds)
+    t_decode = r.budget.elapsed()
+    training = train_both(make_models(r.size, tok.vocab_size, device), ds, r.size, r.out, device, seed, progress=not tiny)
+    seconds = r.budget.elapsed()
+    claims, ratios = make_claims(decode_rows, training)
+    metrics = {
+        "mode": r.mode,
+        "decode": decode_rows,
+        "decode_time_ratio": ratios,
+        "training": training,
+        "sizes": asdict(r.size),
+        "tokenizer_vocab": tok.vocab_size,
+        "seconds": {"decode": t_decode, "total": seconds},
+        "load_average": {"start": r.budget.load_start, "end": load_average()},
+    }
+    write_report(r.out / "report.md", r.mode, r.size, decode_rows, training, claims, seconds)
+    plot(r.out / "rwkv.png", decode_rows, training)
+    return r.finish(claims, metrics)
+
+
+def measure_decoding(r: StudyRun[Size], models: dict, ds) -> list[dict]:
+    """(a) decoding cost at each context, with real text as the context (wrapped around if the split is short)."""
     from tqdm.auto import tqdm
 
-    mode = study_mode(full, tiny)
-    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(5 * 60)
-    load_start = load_average()
-    torch.manual_seed(seed)
-
-    tok, ds = prepare_data(out, size)
-    models = make_models(size, tok.vocab_size, device)
-
-    # (a) decoding cost: real text as context (wrapped around if the split is short)
+    size = r.size
     val = torch.from_numpy(ds.val[0].astype("int64"))
     need = max(size.contexts) + 1
     stream = val.repeat(-(-need // len(val)))[:need]
-    bar = tqdm(total=size.decode_repeats * len(size.contexts) * len(models), desc="rwkv study: decode vs context", disable=tiny)
-    decode_rows = decoding_cost(models, stream[None].to(device), size, device, bar)
+    bar = tqdm(total=size.decode_repeats * len(size.contexts) * len(models), desc="rwkv study: decode vs context", disable=r.mode == "tiny")
+    rows = decoding_cost(models, stream[None].to(r.device), size, r.device, bar)
     bar.close()
-    t_decode = budget.elapsed()
+    return rows
 
-    # (b) equal-size training on the same tokens
-    training = train_both(make_models(size, tok.vocab_size, device), ds, size, out, device, seed, progress=not tiny)
-    seconds = budget.elapsed()
 
+def make_claims(decode_rows: list[dict], training: dict) -> tuple[list[Claim], dict]:
+    """The four claims, and the decode-time ratios (longest / shortest context) of both models."""
     lo, hi = decode_rows[0], decode_rows[-1]
     rwkv_ratio = hi["rwkv_ms_per_token"] / lo["rwkv_ms_per_token"]
     gpt_ratio = hi["gpt_ms_per_token"] / lo["gpt_ms_per_token"]
@@ -295,78 +309,43 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
             bool(r_loss <= COMPETITIVE * g_loss),
         ),
     ]
-    metrics = {
-        "mode": mode,
-        "decode": decode_rows,
-        "decode_time_ratio": {"rwkv": rwkv_ratio, "gpt": gpt_ratio},
-        "training": training,
-        "sizes": asdict(size),
-        "tokenizer_vocab": tok.vocab_size,
-        "seconds": {"decode": t_decode, "total": seconds},
-        "load_average": {"start": load_start, "end": load_average()},
-    }
-    _write_report(out, mode, size, decode_rows, training, claims, seconds)
-    _plot(out, decode_rows, training)
-    return read_results(write_results(out, STUDY, claims, metrics))
+    return claims, {"rwkv": rwkv_ratio, "gpt": gpt_ratio}
 
 
-def _write_report(out: Path, mode, size: Size, rows, training, claims, seconds) -> None:
-    lines = [
-        "# RWKV-4 study (Peng et al. 2023)",
-        "",
-        f"Mode: {mode}; both models d_model={size.d_model}, {size.n_layer} layers; wall time {seconds:.0f} s.",
-        "",
-        "## Decoding cost versus context (batch 1, greedy, median per-token step, one CPU thread)",
-        "",
-        "| context | RWKV ms/token | GPT ms/token | RWKV state (KiB) | GPT KV cache (KiB) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['context']} | {r['rwkv_ms_per_token']:.3f} | {r['gpt_ms_per_token']:.3f} | "
-            f"{r['rwkv_state_bytes'] / 1024:.1f} | {r['gpt_state_bytes'] / 1024:.1f} |"
-        )
-    lines += [
-        "",
-        f"## Equal-size training on tiny-shakespeare ({size.steps} steps x {size.batch_size} x {size.seq_len} tokens, same batches)",
-        "",
-        "| model | parameters | val loss | val bits/byte | train loss | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, t in training.items():
-        bpb = f"{t['val_bpb']:.3f}" if t.get("val_bpb") else "-"
-        lines.append(f"| {name} | {t['params']:,} | {t['val_loss']:.4f} | {bpb} | {t['train_loss']:.4f} | {t['seconds']:.0f} |")
-    lines += ["", "## Claims", "", "| claim | paper | ours | holds |", "|---|---|---|---|"]
-    for c in claims:
-        lines.append(f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'no'} |")
-    lines += ["", "![decoding cost and training curves](rwkv.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+def write_report(path: Path, mode: str, size: Size, rows: list[dict], training: dict, claims: list[Claim], seconds: float) -> None:
+    decode = md_table(["context", "RWKV ms/token", "GPT ms/token", "RWKV state (KiB)", "GPT KV cache (KiB)"],
+                      [[str(r["context"]), f"{r['rwkv_ms_per_token']:.3f}", f"{r['gpt_ms_per_token']:.3f}", f"{r['rwkv_state_bytes'] / 1024:.1f}",
+                        f"{r['gpt_state_bytes'] / 1024:.1f}"] for r in rows], "rrrrr")
+    train_rows = [[name, f"{t['params']:,}", f"{t['val_loss']:.4f}", f"{t['val_bpb']:.3f}" if t.get("val_bpb") else "-", f"{t['train_loss']:.4f}",
+                   f"{t['seconds']:.0f}"] for name, t in training.items()]
+    train = md_table(["model", "parameters", "val loss", "val bits/byte", "train loss", "seconds"], train_rows, "lrrrrr")
+    doc = Markdown("RWKV-4 study (Peng et al. 2023)")
+    doc.section(None, f"Mode: {mode}; both models d_model={size.d_model}, {size.n_layer} layers; wall time {seconds:.0f} s.")
+    doc.section("Decoding cost versus context (batch 1, greedy, median per-token step, one CPU thread)", decode)
+    doc.section(f"Equal-size training on tiny-shakespeare ({size.steps} steps x {size.batch_size} x {size.seq_len} tokens, same batches)", train)
+    doc.claims(claims).image("rwkv.png", "decoding cost and training curves").write(path)
 
 
-def _plot(out: Path, rows, training) -> None:
-    fig, ax = pyplot().subplots(1, 3, figsize=(15, 4))
-    ctx = [r["context"] for r in rows]
-    for name, style in (("rwkv", "o-"), ("gpt", "s--")):
-        ax[0].plot(ctx, [r[f"{name}_ms_per_token"] for r in rows], style, label=name.upper())
-        ax[1].plot(ctx, [r[f"{name}_state_bytes"] / 1024 for r in rows], style, label=name.upper())
-        curve = training[name]["curve"]
-        if curve:
-            ax[2].plot([s for s, _ in curve], [v for _, v in curve], style, label=f"{name.upper()} ({training[name]['params']:,} params)")
-    for a, title, ylabel in (
-        (ax[0], "per-token decode time", "ms / token"),
-        (ax[1], "state carried per sequence", "KiB"),
-    ):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("context length (tokens)")
-        a.set_ylabel(ylabel)
-        a.set_title(title)
-        a.legend()
-    ax[1].set_yscale("log")
-    ax[2].set_xlabel("step")
-    ax[2].set_ylabel("validation loss (nats/token)")
-    ax[2].set_title("equal-size training, same tokens")
-    ax[2].legend()
-    save_figure(fig, out / "rwkv.png")
+def plot(path: Path, rows: list[dict], training: dict) -> None:
+    with figure(path, 3, (15, 4)) as ax:
+        ctx = [r["context"] for r in rows]
+        for name, style in (("rwkv", "o-"), ("gpt", "s--")):
+            ax[0].plot(ctx, [r[f"{name}_ms_per_token"] for r in rows], style, label=name.upper())
+            ax[1].plot(ctx, [r[f"{name}_state_bytes"] / 1024 for r in rows], style, label=name.upper())
+            curve = training[name]["curve"]
+            if curve:
+                ax[2].plot([s for s, _ in curve], [v for _, v in curve], style, label=f"{name.upper()} ({training[name]['params']:,} params)")
+        for a, title, ylabel in ((ax[0], "per-token decode time", "ms / token"), (ax[1], "state carried per sequence", "KiB")):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("context length (tokens)")
+            a.set_ylabel(ylabel)
+            a.set_title(title)
+            a.legend()
+        ax[1].set_yscale("log")
+        ax[2].set_xlabel("step")
+        ax[2].set_ylabel("validation loss (nats/token)")
+        ax[2].set_title("equal-size training, same tokens")
+        ax[2].legend()
 
 
 if __name__ == "__main__":  # pragma: no cover

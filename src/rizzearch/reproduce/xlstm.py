@@ -21,7 +21,7 @@ lengths; (2) GPT and the mLSTM-only model stay near chance there (<= 0.6; chance
 beside them (the paper's Transformer baseline solves MQAR; at our budget it may not have
 converged, and the report says so). Each claim's ``holds`` is what we measured.
 
-The models are tiny, so the run uses one intra-op thread (``StudySize.threads``): per-op overhead
+The models are tiny, so the run uses one intra-op thread (``Size.threads``): per-op overhead
 dominates, and on a shared 2-core machine two threads per process are many times slower.
 """
 
@@ -36,8 +36,8 @@ import torch
 
 from rizzearch.eval.tasks import PARITY_VOCAB, MQARData, MQARSpec, ParityData, mqar_accuracy, parity_accuracy
 from rizzearch.models.base import build_model
-from rizzearch.objectives.lm import lm_loss
-from rizzearch.reproduce.common import Budget, Claim, load_average, pyplot, read_results, save_figure, study_mode, torch_threads, write_results
+from rizzearch.reproduce.common import Budget, Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
+from rizzearch.training.losses import lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
@@ -49,7 +49,7 @@ MQAR_MIN = 0.9  # best xLSTM-with-mLSTM accuracy on MQAR
 
 
 @dataclass(frozen=True)
-class StudySize:
+class Size:
     """Sizes of one study mode.
 
     Args:
@@ -90,8 +90,8 @@ class StudySize:
     threads: int = 1
 
 
-QUICK = StudySize()
-TINY = StudySize(
+QUICK = Size()
+TINY = Size(
     parity_train_len=(3, 12),
     parity_test_lens=(16, 24),
     parity_steps=40,
@@ -107,6 +107,7 @@ TINY = StudySize(
 FULL = replace(
     QUICK, parity_steps=1000, parity_seeds=5, parity_models=("gpt", "mlstm", "slstm", "mixed"), mqar_steps=2000, parity_eval_n=512, mqar_eval_n=2048
 )
+MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": QUICK_BUDGET_S, "quick": QUICK_BUDGET_S, "full": 10 * QUICK_BUDGET_S})
 
 LABELS = {
     "gpt": "GPT",
@@ -154,7 +155,7 @@ def matched_width(kind: str, target: int, vocab_size: int) -> int:
     return min(near, key=lambda d: abs(n_params(kind, d, vocab_size) - target))
 
 
-def _train(kind: str, d_model: int, vocab_size: int, data, steps: int, lr: float, size: StudySize, run_dir: Path, seed: int, device: str, max_s: float | None):
+def _train(kind: str, d_model: int, vocab_size: int, data, steps: int, lr: float, size: Size, run_dir: Path, seed: int, device: str, max_s: float | None):
     name, kw = model_overrides(kind, d_model, vocab_size)
     torch.manual_seed(seed)
     model = build_model(name, **kw)
@@ -178,24 +179,100 @@ def _train(kind: str, d_model: int, vocab_size: int, data, steps: int, lr: float
 
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
     """Run the study; writes results.json, report.md, xlstm.png and one folder per training run."""
-    mode = study_mode(full, tiny)
-    size = {"tiny": TINY, "quick": QUICK, "full": FULL}[mode]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(QUICK_BUDGET_S * (10 if full else 1))
-    load_start = load_average()
+    r = StudyRun.start(STUDY, out_dir, MODES, full=full, tiny=tiny, device=device, seed=seed)
+    size = r.size
     with torch_threads(size.threads):
-        parity, mqar = _run_tasks(size, out, seed, device, budget, full)
-    wall = budget.elapsed()
-    load_end = load_average()
+        slices = BudgetSlices(r.budget, len(size.parity_models) * size.parity_seeds + 3, unlimited=r.mode == "full")
+        parity = {kind: train_parity(r, j, kind, slices) for j, kind in enumerate(size.parity_models)}
+        mqar = train_mqar(r, slices)
+    claims = make_claims(size, parity, mqar)
+    metrics = {
+        "mode": r.mode,
+        "size": asdict(size),
+        "parity": parity,
+        "mqar": mqar,
+        "wall_seconds": r.budget.elapsed(),
+        "budget_seconds": r.budget.seconds,
+        "load_average": {"start": r.budget.load_start, "end": load_average(), "cpu_count": os.cpu_count()},
+        "torch_threads": size.threads,
+        "device": device,
+        "seed": seed,
+    }
+    plot(parity, mqar, size, r.out / "xlstm.png")
+    write_report(r.out / "report.md", claims, parity, mqar, size, metrics)
+    return r.finish(claims, metrics)
 
+
+class BudgetSlices:
+    """Each training run's share of the wall-clock budget: what is left, divided by the runs still to come
+    (at least 5 s); no limit in full mode."""
+
+    def __init__(self, budget: Budget, runs: int, unlimited: bool):
+        self.budget, self.runs_left, self.unlimited = budget, runs, unlimited
+
+    def next(self) -> float | None:
+        return None if self.unlimited else max(5.0, self.budget.left() / max(self.runs_left, 1))
+
+    def done(self, runs: int = 1) -> None:
+        self.runs_left -= runs
+
+
+def train_parity(r: StudyRun[Size], j: int, kind: str, slices: BudgetSlices) -> dict:
+    """Train one parity model on up to ``parity_seeds`` seeds (stopping at the first that extrapolates),
+    evaluate each on the test lengths; the best seed's record, with every seed's results under ``seeds``."""
+    size = r.size
+    lo, hi = size.parity_train_len
+    longer = [L for L in size.parity_test_lens if L > hi]
+    tries = []
+    for attempt in range(size.parity_seeds):
+        s = r.seed + 1000 * attempt
+        print(f"[xlstm study] parity: {LABELS[kind]} (seed {s})", flush=True)
+        data = ParityData(size.batch_size, lo, hi, seed=s + 100)
+        model, info = _train(kind, size.d_model, PARITY_VOCAB, data, size.parity_steps, size.parity_lr, size,
+                             r.out / "runs" / f"parity_{kind}_seed{s}", s + j, r.device, slices.next())
+        t0 = time.perf_counter()
+        info["accuracy"] = parity_accuracy(model, size.parity_test_lens, n_per_length=size.parity_eval_n, device=r.device)
+        info["accuracy_train_max"] = parity_accuracy(model, [hi], n_per_length=size.parity_eval_n, device=r.device)[hi]
+        info["eval_seconds"] = time.perf_counter() - t0
+        info["seed"] = s
+        tries.append(info)
+        slices.done()
+        if min(info["accuracy"][L] for L in longer) >= EXTRAPOLATION_MIN:
+            slices.done(size.parity_seeds - 1 - attempt)
+            break
+    best = max(tries, key=lambda t: sum(t["accuracy"][L] for L in longer))
+    seeds = [{k: t[k] for k in ("seed", "accuracy", "accuracy_train_max", "final_loss", "steps")} for t in tries]
+    return {**best, "label": LABELS[kind], "seeds": seeds}
+
+
+def train_mqar(r: StudyRun[Size], slices: BudgetSlices) -> dict:
+    """GPT, xLSTM[1:0] and xLSTM[1:1] on MQAR, the first two at the parameter count of the third."""
+    size = r.size
+    mqar = {}
+    V = size.mqar.vocab_size
+    target = n_params("mixed", size.mqar_d, V)
+    for j, kind in enumerate(("gpt", "mlstm", "mixed")):
+        d = size.mqar_d if kind == "mixed" else matched_width(kind, target, V)
+        print(f"[xlstm study] MQAR: {LABELS[kind]} (d_model={d})", flush=True)
+        data = MQARData(size.batch_size, size.mqar, seed=r.seed + 200)
+        model, info = _train(kind, d, V, data, size.mqar_steps, size.lr, size, r.out / "runs" / f"mqar_{kind}", r.seed + 10 + j, r.device, slices.next())
+        t0 = time.perf_counter()
+        info["accuracy"] = mqar_accuracy(model, size.mqar, n=size.mqar_eval_n, device=r.device)
+        info["eval_seconds"] = time.perf_counter() - t0
+        info["label"] = LABELS[kind]
+        mqar[kind] = info
+        slices.done()
+    return mqar
+
+
+def make_claims(size: Size, parity: dict, mqar: dict) -> list[Claim]:
     longer = [L for L in size.parity_test_lens if L > size.parity_train_len[1]]
     acc = {k: {L: parity[k]["accuracy"][L] for L in longer} for k in parity}
     s_min = min(acc["slstm"].values())
     others = {k: max(acc[k].values()) for k in ("gpt", "mlstm") if k in acc}
     xl = {k: mqar[k]["accuracy"] for k in ("mlstm", "mixed") if k in mqar}
     best_xl = max(xl, key=xl.get)
-    claims = [
+    return [
         Claim(
             id="parity_slstm_extrapolates",
             statement=f"A model with sLSTM blocks solves parity on lengths longer than seen in training "
@@ -220,139 +297,59 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
             holds=xl[best_xl] >= MQAR_MIN,
         ),
     ]
-    metrics = {
-        "mode": mode,
-        "size": asdict(size),
-        "parity": parity,
-        "mqar": mqar,
-        "wall_seconds": wall,
-        "budget_seconds": budget.seconds,
-        "load_average": {"start": load_start, "end": load_end, "cpu_count": os.cpu_count()},
-        "torch_threads": size.threads,
-        "device": device,
-        "seed": seed,
-    }
-    _plot(parity, mqar, size, out / "xlstm.png")
-    (out / "report.md").write_text(_report(claims, parity, mqar, size, metrics))
-    return read_results(write_results(out, STUDY, claims, metrics))
 
 
-def _run_tasks(size: StudySize, out: Path, seed: int, device: str, budget: Budget, full: bool):
-    runs_left = len(size.parity_models) * size.parity_seeds + 3
-
-    def slice_of_budget() -> float | None:
-        return None if full else max(5.0, budget.left() / max(runs_left, 1))
-
-    parity = {}
+def write_report(path: Path, claims: list[Claim], parity: dict, mqar: dict, size: Size, metrics: dict) -> None:
     lo, hi = size.parity_train_len
-    longer = [L for L in size.parity_test_lens if L > hi]
-    for j, kind in enumerate(size.parity_models):
-        tries = []
-        for r in range(size.parity_seeds):
-            s = seed + 1000 * r
-            print(f"[xlstm study] parity: {LABELS[kind]} (seed {s})", flush=True)
-            data = ParityData(size.batch_size, lo, hi, seed=s + 100)
-            model, info = _train(
-                kind, size.d_model, PARITY_VOCAB, data, size.parity_steps, size.parity_lr, size, out / "runs" / f"parity_{kind}_seed{s}", s + j, device, slice_of_budget()
-            )
-            t0 = time.perf_counter()
-            info["accuracy"] = parity_accuracy(model, size.parity_test_lens, n_per_length=size.parity_eval_n, device=device)
-            info["accuracy_train_max"] = parity_accuracy(model, [hi], n_per_length=size.parity_eval_n, device=device)[hi]
-            info["eval_seconds"] = time.perf_counter() - t0
-            info["seed"] = s
-            tries.append(info)
-            runs_left -= 1
-            if min(info["accuracy"][L] for L in longer) >= EXTRAPOLATION_MIN:
-                runs_left -= size.parity_seeds - 1 - r
-                break
-        best = max(tries, key=lambda t: sum(t["accuracy"][L] for L in longer))
-        parity[kind] = {**best, "label": LABELS[kind], "seeds": [{k: t[k] for k in ("seed", "accuracy", "accuracy_train_max", "final_loss", "steps")} for t in tries]}
-
-    mqar = {}
-    V = size.mqar.vocab_size
-    target = n_params("mixed", size.mqar_d, V)
-    for j, kind in enumerate(("gpt", "mlstm", "mixed")):
-        d = size.mqar_d if kind == "mixed" else matched_width(kind, target, V)
-        print(f"[xlstm study] MQAR: {LABELS[kind]} (d_model={d})", flush=True)
-        data = MQARData(size.batch_size, size.mqar, seed=seed + 200)
-        model, info = _train(kind, d, V, data, size.mqar_steps, size.lr, size, out / "runs" / f"mqar_{kind}", seed + 10 + j, device, slice_of_budget())
-        t0 = time.perf_counter()
-        info["accuracy"] = mqar_accuracy(model, size.mqar, n=size.mqar_eval_n, device=device)
-        info["eval_seconds"] = time.perf_counter() - t0
-        info["label"] = LABELS[kind]
-        mqar[kind] = info
-        runs_left -= 1
-    return parity, mqar
-
-
-def _report(claims, parity, mqar, size: StudySize, metrics: dict) -> str:
-    lo, hi = size.parity_train_len
-    lines = [
-        "# xLSTM study (Beck et al. 2024)",
-        "",
-        f"Mode: {metrics['mode']}; wall time {metrics['wall_seconds']:.0f} s (budget {metrics['budget_seconds']:.0f} s); "
-        f"1-min load average {_fmt_load(metrics['load_average']['start'])} -> {_fmt_load(metrics['load_average']['end'])} "
-        f"on {metrics['load_average']['cpu_count']} cores; "
-        f"{size.threads} torch thread(s).",
-        "",
-        "## Claims",
-        "",
-        "| claim | paper | ours | holds |",
-        "|---|---|---|---|",
-    ]
-    for c in claims:
-        lines.append(f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'no'} |")
-    lines += [
-        "",
-        f"## Parity (trained on lengths {lo}-{hi}; accuracy of the answer after the last bit, chance 0.5)",
-        "",
-        f"Best of up to {size.parity_seeds} seed(s) per model, chosen by accuracy on the longer lengths (as in Deletang et al. 2023); "
-        f"a model stops trying seeds once one reaches {EXTRAPOLATION_MIN} on every longer length. "
-        "The last column lists every tried seed's mean accuracy on those lengths.",
-        "",
-    ]
+    load = metrics["load_average"]
+    clock = (f"Mode: {metrics['mode']}; wall time {metrics['wall_seconds']:.0f} s (budget {metrics['budget_seconds']:.0f} s); "
+             f"1-min load average {_fmt_load(load['start'])} -> {_fmt_load(load['end'])} on {load['cpu_count']} cores; "
+             f"{size.threads} torch thread(s).")
+    protocol = (f"Best of up to {size.parity_seeds} seed(s) per model, chosen by accuracy on the longer lengths (as in Deletang et al. 2023); "
+                f"a model stops trying seeds once one reaches {EXTRAPOLATION_MIN} on every longer length. "
+                "The last column lists every tried seed's mean accuracy on those lengths.")
     lens = list(size.parity_test_lens)
     longer = [L for L in lens if L > hi]
-    lines.append("| model | parameters | steps | final train loss | " + " | ".join(f"L={L}" for L in [hi, *lens]) + " | train s | all seeds |")
-    lines.append("|---|---:|---:|---:|" + "---:|" * (len(lens) + 1) + "---:|---|")
-    for r in parity.values():
-        accs = " | ".join(f"{a:.3f}" for a in [r["accuracy_train_max"], *(r["accuracy"][L] for L in lens)])
-        per_seed = ", ".join(f"{sum(t['accuracy'][L] for L in longer) / len(longer):.2f}" for t in r["seeds"])
-        lines.append(f"| {r['label']} | {r['params']:,} | {r['steps']} | {r['final_loss']:.4f} | {accs} | {r['train_seconds']:.0f} | {per_seed} |")
+    rows = []
+    for p in parity.values():
+        per_seed = ", ".join(f"{sum(t['accuracy'][L] for L in longer) / len(longer):.2f}" for t in p["seeds"])
+        rows.append([p["label"], f"{p['params']:,}", str(p["steps"]), f"{p['final_loss']:.4f}",
+                     *(f"{a:.3f}" for a in [p["accuracy_train_max"], *(p["accuracy"][L] for L in lens)]), f"{p['train_seconds']:.0f}", per_seed])
+    parity_table = md_table(["model", "parameters", "steps", "final train loss", *(f"L={L}" for L in [hi, *lens]), "train s", "all seeds"],
+                            rows, "lrrr" + "r" * (len(lens) + 1) + "rl")
+    mqar_table = md_table(["model", "d_model", "parameters", "steps", "final train loss", "accuracy", "train s"],
+                          [[m["label"], str(m["d_model"]), f"{m['params']:,}", str(m["steps"]), f"{m['final_loss']:.4f}", f"{m['accuracy']:.3f}",
+                            f"{m['train_seconds']:.0f}"] for m in mqar.values()], "lrrrrrr")
+    early = any(x["stopped_early"] for x in [*parity.values(), *mqar.values()])
     sp = size.mqar
-    lines += ["", f"## MQAR ({sp.n_pairs} pairs, {sp.n_keys} keys, {sp.n_values} values; widths matched to xLSTM[1:1] at d={size.mqar_d})", ""]
-    lines.append("| model | d_model | parameters | steps | final train loss | accuracy | train s |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|")
-    for r in mqar.values():
-        lines.append(f"| {r['label']} | {r['d_model']} | {r['params']:,} | {r['steps']} | {r['final_loss']:.4f} | {r['accuracy']:.3f} | {r['train_seconds']:.0f} |")
-    if any(r["stopped_early"] for r in [*parity.values(), *mqar.values()]):
-        lines += ["", "Some runs stopped early at their share of the wall-clock budget (see `steps`)."]
-    lines += ["", "![parity and MQAR](xlstm.png)", ""]
-    return "\n".join(lines)
+    doc = Markdown("xLSTM study (Beck et al. 2024)").section(None, clock).claims(claims)
+    doc.section(f"Parity (trained on lengths {lo}-{hi}; accuracy of the answer after the last bit, chance 0.5)", protocol, parity_table)
+    doc.section(f"MQAR ({sp.n_pairs} pairs, {sp.n_keys} keys, {sp.n_values} values; widths matched to xLSTM[1:1] at d={size.mqar_d})", mqar_table,
+                "Some runs stopped early at their share of the wall-clock budget (see `steps`)." if early else "")
+    doc.image("xlstm.png", "parity and MQAR").write(path)
 
 
 def _fmt_load(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def _plot(parity, mqar, size: StudySize, path: Path) -> None:
-    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
-    lo, hi = size.parity_train_len
-    for r in parity.values():
-        xs = [hi, *size.parity_test_lens]
-        ax1.plot(xs, [r["accuracy_train_max"], *(r["accuracy"][L] for L in size.parity_test_lens)], "o-", label=f"{r['label']} ({r['params']:,})")
-    ax1.axvspan(lo, hi, color="0.9", label="training lengths")
-    ax1.axhline(0.5, color="0.5", ls=":", lw=1)
-    ax1.set_xscale("log", base=2)
-    ax1.set_ylim(0.0, 1.05)
-    ax1.set_xlabel("sequence length")
-    ax1.set_ylabel("parity accuracy (last bit)")
-    ax1.set_title("Parity: length extrapolation")
-    ax1.legend(fontsize=8)
-    names = [r["label"] for r in mqar.values()]
-    ax2.bar(range(len(names)), [r["accuracy"] for r in mqar.values()], color=["C0", "C1", "C3"][: len(names)])
-    ax2.set_xticks(range(len(names)), [f"{n}\n{r['params']:,} params" for n, r in zip(names, mqar.values())], fontsize=8)
-    ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("query accuracy")
-    ax2.set_title(f"MQAR ({size.mqar.n_pairs} pairs), equal parameter count")
-    save_figure(fig, path)
+def plot(parity: dict, mqar: dict, size: Size, path: Path) -> None:
+    with figure(path, 2, (11, 4)) as (ax1, ax2):
+        lo, hi = size.parity_train_len
+        for p in parity.values():
+            xs = [hi, *size.parity_test_lens]
+            ax1.plot(xs, [p["accuracy_train_max"], *(p["accuracy"][L] for L in size.parity_test_lens)], "o-", label=f"{p['label']} ({p['params']:,})")
+        ax1.axvspan(lo, hi, color="0.9", label="training lengths")
+        ax1.axhline(0.5, color="0.5", ls=":", lw=1)
+        ax1.set_xscale("log", base=2)
+        ax1.set_ylim(0.0, 1.05)
+        ax1.set_xlabel("sequence length")
+        ax1.set_ylabel("parity accuracy (last bit)")
+        ax1.set_title("Parity: length extrapolation")
+        ax1.legend(fontsize=8)
+        names = [m["label"] for m in mqar.values()]
+        ax2.bar(range(len(names)), [m["accuracy"] for m in mqar.values()], color=["C0", "C1", "C3"][: len(names)])
+        ax2.set_xticks(range(len(names)), [f"{n}\n{m['params']:,} params" for n, m in zip(names, mqar.values())], fontsize=8)
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("query accuracy")
+        ax2.set_title(f"MQAR ({size.mqar.n_pairs} pairs), equal parameter count")

@@ -38,9 +38,9 @@ from rizzearch.data.preference import (
     read_preferences,
 )
 from rizzearch.errors import CheckpointError, ConfigError
-from rizzearch.objectives.dpo import DPOConfig, make_dpo_loss, precompute_reference_logps
-from rizzearch.objectives.orpo import ORPOConfig, make_orpo_loss, score_pairs
-from rizzearch.objectives.sft import make_sft_loss
+from rizzearch.objectives.dpo import DPOConfig
+from rizzearch.objectives.orpo import ORPOConfig
+from rizzearch.training.preference import make_dpo_loss, make_orpo_loss, make_sft_loss, precompute_reference_logps, score_pairs
 from rizzearch.training.distributed import device_for, init_distributed
 from rizzearch.training.loop import TrainConfig, TrainResult
 from rizzearch.training.loop import train as train_loop

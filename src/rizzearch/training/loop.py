@@ -199,6 +199,7 @@ def train(
     run_dir: str | Path,
     *,
     eval_data=None,
+    eval_loss_fn: LossFn | None = None,
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     resume: bool = False,
     meta: dict | None = None,
@@ -214,6 +215,8 @@ def train(
         config: loop settings.
         run_dir: run folder (metrics.jsonl and checkpoints/ are written here).
         eval_data: optional EvalSource (``batches()``, optional ``bytes_per_token``).
+        eval_loss_fn: the loss reported on ``eval_data`` (default: ``loss_fn``); e.g. the all-token
+            ``lm_loss`` for a goldfish run, so its validation loss compares with a standard run's.
         eval_fn: optional extra evaluation ``fn(model) -> dict`` run at every evaluation.
         resume: continue from the latest checkpoint in ``run_dir`` (bit-for-bit on CPU).
         meta: extra fields stored in each checkpoint's model.json (e.g. tokenizer fingerprint).
@@ -279,7 +282,7 @@ def train(
     def do_eval(step: int) -> None:
         row: dict = {"step": step}
         if eval_data is not None:
-            row.update(evaluate_loss(model, loss_fn, eval_data, cfg, device))
+            row.update(evaluate_loss(model, eval_loss_fn or loss_fn, eval_data, cfg, device))
         if eval_fn is not None:
             row.update(eval_fn(model))
         if len(row) > 1:

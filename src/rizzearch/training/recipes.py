@@ -17,10 +17,10 @@ from rizzearch.data.text import prepare_text, read_source, split_text
 from rizzearch.data.tokenizer import Tokenizer, make_tokenizer, tokenizer_fingerprint
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import build_model, generate
-from rizzearch.objectives.goldfish import GoldfishConfig, GoldfishLoss
-from rizzearch.objectives.lm import lm_loss
+from rizzearch.objectives.goldfish import GoldfishConfig
 from rizzearch.runs import make_run_dir
 from rizzearch.training import checkpoint as ckpt_io
+from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig, TrainResult
 from rizzearch.training.loop import train as train_loop
 
@@ -122,7 +122,7 @@ def train(
     loss_fn = build_objective(objective, goldfish=goldfish, protected_ids=tok.special_ids)
     print(f"model {model}: {net.num_params():,} parameters; tokenizer vocab {tok.vocab_size}; "
           f"{ds.meta['train']['tokens']:,} train / {ds.meta['val']['tokens']:,} val tokens; run folder {run}")
-    result = train_loop(net, loss_fn, train_src, train, run, eval_data=eval_src, resume=resume,
+    result = train_loop(net, loss_fn, train_src, train, run, eval_data=eval_src, eval_loss_fn=lm_loss, resume=resume,
                         meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective,
                               **({"goldfish": asdict(goldfish)} if objective == "goldfish" else {})}, progress=progress)
     ev = result.final_eval
