@@ -38,6 +38,7 @@ from common import emit_json, interleaved, load_average, print_header, print_tab
 
 from rizzearch.models import RWKV, RWKVConfig  # noqa: E402
 from rizzearch.models.convert import from_hf_rwkv, to_official_rwkv  # noqa: E402
+from rizzearch.ops import backends  # noqa: E402
 from rizzearch.ops.wkv import wkv, wkv_ref  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
 
@@ -246,6 +247,7 @@ def main(argv=None) -> dict:
     info = print_header("RWKV-4: WKV op, training step and decoding vs HF transformers and the rwkv package", ("transformers", "rwkv"))
     load = load_average()
     print(f"  load average (1 min) at start: {load}")
+    print("  backends: " + ", ".join(f"{op}={s['backend']}" + ("" if s["fast_available"] else " (fast unavailable)") for op, s in backends.status().items()))
 
     res: dict = {}
     rows = []

@@ -37,8 +37,7 @@ from common import emit_json, interleaved, load_average, print_header, print_tab
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from rizzearch.models.xlstm import SLSTMBlock, XLSTMConfig  # noqa: E402
-from rizzearch.ops import mlstm as M  # noqa: E402
-from rizzearch.ops import slstm as S  # noqa: E402
+from rizzearch.ops import backends  # noqa: E402
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_step  # noqa: E402
 from rizzearch.ops.slstm import slstm_forward  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
@@ -70,7 +69,7 @@ def bench_chunkwise(a, device="cpu") -> dict:
     off = official_backend(chunkwise_kernel="chunkwise--native_custbw", mode="train", chunk_size=64, return_last_states=False)
     with torch.no_grad():  # same numbers first (h; the official adds eps=1e-6 to the normaliser)
         want = off(*x)
-        got = mlstm_chunkwise(*x, chunk_size=64, backend="fused")
+        got = mlstm_chunkwise(*x, chunk_size=64, backend="fast")
         assert_close(got, want, atol=1e-3, rtol=1e-3, name="mLSTM chunkwise h vs official")
 
     def run(fn):
@@ -83,7 +82,7 @@ def bench_chunkwise(a, device="cpu") -> dict:
 
     fns = {
         "official chunkwise--native_custbw": run(lambda: off(*x)),
-        "ours fused": run(lambda: mlstm_chunkwise(*x, chunk_size=64, backend="fused")),
+        "ours fast": run(lambda: mlstm_chunkwise(*x, chunk_size=64, backend="fast")),
     }
     # Only the two compared sides alternate. Each call's speed depends on what the call before it
     # freed: glibc hands large freed blocks back to the kernel, so a call re-faults the pages of its
@@ -95,8 +94,8 @@ def bench_chunkwise(a, device="cpu") -> dict:
     times.update(interleaved({"ours reference (alone)": run(lambda: mlstm_chunkwise(*x, chunk_size=64, backend="reference"))}, repeats=a.repeats, warmup=1, device=device))
     return {
         "times": times,
-        "speedup": ratio(times["official chunkwise--native_custbw"], times["ours fused"]),
-        "speedup_on_min": min(times["official chunkwise--native_custbw"]) / min(times["ours fused"]),
+        "speedup": ratio(times["official chunkwise--native_custbw"], times["ours fast"]),
+        "speedup_on_min": min(times["official chunkwise--native_custbw"]) / min(times["ours fast"]),
         "page_faults_per_call": {k2: statistics.median(v) for k2, v in faults.items()},
     }
 
@@ -127,7 +126,7 @@ def bench_step(a, device="cpu") -> dict:
     off = official_backend(mode="inference", step_kernel="native", return_last_states=True)
     with torch.no_grad():  # mlstm_kernels keeps k unscaled in (C, n) and scales q: same h, states x sqrt(D)
         h_off, (C_off, n_off, m_off) = off(q[:, :, None], k[:, :, None], v[:, :, None], i[..., None], f[..., None], C * D**0.5, n * D**0.5, m[..., None])
-        h, (C1, n1, m1) = mlstm_step(q, k, v, i, f, (C, n, m), backend="fused")
+        h, (C1, n1, m1) = mlstm_step(q, k, v, i, f, (C, n, m), backend="fast")
         assert_close(C1 * D**0.5, C_off, atol=1e-4, rtol=1e-4, name="mLSTM step C vs official")
         assert_close(h, h_off[:, :, 0], atol=1e-4, rtol=1e-3, name="mLSTM step h vs official")
     calls = a.step_calls
@@ -140,16 +139,16 @@ def bench_step(a, device="cpu") -> dict:
     @torch.no_grad()
     def ours():
         for _ in range(calls):
-            mlstm_step(q, k, v, i, f, (C, n, m), backend="fused")
+            mlstm_step(q, k, v, i, f, (C, n, m), backend="fast")
 
     @torch.no_grad()
     def ours_ref():
         for _ in range(calls):
             mlstm_step(q, k, v, i, f, (C, n, m), backend="reference")
 
-    times = interleaved({"official native step": official, "ours fused": ours, "ours reference": ours_ref}, repeats=a.repeats, warmup=a.warmup, device=device)
+    times = interleaved({"official native step": official, "ours fast": ours, "ours reference": ours_ref}, repeats=a.repeats, warmup=a.warmup, device=device)
     times = {k2: [t / calls for t in ts] for k2, ts in times.items()}
-    return {"times": times, "time_ratio": statistics.median(times["ours fused"]) / statistics.median(times["official native step"])}
+    return {"times": times, "time_ratio": statistics.median(times["ours fast"]) / statistics.median(times["official native step"])}
 
 
 def official_slstm_layer(E, device="cpu"):
@@ -196,12 +195,12 @@ def bench_slstm(a, device="cpu") -> dict:
         return go
 
     def ours_ref():
-        with S.use_backend("reference"):
+        with backends.use_backend("slstm", "reference"):
             return ours.mixer(x, None, None)[0]
 
-    fns = {"official sLSTMLayer vanilla": run(lambda: layer(x)), "ours fused": run(lambda: ours.mixer(x, None, None)[0]), "ours reference": run(ours_ref)}
+    fns = {"official sLSTMLayer vanilla": run(lambda: layer(x)), "ours fast": run(lambda: ours.mixer(x, None, None)[0]), "ours reference": run(ours_ref)}
     times = interleaved(fns, repeats=max(3, a.repeats // 2), warmup=1, device=device)
-    return {"times": times, "speedup": ratio(times["official sLSTMLayer vanilla"], times["ours fused"])}
+    return {"times": times, "speedup": ratio(times["official sLSTMLayer vanilla"], times["ours fast"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ def check_cuda(a) -> dict:
     xg = [t.detach().to(dev).requires_grad_() for t in x]
     ref, ref_state = mlstm_parallel(*x, return_state=True)
     ref.sum().backward()
-    for be in M.BACKENDS:
+    for be in backends.NAMES:
         h, st = mlstm_chunkwise(*xg, chunk_size=64, backend=be, return_state=True)
         h.sum().backward()
         assert_close(h.cpu(), ref, atol=1e-4, rtol=1e-3, name=f"cuda mLSTM chunkwise {be} h")
@@ -233,7 +232,7 @@ def check_cuda(a) -> dict:
     wx = torch.randn(2, 50, 4, NH, 16, generator=g)
     R, b = 0.3 * torch.randn(NH, 16, 4, 16, generator=g), torch.randn(4, NH, 16, generator=g)
     want = slstm_forward(wx, R, b, backend="reference")
-    for be in S.BACKENDS:
+    for be in backends.NAMES:
         got = slstm_forward(wx.to(dev), R.to(dev), b.to(dev), backend=be)
         assert_close(got.cpu(), want, atol=1e-4, rtol=1e-3, name=f"cuda sLSTM {be}")
     out["checks"] = "ok"
@@ -258,7 +257,7 @@ def main() -> None:
     info = print_header("xLSTM ops vs the official xlstm / mlstm_kernels packages (CPU, fp32)", ("xlstm", "mlstm_kernels"))
     load = load_average()
     print(f"  load average (1 min) at start: {load}")
-    print(f"  mLSTM backend: {M.BACKEND}; sLSTM backend: {S.BACKEND}")
+    print("  backends: " + ", ".join(f"{op}={s['backend']}" + ("" if s["fast_available"] else " (fast unavailable)") for op, s in backends.status().items()))
     res = {"chunkwise": bench_chunkwise(a), "step": bench_step(a), "slstm": bench_slstm(a)}
     rows = []
     for label, key in (("mLSTM chunkwise fwd+bwd (T=%d)" % a.T, "chunkwise"), ("mLSTM step (per token)", "step"), ("sLSTM layer fwd+bwd (T=%d)" % a.T, "slstm")):

@@ -27,11 +27,3 @@ class CheckpointError(RizzError):
 
 class ShapeError(RizzError, ValueError):
     """A tensor has the wrong shape, dtype or device for an op or model."""
-
-
-def check_shape(name: str, tensor, expected: tuple) -> None:
-    """Raise ShapeError unless ``tensor.shape`` matches ``expected`` (``None`` matches any size)."""
-    shape = tuple(tensor.shape)
-    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
-        raise ShapeError(f"{name}: expected shape {want}, got {shape}")

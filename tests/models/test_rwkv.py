@@ -14,7 +14,7 @@ import torch
 
 from rizzearch.errors import ShapeError
 from rizzearch.models import RWKV, RWKVConfig, build_model
-from rizzearch.ops.wkv import wkv_form
+from rizzearch.ops.backends import use_backend
 from rizzearch.testing import assert_close
 
 V = 97
@@ -84,17 +84,17 @@ def test_forms_give_the_same_model_outputs_and_grads():
     x = torch.randint(0, V, (2, 37))
     grads = {}
     outs = {}
-    for form in ("reference", "chunked"):
+    for form in ("reference", "fast"):
         m.zero_grad()
-        with wkv_form(form):
+        with use_backend("wkv", form):
             logits, _ = m(x)
         logits.square().mean().backward()
         outs[form] = logits.detach()
         grads[form] = {n: p.grad.clone() for n, p in m.named_parameters()}
-    assert_close(outs["chunked"], outs["reference"], atol=1e-5, rtol=1e-4, name="logits")
+    assert_close(outs["fast"], outs["reference"], atol=1e-5, rtol=1e-4, name="logits")
     for n in grads["reference"]:
         ref = grads["reference"][n]
-        assert_close(grads["chunked"][n], ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-3, name=f"grad {n}")
+        assert_close(grads["fast"][n], ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-3, name=f"grad {n}")
 
 
 def test_padding_anywhere_leaves_state_unchanged():
@@ -124,112 +124,6 @@ def test_padded_step_keeps_state():
         for old, new in zip(state[key], after[key]):
             assert torch.equal(new[1], old[1]), f"{key}: padded row changed"
             assert not torch.equal(new[0], old[0]), f"{key}: real row did not change"
-
-
-def test_decode_path_matches_autograd_path_and_tracks_updates():
-    m = tiny()
-    x = torch.randint(0, V, (3, 9))
-    _, state = m(x)
-    nxt = torch.randint(0, V, (3,))
-    with torch.no_grad():
-        fast, fast_state = m.step(nxt, state)
-    with torch.enable_grad():
-        slow, slow_state = m.step(nxt, state)
-    assert_close(fast, slow, atol=1e-5, rtol=1e-5, name="decode logits")
-    for key in state:
-        for a, b in zip(fast_state[key], slow_state[key]):
-            assert_close(a, b.detach(), atol=1e-5, rtol=1e-5, name=f"decode state {key}")
-    with torch.no_grad():  # an in-place update must invalidate the cached decode weights
-        m.blocks[0].att.value.weight.mul_(1.5)
-        m.blocks[1].ffn.time_mix_k.add_(0.1)
-        fast2, _ = m.step(nxt, state)
-    with torch.enable_grad():
-        slow2, _ = m.step(nxt, state)
-    assert_close(fast2, slow2.detach(), atol=1e-5, rtol=1e-5, name="decode after update")
-    assert not torch.allclose(fast2, fast)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_fused_decode_kernel_matches_eager_decoding(batch, threads):
-    """The fused C kernel (default on CPU), on 1, 2 and 3 threads, and the eager recurrent step agree.
-
-    Widths that are not multiples of the kernel's 16-float vectors or of its 4-row blocks, and that
-    split unevenly across threads (a thread can get no columns at all: d_model 72 on 3 threads).
-    """
-    from rizzearch.ops.wkv import decode_library, fused_decode
-
-    if decode_library() is None:
-        pytest.skip("no C compiler: the fused decoding kernel is unavailable (eager decoding is used)")
-    m = tiny(d_model=72, d_att=40, d_ffn=100)
-    x = torch.randint(0, V, (batch, 12))
-    with torch.no_grad():
-        _, state = m(x)
-        runs = {}
-        for enabled in (True, False):
-            with fused_decode(enabled, threads=threads if enabled else None):
-                st, outs, tok = state, [], x[:, -1]
-                for _ in range(6):
-                    logits, st = m.step(tok, st)
-                    outs.append(logits)
-                    tok = logits.argmax(-1)
-            runs[enabled] = (torch.stack(outs, 1), st)
-    assert m._fused_cache is not None
-    assert_close(runs[True][0], runs[False][0], atol=1e-5, rtol=1e-5, name="fused vs eager logits")
-    for key in runs[False][1]:
-        for a, b in zip(runs[True][1][key], runs[False][1][key]):
-            assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"fused vs eager state {key}")
-
-
-def test_fused_decode_follows_parameter_changes_and_rejects_bad_tokens():
-    """The kernel reads the parameters in place: in-place updates and tied embeddings are seen; a token
-    outside the vocabulary raises like nn.Embedding does on the eager path."""
-    from rizzearch.ops.wkv import decode_library, fused_decode
-
-    if decode_library() is None:
-        pytest.skip("no C compiler: the fused decoding kernel is unavailable (eager decoding is used)")
-    m = tiny(tie_embeddings=True)
-    tok = torch.tensor([3, 5])
-    with torch.no_grad():
-        state = m.init_state(2)
-        with fused_decode(True, threads=2):
-            before, _ = m.step(tok, state)
-            m.blocks[1].att.time_decay.add_(0.5)  # the kernel uses -exp(time_decay): must be rebuilt
-            m.emb.weight.mul_(1.1)  # also the tied head
-            after, _ = m.step(tok, state)
-            with pytest.raises(IndexError, match="outside the vocabulary"):
-                m.step(torch.tensor([1, V]), state)
-        with fused_decode(False):
-            want, _ = m.step(tok, state)
-    assert not torch.allclose(before, after)
-    assert_close(after, want, atol=1e-5, rtol=1e-5, name="fused logits after in-place updates")
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_edits_through_data_need_clear_decode_cache(fused):
-    """``param.data`` edits are invisible to version counters; ``clear_decode_cache`` makes decoding see them."""
-    from rizzearch.ops.wkv import fused_decode
-
-    m = tiny()
-    tok = torch.tensor([3, 5])
-
-    def two_steps():  # time_decay only acts on the state update, so it shows in the second step's logits
-        _, st = m.step(tok, state)
-        return m.step(tok, st)[0]
-
-    with torch.no_grad(), fused_decode(fused):
-        _, state = m(torch.randint(0, V, (2, 6)))
-        before = two_steps()  # builds the cache
-        m.blocks[0].att.time_decay.data.add_(1.0)  # derived value in the fused path
-        m.blocks[1].att.value.weight.data.mul_(2.0)  # cached copy in the eager path
-        stale = two_steps()
-        m.clear_decode_cache()
-        got = two_steps()
-    with torch.enable_grad():  # the autograd path reads the parameters directly
-        want = two_steps().detach()
-    assert_close(got, want, atol=1e-5, rtol=1e-5, name="decode after .data edits")
-    assert not torch.allclose(got, before)
-    assert not torch.allclose(stale, want, atol=1e-4)  # the docstring's warning: without it, not (all) seen
 
 
 def test_state_layout_and_dtypes():

@@ -1,4 +1,4 @@
-"""mLSTM: the parallel, chunkwise (reference and fused) and step forms agree, values and gradients."""
+"""mLSTM: the parallel, chunkwise (reference and fast) and step forms agree, values and gradients."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rizzearch.errors import ShapeError
+from rizzearch.ops import backends
 from rizzearch.ops import mlstm as M
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_parallel, mlstm_step
 from rizzearch.testing import assert_close
@@ -30,9 +31,9 @@ def run_form(form, x, state, chunk):
     if form == "parallel":
         return mlstm_parallel(*x, initial_state=state, return_state=True)
     if form in ("chunk_ref", "chunk_fused"):
-        be = "reference" if form == "chunk_ref" else "fused"
+        be = "reference" if form == "chunk_ref" else "fast"
         return mlstm_chunkwise(*x, initial_state=state, return_state=True, chunk_size=chunk, backend=be)
-    be = "reference" if form == "step_ref" else "fused"
+    be = "reference" if form == "step_ref" else "fast"
     s, hs = state, []
     for t in range(x[0].shape[2]):
         h, s = mlstm_step(*(a[:, :, t] for a in x), s, backend=be)
@@ -78,7 +79,7 @@ def test_fused_gradients_when_only_some_outputs_are_used(used, state, T, chunk):
     x, s0 = make_inputs(2, 2, T, 3, 4, state=state, seed=3)
     inputs = list(x) + (list(s0) if s0 else [])
     grads = []
-    for be in ("reference", "fused"):
+    for be in ("reference", "fast"):
         h, (C, n, m) = mlstm_chunkwise(*x, initial_state=s0, return_state=True, chunk_size=chunk, backend=be)
         outs = {"h": h, "C": C, "n": n, "m": m}
         g = torch.Generator().manual_seed(11)
@@ -96,9 +97,9 @@ def test_fused_without_state_matches_with_state():
     """return_state=False takes a shorter path (no final state): same h and gradients."""
     x, _ = make_inputs(2, 2, 21, 4, 4, state=False, seed=5)
     gh = torch.randn(2, 2, 21, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    h1 = mlstm_chunkwise(*x, chunk_size=8, backend="fused")
+    h1 = mlstm_chunkwise(*x, chunk_size=8, backend="fast")
     g1 = torch.autograd.grad(h1, x, gh)
-    h2, _ = mlstm_chunkwise(*x, chunk_size=8, backend="fused", return_state=True)
+    h2, _ = mlstm_chunkwise(*x, chunk_size=8, backend="fast", return_state=True)
     g2 = torch.autograd.grad(h2, x, gh)
     assert_close(h1, h2, atol=0, rtol=0, name="h")
     for name, a, b in zip(NAMES, g1, g2):
@@ -121,14 +122,14 @@ def test_fused_chunkwise_matches_reference_in_fp32():
 def test_chunkwise_equals_parallel_for_any_length_and_chunk(T, chunk, D, seed):
     x, s0 = make_inputs(1, 2, T, D, D + 1, seed=seed)
     with torch.no_grad():
-        h, (C, n, m) = mlstm_chunkwise(*x, initial_state=s0, return_state=True, chunk_size=chunk, backend="fused")
+        h, (C, n, m) = mlstm_chunkwise(*x, initial_state=s0, return_state=True, chunk_size=chunk, backend="fast")
         hp, (Cp, n_p, mp) = mlstm_parallel(*x, initial_state=s0, return_state=True)
     assert_close(h, hp, atol=1e-9, rtol=1e-7, name="h")
     assert_close(C, Cp, atol=1e-9, rtol=1e-7, name="C")
     assert_close(m, mp, atol=1e-9, rtol=1e-7, name="m")
 
 
-@pytest.mark.parametrize("backend", M.BACKENDS)
+@pytest.mark.parametrize("backend", backends.NAMES)
 def test_state_carries_across_calls(backend):
     x, _ = make_inputs(2, 2, 30, 4, 4, state=False, dtype=torch.float32)
     with torch.no_grad():
@@ -144,7 +145,7 @@ def test_empty_state_equals_none():
     x, _ = make_inputs(2, 2, 7, 3, 3, state=False)
     empty = M.empty_state(2, 2, 3, 3, dtype=torch.float64)
     with torch.no_grad():
-        for be in M.BACKENDS:
+        for be in backends.NAMES:
             a = mlstm_chunkwise(*x, chunk_size=4, backend=be)
             b = mlstm_chunkwise(*x, initial_state=empty, chunk_size=4, backend=be)
             assert torch.equal(a, b)
@@ -153,7 +154,7 @@ def test_empty_state_equals_none():
 def test_half_precision_inputs_keep_fp32_states():
     x, _ = make_inputs(1, 2, 20, 8, 8, state=False, dtype=torch.float32)
     xb = [t.detach().bfloat16() for t in x]
-    for be in M.BACKENDS:
+    for be in backends.NAMES:
         h, (C, n, m) = mlstm_chunkwise(*xb, return_state=True, chunk_size=8, backend=be)
         assert h.dtype == torch.bfloat16 and C.dtype == n.dtype == m.dtype == torch.float32
         ref = mlstm_parallel(*(t.float() for t in xb))
@@ -167,7 +168,7 @@ def test_stabilisation_survives_extreme_gates():
     x, _ = make_inputs(1, 2, 40, 4, 4, state=False, dtype=torch.float64, gate_scale=80.0)
     ref = mlstm_parallel(*x)
     x32 = [t.detach().float() for t in x]
-    for be in M.BACKENDS:
+    for be in backends.NAMES:
         h = mlstm_chunkwise(*x32, chunk_size=16, backend=be)
         assert torch.isfinite(h).all()
         assert_close(h, ref, atol=1e-4, rtol=1e-3, name=f"{be} h with extreme gates")
@@ -179,7 +180,7 @@ def test_closed_input_gate_leaves_state_unchanged():
     i = torch.full((1, 2, 5), -1e4)
     f = torch.full((1, 2, 5), 1e4)
     with torch.no_grad():
-        for be in M.BACKENDS:
+        for be in backends.NAMES:
             _, (C, n, m) = mlstm_chunkwise(x[0], x[1], x[2], i, f, initial_state=s0, return_state=True, backend=be)
             assert torch.equal(C, s0[0]) and torch.equal(n, s0[1]) and torch.equal(m, s0[2])
 
@@ -222,14 +223,14 @@ def test_bad_input_names_the_tensor():
 
 def test_backend_override():
     x, _ = make_inputs(1, 1, 4, 2, 2, state=False)
-    old = M.BACKEND
-    with M.use_backend("reference"):
-        assert M.BACKEND == "reference"
+    old = backends.get_backend("mlstm")
+    with backends.use_backend("mlstm", "reference"):
+        assert backends.get_backend("mlstm") == "reference"
         mlstm_chunkwise(*x)
-    assert M.BACKEND == old
+    assert backends.get_backend("mlstm") == old
     with pytest.raises(ValueError, match="unknown mLSTM backend"):
         mlstm_chunkwise(*x, backend="cuda-magic")
-    assert M.BACKEND in M.BACKENDS
+    assert backends.get_backend("mlstm") in backends.NAMES
 
 
 def test_native_decode_step_matches_reference():
@@ -249,5 +250,5 @@ def test_native_decode_step_matches_reference():
             for name, u, w in zip("Cnm", s_nat, s_ref):
                 assert_close(u, w, name=f"native {name} at t={t}")
     with torch.no_grad():  # the public entry point takes the native path here
-        h, _ = mlstm_step(*(a[:, :, 0] for a in x), backend="fused")
+        h, _ = mlstm_step(*(a[:, :, 0] for a in x), backend="fast")
     assert_close(h, mlstm_step(*(a[:, :, 0] for a in x), backend="reference")[0], name="mlstm_step h")

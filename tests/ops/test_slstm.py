@@ -1,4 +1,5 @@
-"""sLSTM: the fused form equals the reference loop (values, final state, every gradient)."""
+"""sLSTM: the fast form equals the reference loop (values, final state, every gradient), for a
+sequence and for one step; the backend switch and its environment variable."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from rizzearch.errors import ShapeError
-from rizzearch.ops import slstm as S
+from rizzearch.ops import backends
 from rizzearch.ops.slstm import slstm_forward, slstm_step
 from rizzearch.testing import assert_close
 
@@ -45,7 +46,7 @@ SHAPES = [  # (B, T, NH, DH, initial state)
 @pytest.mark.parametrize("B,T,NH,DH,state", SHAPES)
 def test_fused_equals_reference_values_states_and_every_gradient(B, T, NH, DH, state):
     x, s0 = make_inputs(B, T, NH, DH, state=state)
-    a, ga = outputs_and_grads("fused", x, s0)
+    a, ga = outputs_and_grads("fast", x, s0)
     b, gb = outputs_and_grads("reference", x, s0)
     for name, u, w in zip(("y", "h", "c", "n", "m"), a, b):
         assert_close(u, w, atol=1e-10, rtol=1e-8, name=name)
@@ -55,7 +56,7 @@ def test_fused_equals_reference_values_states_and_every_gradient(B, T, NH, DH, s
 
 def test_fused_equals_reference_in_fp32():
     x, s0 = make_inputs(2, 20, 2, 8, dtype=torch.float32)
-    a, ga = outputs_and_grads("fused", x, s0)
+    a, ga = outputs_and_grads("fast", x, s0)
     b, gb = outputs_and_grads("reference", x, s0)
     for name, u, w in zip(("y", "h", "c", "n", "m"), a, b):
         assert_close(u, w, atol=1e-5, rtol=1e-4, name=name)
@@ -97,7 +98,7 @@ def test_mask_leaves_state_unchanged():
 def test_first_step_normaliser_is_one_and_extreme_gates_are_finite():
     x, _ = make_inputs(1, 30, 2, 4, state=False, dtype=torch.float32, scale=60.0)
     wx, R, b = (t.detach() for t in x)
-    for be in S.BACKENDS:
+    for be in backends.NAMES:
         y, (h, c, n, m) = slstm_forward(wx[:, :1], R, b, return_state=True, backend=be)
         assert torch.equal(n, torch.ones_like(n)) and torch.equal(m, (wx[:, 0, 0] + b[0]).float())
         y = slstm_forward(wx, R, b, backend=be)
@@ -130,33 +131,73 @@ def test_bad_input_names_the_tensor():
         slstm_forward(wx, R, b, backend="nope")
 
 
-def test_backend_switch_is_per_module_and_restored():
-    from rizzearch.ops import mlstm as M
-
-    old_s, old_m = S.BACKEND, M.BACKEND
-    with S.use_backend("reference"):
-        assert S.BACKEND == "reference" and M.BACKEND == old_m
+def test_backend_switch_is_per_op_and_restored():
+    old_s, old_m = backends.get_backend("slstm"), backends.get_backend("mlstm")
+    with backends.use_backend("slstm", "reference"):
+        assert backends.get_backend("slstm") == "reference" and backends.get_backend("mlstm") == old_m
         with pytest.raises(ValueError, match="unknown sLSTM backend 'x'"):
-            S.set_backend("x")
-        assert S.BACKEND == "reference"  # a bad name changes nothing
-    assert S.BACKEND == old_s
-    S.set_backend("reference")
+            backends.set_backend("slstm", "x")
+        assert backends.get_backend("slstm") == "reference"  # a bad name changes nothing
+    assert backends.get_backend("slstm") == old_s
+    backends.set_backend("slstm", "reference")
     try:
-        assert S.BACKEND == "reference"
+        assert backends.get_backend("slstm") == "reference"
     finally:
-        S.set_backend(old_s)
+        backends.set_backend("slstm", old_s)
 
 
-@pytest.mark.parametrize("var,module", [("RIZZ_SLSTM_BACKEND", "slstm"), ("RIZZ_MLSTM_BACKEND", "mlstm")])
-def test_backend_from_the_environment(var, module):
+@pytest.mark.parametrize("var,op", [("RIZZ_SLSTM_BACKEND", "slstm"), ("RIZZ_MLSTM_BACKEND", "mlstm")])
+def test_backend_from_the_environment(var, op):
     import os
     import subprocess
     import sys
 
-    code = f"from rizzearch.ops import {module} as m; print(m.BACKEND)"
+    code = f"from rizzearch.ops import backends; print(backends.get_backend({op!r}))"
     env = {**os.environ, var: "reference"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
     env[var] = "warp-speed"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown" in bad.stderr and "'warp-speed'" in bad.stderr
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_step_forms_agree_values_states_and_every_gradient(with_state):
+    """``slstm_step(backend=...)`` runs the form it names; both equal one step of ``slstm_forward``."""
+    x, s0 = make_inputs(3, 1, 2, 5, state=with_state)
+    wx, R, b = x
+    results = {}
+    for be in backends.NAMES:
+        h, st = slstm_step(wx[:, 0], R, b, s0, backend=be)
+        g = torch.Generator().manual_seed(5)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (h, *st[:3]))
+        results[be] = ((h, *st), torch.autograd.grad(loss, [*x, *(s0 or ())]))
+    (ref, gref), (fast, gfast) = results["reference"], results["fast"]
+    want_y, want_state = slstm_forward(wx, R, b, initial_state=s0, return_state=True, backend="reference")
+    assert_close(ref[0], want_y[:, 0], atol=1e-12, rtol=1e-12, name="reference step h vs forward")
+    for name, a, w in zip("hcnm", fast[1:], want_state):
+        assert_close(a, w, atol=1e-12, rtol=1e-12, name=f"fast step {name} vs forward")
+    for name, a, w in zip(("wx", "R", "b", "h0", "c0", "n0", "m0"), gfast, gref):
+        assert_close(a, w, atol=1e-12, rtol=1e-10, name=f"fast step grad {name}")
+
+
+def test_step_honours_its_backend_argument(monkeypatch):
+    """The named form runs: each backend calls its own step function and only that one."""
+    import rizzearch.ops.slstm as S
+
+    calls = []
+    for name in ("_step_reference", "_step_fast"):
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x, s0 = make_inputs(2, 1, 2, 3)
+    wx, R, b = (t.detach() for t in x)
+    for be, want in (("reference", "_step_reference"), ("fast", "_step_fast")):
+        calls.clear()
+        slstm_step(wx[:, 0], R, b, backend=be)
+        assert calls == [want]
+        with backends.use_backend("slstm", be):
+            calls.clear()
+            slstm_step(wx[:, 0], R, b)
+            assert calls == [want]
+    with pytest.raises(ValueError, match="unknown sLSTM backend 'nope'"):
+        slstm_step(wx[:, 0], R, b, backend="nope")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rizzearch.errors import ConfigError, ShapeError
-from rizzearch.ops.wkv import init_wkv_state, linear_scan, wkv, wkv_chunked, wkv_form, wkv_ref
+from rizzearch.ops.backends import use_backend
+from rizzearch.ops.wkv import init_wkv_state, linear_scan, wkv, wkv_chunked, wkv_ref
 from rizzearch.testing import assert_close
 
 
@@ -97,14 +98,14 @@ def test_reference_matches_equation_14():
     assert_close(out.double(), want, atol=1e-5, rtol=1e-5, name="wkv vs eq. 14")
 
 
-@pytest.mark.parametrize("form", ["reference", "chunked"])
+@pytest.mark.parametrize("form", ["reference", "fast"])
 def test_split_sequence_equals_whole(form):
     """Running two halves with the state in between equals one call (the RNN form)."""
     td, tf, k, v, _ = make_inputs(2, 29, 6, with_state=False)
     with torch.no_grad():
-        whole, st_whole = wkv(td, tf, k, v, form=form)
-        first, st = wkv(td, tf, k[:, :11], v[:, :11], form=form)
-        second, st = wkv(td, tf, k[:, 11:], v[:, 11:], st, form=form)
+        whole, st_whole = wkv(td, tf, k, v, backend=form)
+        first, st = wkv(td, tf, k[:, :11], v[:, :11], backend=form)
+        second, st = wkv(td, tf, k[:, 11:], v[:, 11:], st, backend=form)
     assert_close(torch.cat([first, second], 1), whole, name="split outputs")
     for x, y in zip(st, st_whole):
         assert_close(x, y, atol=1e-5, rtol=1e-5, name="split final state")
@@ -136,8 +137,8 @@ def test_low_precision_inputs_keep_fp32_state():
 
 def test_empty_sequence_returns_the_state():
     td, tf, k, v, state = make_inputs(2, 0, 3)
-    for form in ("reference", "chunked"):
-        out, st = wkv(td, tf, k, v, state, form=form)
+    for form in ("reference", "fast"):
+        out, st = wkv(td, tf, k, v, state, backend=form)
         assert out.shape == (2, 0, 3)
         for x, y in zip(st, state):
             assert torch.equal(x, y)
@@ -166,13 +167,13 @@ def test_linear_scan_matches_loop(T, chunk):
 
 def test_form_override_and_bad_form():
     td, tf, k, v, _ = make_inputs(1, 6, 2, with_state=False)
-    with torch.no_grad(), wkv_form("reference"):
+    with torch.no_grad(), use_backend("wkv", "reference"):
         a, _ = wkv(td, tf, k, v)
-    with torch.no_grad(), wkv_form("chunked"):
+    with torch.no_grad(), use_backend("wkv", "fast"):
         b, _ = wkv(td, tf, k, v)
     assert_close(a, b, name="forms")
     with pytest.raises(ConfigError, match="expected one of"):
-        wkv(td, tf, k, v, form="cuda-kernel")
+        wkv(td, tf, k, v, backend="cuda-kernel")
 
 
 def test_bad_input_names_expected_and_found():
@@ -227,49 +228,3 @@ def test_cuda_matches_cpu_reference():
         assert_close(x.cpu(), y, atol=1e-4, rtol=1e-4, name="cuda state")
     for x, y in zip(grads, ref_grads):
         assert_close(x.cpu(), y, atol=1e-4 * max(1.0, y.abs().max().item()), rtol=1e-3, name="cuda grad")
-
-
-# ----------------------------------------------------------------------------------------------
-# The fused decoding kernel's build: fallbacks (its numerics are tested in tests/models/test_rwkv.py)
-
-
-def _decode_with_compiler(monkeypatch, tmp_path, cc: str):
-    """Build the kernel afresh with compiler ``cc`` (empty cache), then decode a tiny model both ways."""
-    import rizzearch.ops.wkv as W
-    from rizzearch.models import RWKV, RWKVConfig
-
-    monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("RIZZ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(W, "_DECODE_LIB", None)
-    lib = W.decode_library()
-    torch.manual_seed(0)
-    m = RWKV(RWKVConfig(vocab_size=50, n_layer=2, d_model=64)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        state, tok = m.init_state(2), torch.tensor([4, 9])
-        got, _ = m.step(tok, state)
-        monkeypatch.setattr(W, "_DECODE_LIB", False)
-        want, _ = m.step(tok, state)
-    return lib, m, got, want
-
-
-def test_decoding_falls_back_to_eager_without_a_compiler(monkeypatch, tmp_path):
-    lib, m, got, want = _decode_with_compiler(monkeypatch, tmp_path, str(tmp_path / "no-such-cc"))
-    assert lib is None and m._fused_cache is None
-    assert torch.equal(got, want)
-
-
-def test_kernel_builds_single_threaded_without_openmp(monkeypatch, tmp_path):
-    """A compiler that rejects -fopenmp (e.g. Apple clang) still gives a working one-thread kernel."""
-    import shutil
-
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        pytest.skip("no C compiler")
-    wrapper = tmp_path / "cc-no-openmp"
-    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) echo "unsupported option" >&2; exit 1;; esac\nexec {cc} "$@"\n')
-    wrapper.chmod(0o755)
-    lib, m, got, want = _decode_with_compiler(monkeypatch, tmp_path, str(wrapper))
-    assert lib is not None and not lib.openmp and m._fused_cache is not None
-    assert_close(got, want, atol=1e-5, rtol=1e-5, name="single-threaded kernel vs eager")

@@ -27,10 +27,10 @@ Initialisation follows RWKV-LM v4neo (``RWKV_TimeMix``/``RWKV_ChannelMix`` and
 ``ffn.value/receptance``, orthogonal others (gain sqrt(out/in) when out > in, head x0.5), and a
 small uniform embedding. (HF's ``_init_weights`` sets time_first to all ones: a bug we do not copy.)
 
-Decoding (one token, no grad) runs the recurrent form: on CPU in float32 one fused C call for the
-whole model, multi-threaded (``rizzearch.ops.wkv.fused_step``, on the parameters themselves),
-otherwise an eager step on weights cached until a parameter changes, with r/k/v as one batched
-matmul after one ``addcmul`` for the three token-shift lerps.
+Decoding (one token, no grad) runs the recurrent form, in ``rizzearch.models.rwkv_decode``: on CPU
+in float32 one fused C call for the whole model, multi-threaded, on the parameters themselves;
+otherwise an eager step with the model's own modules. Neither keeps a copy of any weight, so weight
+edits are seen by the next token (see ``clear_decode_cache`` for the one exception).
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
+from rizzearch.models import rwkv_decode
 from rizzearch.models.base import CausalLM, register_model
-from rizzearch.ops.wkv import EMPTY_MAX, MAX_FUSED_BATCH, FusedModel, decode_library, fused_step, wkv
-
-STATE_KEYS = ("att_x", "num", "den", "max", "ffn_x")
+from rizzearch.models.rwkv_decode import STATE_KEYS
+from rizzearch.ops.wkv import EMPTY_MAX, wkv
 
 
 @dataclass(frozen=True)
@@ -215,9 +214,7 @@ class RWKV(CausalLM):
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.emb.weight
-        self._decode_cache: tuple | None = None  # see _decode_weights
-        self._fused_cache: tuple | None = None  # (parameter data pointers, FusedModel), see _fused_model
-        self._slots: list | None = None
+        self.register_load_state_dict_post_hook(_forget_decode_cache)
         self.init_weights()
 
     # -- init ---------------------------------------------------------------------------------
@@ -322,121 +319,18 @@ class RWKV(CausalLM):
         )
 
     def clear_decode_cache(self) -> None:
-        """Drop the cached decoding weights so the next decode step rebuilds them.
+        """Drop the fused decoding kernel's table of parameter addresses; the next token rebuilds it.
 
-        Not needed after optimizer steps, ``load_state_dict``, ``.to()`` or in-place edits under
-        ``torch.no_grad()``: parameter version counters and data pointers catch those. Edits through
-        ``param.data`` bypass the version counter (PyTorch does not track them), so call this after them.
+        Not needed after optimizer steps, ``load_state_dict``, ``.to()``, re-assigned parameters or
+        in-place edits (under ``torch.no_grad()`` or through ``param.data``): decoding reads the
+        parameters in place and keeps no copies. Call it after changing a parameter's layout in place
+        without moving it (``param.data = param.data.t()``: same address, other strides).
         """
-        self._decode_cache = None
-        self._fused_cache = None
-
-    def _params(self) -> list:
-        """The current parameters, re-read from every module's slot (re-assigned parameters are seen)."""
-        if self._slots is None:
-            self._slots = [(mod._parameters, name) for mod in self.modules() for name, p in mod._parameters.items() if p is not None]
-        params = [slots.get(name) for slots, name in self._slots]
-        if any(p is None for p in params):  # a parameter was removed: rescan
-            self._slots = None
-            return self._params()
-        return params
-
-    def _param_key(self) -> tuple:
-        """``(id, version, data pointer)`` of every parameter slot: decode caches keyed on it are
-        rebuilt after in-place optimizer updates, ``load_state_dict``, ``.to()`` and re-assigned
-        parameters."""
-        params = self._params()
-        return (tuple(map(id, params)), tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
-
-    def _decode_weights(self) -> list:
-        """Per-layer eager decode weights (stacked, transposed), cached until a parameter changes."""
-        key = self._param_key()
-        if self._decode_cache is not None and self._decode_cache[0] == key:
-            return self._decode_cache[1]
-        layers = []
-        with torch.no_grad():
-            for block in self.blocks:
-                att, ffn = block.att, block.ffn
-                layers.append(
-                    dict(
-                        mix_att=torch.stack([att.time_mix_r, att.time_mix_k, att.time_mix_v])[:, None],  # (3, 1, C)
-                        w_att=torch.stack([att.receptance.weight.T, att.key.weight.T, att.value.weight.T]).contiguous(),  # (3, C, A)
-                        w_out=att.output.weight.T.contiguous(),  # (A, C)
-                        # exponent offsets added to (p, k, p, k): output pair (p, u + k), update pair (p - w, k)
-                        offsets=torch.stack([torch.zeros_like(att.time_first), att.time_first, -torch.exp(att.time_decay), torch.zeros_like(att.time_first)]).float()[:, None],  # (4, 1, A)
-                        mix_ffn=torch.stack([ffn.time_mix_k, ffn.time_mix_r])[:, None],  # (2, 1, C)
-                        w_key=ffn.key.weight.T.contiguous(),  # (C, F)
-                        w_rec=ffn.receptance.weight.T.contiguous(),  # (C, C)
-                        w_val=ffn.value.weight.T.contiguous(),  # (F, C)
-                        ln1=(block.ln1.weight, block.ln1.bias, block.ln1.eps),
-                        ln2=(block.ln2.weight, block.ln2.bias, block.ln2.eps),
-                    )
-                )
-        self._decode_cache = (key, layers)
-        return layers
-
-    def _fused_model(self, token: Tensor, state: dict, mask: Tensor | None):
-        """The fused C kernel (``rizzearch.ops.wkv``) and the model's pointers when they apply, else None."""
-        if (
-            mask is not None
-            or token.device.type != "cpu"
-            or token.shape[0] > MAX_FUSED_BATCH
-            or self.emb.weight.dtype != torch.float32
-            or state["att_x"][0].dtype != torch.float32
-        ):
-            return None
-        lib = decode_library()
-        if lib is None:
-            return None
-        # The kernel reads the parameters in place, so in-place updates need no rebuild; new storage
-        # (load_state_dict(assign=True), .to(), re-assigned parameters) or a change to a value it
-        # derived or copied (-exp(time_decay)) does.
-        ptrs = tuple(p.data_ptr() for p in self._params())
-        cache = self._fused_cache
-        if cache is None or cache[0] != ptrs or not cache[1].is_current():
-            self._fused_cache = cache = (ptrs, FusedModel(self))
-        return lib, cache[1]
+        rwkv_decode.forget(self)
 
     def _decode(self, token: Tensor, state: dict, mask: Tensor | None):
-        """One token per row without autograd: the recurrent form with few, large ops per layer."""
-        fused = self._fused_model(token, state, mask)
-        if fused is not None:  # one C call for the whole model
-            logits, new = fused_step(*fused, token, state)
-            return logits[:, None], new
-        C = self.config.d_model
-        x = self.ln0(self.emb(token))  # (B, C)
-        new = {k: [] for k in STATE_KEYS}
-        for i, lw in enumerate(self._decode_weights()):
-            # time mix: the three token-shift lerps and projections as one addcmul and one bmm
-            xx = F.layer_norm(x, (C,), *lw["ln1"][:2], lw["ln1"][2])
-            sx = state["att_x"][i]
-            mixed = torch.addcmul(sx, lw["mix_att"], xx - sx)  # (3, B, C)
-            r, k, v = torch.bmm(mixed, lw["w_att"]).float()  # 3 x (B, A)
-            a, b, p = state["num"][i], state["den"][i], state["max"][i]
-            # eq. 14 one step: output exponents (p, u + k) and update exponents (p - w, k), max-stabilised
-            ex = (torch.stack([p, k, p, k]) + lw["offsets"]).view(2, 2, *p.shape)  # (out/update, old/new, B, A)
-            q = ex.amax(1, keepdim=True)  # (2, 1, B, A)
-            e = (ex - q).exp_()  # (2, 2, B, A)
-            e_old, e_new = e.unbind(1)  # 2 x (2, B, A)
-            nd = e_old[:, None] * torch.stack([a, b])  # (out/update, num/den, B, A)
-            num, den = nd.unbind(1)
-            num.addcmul_(e_new, v)
-            den.add_(e_new)
-            y = (nd[0, 0] / nd[0, 1]).to(x.dtype)
-            x = torch.addmm(x, torch.sigmoid(r.to(x.dtype)) * y, lw["w_out"])
-            # channel mix
-            xx2 = F.layer_norm(x, (C,), *lw["ln2"][:2], lw["ln2"][2])
-            sx2 = state["ffn_x"][i]
-            mk, mr = torch.addcmul(sx2, lw["mix_ffn"], xx2 - sx2)  # 2 x (B, C)
-            kk = torch.relu(mk @ lw["w_key"]).square_()  # (B, F)
-            x = torch.addcmul(x, torch.sigmoid(mr @ lw["w_rec"]), kk @ lw["w_val"])
-            st = {"att_x": xx, "num": nd[1, 0], "den": nd[1, 1], "max": q[1, 0], "ffn_x": xx2}
-            if mask is not None:
-                m = mask[:, 0:1]  # (B, 1)
-                st = {key: torch.where(m, val, state[key][i]) for key, val in st.items()}
-            for key in STATE_KEYS:
-                new[key].append(st[key])
-        logits = self.head(self.ln_out(x))  # (B, V)
+        """One token per row without autograd (``rizzearch.models.rwkv_decode``)."""
+        logits, new = rwkv_decode.decode(self, token, state, mask)
         return logits[:, None], new
 
     # -- sizes --------------------------------------------------------------------------------
@@ -445,3 +339,8 @@ class RWKV(CausalLM):
         """6 N over matmul weights (+ the head) + ~20 element ops per WKV channel per layer (no T term)."""
         cfg = self.config
         return super().flops_per_token(seq_len) + 3 * 20.0 * cfg.n_layer * cfg.att_dim
+
+
+def _forget_decode_cache(module: RWKV, incompatible_keys) -> None:
+    """``load_state_dict`` post hook: the next decoded token rebuilds the kernel's address table."""
+    module.clear_decode_cache()

@@ -18,8 +18,8 @@ and stabilisers are fp32 (fp64 inputs stay fp64) whatever the input dtype.
 
 Forms:
 
-- ``backend="reference"``: a Python loop over ``slstm_step`` differentiated by autograd (the spec).
-- ``backend="fused"``: one custom autograd Function. The forward loop does one batched matmul and
+- ``backend="reference"``: a Python loop over the step below, differentiated by autograd (the spec).
+- ``backend="fast"``: one custom autograd Function. The forward loop does one batched matmul and
   a dozen pointwise kernels per step and keeps the gate activations; the backward loop is derived
   by hand (docs/xlstm.md), with every factor that does not depend on the incoming gradient
   precomputed for all steps at once, and the gradient of ``R`` reduced after the loop with a
@@ -31,25 +31,24 @@ Shapes: gate inputs ``wx: (B, T, 4, NH, DH)`` (gate order i, f, z, o), ``R: (NH,
 (``raw[g] += h_{t-1} @ R[head, :, g, :]``), ``b: (4, NH, DH)``; state ``(h, c, n, m)``, each
 ``(B, NH, DH)``; output ``y: (B, T, NH, DH)``.
 
-``BACKEND`` is chosen at import (``"fused"`` after a tiny self-check, else ``"reference"``),
-overridable with ``RIZZ_SLSTM_BACKEND``, ``set_backend()``/``use_backend()`` or ``backend=``.
+One step (``slstm_step``, decoding) has the same two forms: the reference step, and a fast step
+that runs the fused forward's arithmetic in its (NH, B, 4 DH) layout (one batched matmul, fused
+pointwise ops; differentiable by autograd).
+
+The backend of op ``"slstm"`` is chosen through ``rizzearch.ops.backends`` (table in ``docs/backends.md``).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.errors import ShapeError
-from rizzearch.ops._common import backend_switch, compute_dtype, default_backend, no_autocast
+from rizzearch.ops import backends
+from rizzearch.ops._common import compute_dtype, no_autocast
 
-__all__ = ["slstm_forward", "slstm_step", "empty_state", "set_backend", "use_backend", "BACKENDS"]
-
-BACKENDS = ("reference", "fused")
-BACKEND = "reference"  # replaced at import by default_backend()
+__all__ = ["slstm_forward", "slstm_step", "empty_state"]
 
 State = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -58,9 +57,6 @@ def empty_state(B: int, NH: int, DH: int, device=None, dtype=torch.float32) -> S
     """The state before any token: ``h = c = n = 0``, ``m = -inf``."""
     z = torch.zeros(B, NH, DH, device=device, dtype=dtype)
     return (z, z.clone(), z.clone(), torch.full((B, NH, DH), float("-inf"), device=device, dtype=dtype))
-
-
-_resolve, set_backend, use_backend = backend_switch(__name__, "sLSTM")
 
 
 def _check(wx: Tensor, R: Tensor, b: Tensor, state, *, step: bool, name: str) -> tuple[int, int, int, int]:
@@ -228,6 +224,25 @@ def _forward_fused(wx, R, b, state):
     return y, tuple(s.transpose(0, 1) for s in (h, c, n, m))
 
 
+def _step_fast(wx_t: Tensor, R: Tensor, b: Tensor, state: State) -> tuple[Tensor, State]:
+    """One step in the fused layout: ``raw = (W x + b) + h R`` as one baddbmm over heads, then the
+    gates as in ``_SLSTMFn.forward`` (autograd differentiates it). wx_t: (B, 4, NH, DH)."""
+    B, _, NH, DH = wx_t.shape
+    h, c, n, m = (s.transpose(0, 1) for s in state)  # (NH, B, DH)
+    xb = (wx_t + b).permute(2, 0, 1, 3).reshape(NH, B, 4 * DH)  # (NH, B, 4 DH)
+    raw = torch.baddbmm(xb, h, R.reshape(NH, DH, 4 * DH))  # (NH, B, 4 DH)
+    ir, fr, zr, orr = raw.split(DH, -1)
+    mf = F.logsigmoid(fr) + m
+    m_new = torch.maximum(mf, ir)
+    ip = torch.exp(ir - m_new)
+    fp = torch.exp(mf - m_new)
+    c_new = torch.addcmul(fp * c, ip, torch.tanh(zr))
+    n_new = torch.addcmul(ip, fp, n)
+    h_new = torch.sigmoid(orr) * c_new / n_new
+    new = tuple(t.transpose(0, 1) for t in (h_new, c_new, n_new, m_new))  # (B, NH, DH)
+    return new[0], new  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -253,7 +268,8 @@ def slstm_forward(
         return_state: also return the final state (fp32).
         mask: optional (B, T) bool/0-1; where 0 the state is left unchanged (padding). Masked
             sequences run the reference loop.
-        backend: ``"reference"`` or ``"fused"``; ``None`` uses the module default ``BACKEND``.
+        backend: ``"reference"`` or ``"fast"``; ``None`` uses the default of op ``"slstm"``
+            (``rizzearch.ops.backends``).
 
     Returns:
         y (B, T, NH, DH) in wx's dtype (y_t = h_t), and the final state when ``return_state``.
@@ -268,7 +284,7 @@ def slstm_forward(
         mask = None
     if T == 0:
         y = wx.new_zeros(B, 0, NH, DH)
-    elif mask is None and _resolve(backend) == "fused":
+    elif mask is None and backends.resolve("slstm", backend) == "fast":
         y, state = _forward_fused(wxf, Rf, bf, state)
     else:
         y, state = _forward_reference(wxf, Rf, bf, state, None if mask is None else mask.bool())
@@ -284,39 +300,15 @@ def slstm_step(wx: Tensor, R: Tensor, b: Tensor, state: State | None = None, *, 
         wx: (B, 4, NH, DH) input contributions to the gates i, f, z, o.
         R: (NH, DH, 4, DH) recurrent weights; b: (4, NH, DH) biases.
         state: (h, c, n, m), each (B, NH, DH); ``None`` is the empty state.
-        backend: accepted for symmetry with ``slstm_forward``; one step has a single form.
+        backend: ``"reference"`` or ``"fast"`` (see the module docstring); ``None`` uses the
+            default of op ``"slstm"``.
 
     Returns:
         (h (B, NH, DH) in wx's dtype, new state (h, c, n, m) in fp32).
     """
     B, _, NH, DH = _check(wx, R, b, state, step=True, name="slstm_step")
-    _resolve(backend)
+    step = _step_fast if backends.resolve("slstm", backend) == "fast" else _step_reference
     dt = compute_dtype(wx.dtype)
     state = empty_state(B, NH, DH, wx.device, dt) if state is None else tuple(s.to(dt) for s in state)
-    h, new = _step_reference(wx.to(dt), R.to(dt), b.to(dt), state)
+    h, new = step(wx.to(dt), R.to(dt), b.to(dt), state)
     return h.to(wx.dtype), new
-
-
-# ----------------------------------------------------------------------------------------------
-# Backend selection at import
-
-
-def _self_check() -> bool:
-    try:
-        g = torch.Generator().manual_seed(0)
-        B, T, NH, DH = 2, 4, 2, 3
-        wx = torch.randn(B, T, 4, NH, DH, generator=g, dtype=torch.float64, requires_grad=True)
-        R = (0.3 * torch.randn(NH, DH, 4, DH, generator=g, dtype=torch.float64)).requires_grad_()
-        b = torch.randn(4, NH, DH, generator=g, dtype=torch.float64, requires_grad=True)
-        out = []
-        for be in BACKENDS:
-            y, st = slstm_forward(wx, R, b, return_state=True, backend=be)
-            grads = torch.autograd.grad(y.sum() + st[1].sum(), (wx, R, b))
-            out.append([y, *st[:3], *grads])
-        return all(torch.allclose(a, c, atol=1e-8, rtol=1e-6) for a, c in zip(*out))
-    except Exception as e:  # pragma: no cover - only on broken installs
-        warnings.warn(f"sLSTM fused backend failed its self-check ({e}); using the reference backend", stacklevel=2)
-        return False
-
-
-BACKEND = default_backend("RIZZ_SLSTM_BACKEND", _resolve, _self_check)
