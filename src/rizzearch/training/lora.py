@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -216,6 +217,41 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (``--lora.*`` on ``rizz train`` and ``rizz align``).
+
+    Args:
+        r: adapter rank (0: no LoRA, train every weight).
+        alpha: scale numerator; the update is (alpha / r) B A.
+        dropout: dropout on the adapter's input (training only).
+        targets: module-name patterns of the layers to adapt (None: the model family's defaults,
+            attention and MLP / channel-mix projections).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora.r must be >= 0 (0 disables LoRA), got {self.r}")
+        if self.r:
+            _check_args(self.r, self.alpha, self.dropout)
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+def setup_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """``apply_lora`` with a ``LoraConfig`` (nothing when ``config.r == 0``)."""
+    if not config.enabled:
+        return model
+    return apply_lora(model, config.r, config.alpha, config.dropout, config.targets)
 
 # ----------------------------------------------------------------------------------------------
 # Names in the saved file
