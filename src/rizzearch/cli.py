@@ -174,8 +174,9 @@ def parse_command(command: str, args: list[str]):
 
 def run_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature, print the resolved config, call it."""
-    from rizzearch.runs import RESOLVED_CONFIG
+    from rizzearch.runs import RESOLVED_CONFIG, check_config_args
 
+    check_config_args(args)  # empty / non-UTF-8 / non-mapping YAML: one line naming the file
     parser, fn, cfg = parse_command(command, args)
     resolved = parser.dump(cfg, skip_none=False)
     print(f"# rizz {command}: resolved config\n{resolved}", file=sys.stderr)

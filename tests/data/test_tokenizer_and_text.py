@@ -159,3 +159,15 @@ def test_eval_windows_and_split_batch():
     assert len(parts) == 3 and parts[2]["input_ids"].shape == (1, 9)
     with pytest.raises(DataError):
         split_batch(bs[0], 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: RandomWindows(t, 4, 0),
+    lambda t: RandomWindows(t, 0, 8),
+    lambda t: EvalWindows(t, 4, 0),
+    lambda t: EvalWindows(t, 0, 8),
+    lambda t: RowBatches({"x": t[:10]}, 0),
+])
+def test_batch_sources_refuse_empty_batches_and_windows(make):
+    with pytest.raises(DataError, match="(batch_size|seq_len) must be >= 1"):
+        make(torch.arange(100))

@@ -89,3 +89,38 @@ def test_eval_mode_restores_the_previous_mode_also_on_error():
         with pytest.raises(RuntimeError), eval_mode(m):
             raise RuntimeError("boom")
         assert m.training is start
+
+
+# -- issue 12: decoding settings refused up front, in one line -------------------------------------
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"temperature": -0.5}, "temperature must be"),
+    ({"temperature": float("nan")}, "temperature must be"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be in"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens must be in"),
+    ({"num_beams": 0}, "num_beams must be in"),
+    ({"num_beams": 10**6}, "num_beams must be in"),
+    ({"top_k": 0}, "top_k must be"),
+    ({"top_p": 1.5}, "top_p must be"),
+])
+def test_generate_refuses_bad_settings(kw, message):
+    from rizzearch.errors import ConfigError
+    from rizzearch.models import build_model
+    from rizzearch.models.base import generate, tiny_overrides
+
+    model = build_model("gpt", **tiny_overrides("gpt"))
+    with pytest.raises(ConfigError, match=message):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), **{"max_new_tokens": 4, **kw})
+
+
+def test_generate_checks_memory_before_decoding(monkeypatch):
+    from rizzearch.errors import ConfigError
+    from rizzearch.models import base
+    from rizzearch.models.base import generate, tiny_overrides
+
+    model = base.build_model("gpt", **tiny_overrides("gpt"))
+    monkeypatch.setattr(base, "_available_bytes", lambda device: 1 << 20)  # 1 MiB free
+    with pytest.raises(ConfigError, match="GiB for decoding buffers"):
+        generate(model, torch.zeros(2, 3, dtype=torch.long), 200_000, num_beams=8)
+    assert generate(model, torch.zeros(1, 3, dtype=torch.long), 4).shape == (1, 4)  # small requests still run

@@ -114,7 +114,8 @@ def test_eval_reports_bits_per_byte(tmp_path):
     _, res = run(tmp_path, cfg(steps=2), eval_data=ev)
     e = res.final_eval
     assert abs(e["val_bpb"] - e["val_loss"] / (2.0 * 0.6931471805599453)) < 1e-9
-    assert e["val_tokens"] == 16 * (600 // 16 - 1) or e["val_tokens"] > 0
+    # EvalWindows: consecutive windows of 16 + 1 tokens, starts 0, 16, ... while start + 16 < 600 -> 37 windows
+    assert e["val_tokens"] == 16 * len(range(0, 600 - 16, 16)) == 16 * 37
 
 
 def test_schedule_warmup_then_cosine():

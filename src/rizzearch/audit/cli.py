@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rizzearch.errors import ConfigError, DataError, RizzError
-from rizzearch.runs import atomic_write_text
+from rizzearch.runs import atomic_write_text, lock_run_dir
 
 
 def check_k(k) -> int:
@@ -112,6 +112,8 @@ def audit(
     qs = load_queries(queries, categories=categories, limit=limit)
     if not qs:
         raise DataError("no queries selected (check --categories / --limit / --queries)")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    run_lock = lock_run_dir(out, "audit")  # one writer per run folder (released on return or error)
     idx = open_or_build(index, dense=dense and mode != "bm25", progress=progress)
     auth = build_authorities(idx.passages)
     systems = {s: make_system(s, idx, generator, k=k, mode=mode, seed=seed, base_url=base_url, model=model,
@@ -135,6 +137,7 @@ def audit(
                for s, e in metrics["systems"].items()}
     print(json.dumps({"out": str(out), "new_answers": res["new_answers"], "reused_answers": res["reused_answers"],
                       "summary": summary, **paths}, indent=1))
+    run_lock.release()
     if all_failed:
         raise RizzError(f"every one of the {len(rows)} answers failed (first: {rows[0].get('error')}); "
                         f"the report in {out} says so; rerun with --resume true to retry them")

@@ -38,6 +38,13 @@ def _generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + position * 7919 + 12345) % (2**63 - 1))
 
 
+def _check_sizes(where: str, batch_size: int, seq_len: int | None = None) -> None:
+    if batch_size < 1:
+        raise DataError(f"{where}: batch_size must be >= 1, got {batch_size}")
+    if seq_len is not None and seq_len < 1:
+        raise DataError(f"{where}: seq_len must be >= 1, got {seq_len}")
+
+
 def _as_arrays(tokens) -> list:
     if isinstance(tokens, (list, tuple)):
         return [t for t in tokens]
@@ -59,6 +66,7 @@ class RandomWindows:
     """
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0):
+        _check_sizes("RandomWindows", batch_size, seq_len)
         self.shards = _as_arrays(tokens)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.position = 0
@@ -97,6 +105,7 @@ class RowBatches:
     """
 
     def __init__(self, tensors: dict[str, Tensor], batch_size: int, seed: int = 0, shuffle: bool = True):
+        _check_sizes("RowBatches", batch_size)
         if not tensors:
             raise DataError("RowBatches needs at least one tensor")
         sizes = {k: v.shape[0] for k, v in tensors.items()}
@@ -142,6 +151,7 @@ class EvalWindows:
     """Consecutive non-overlapping windows from the start of a token stream (fixed eval set)."""
 
     def __init__(self, tokens, batch_size: int, seq_len: int, max_batches: int | None = None, bytes_per_token: float | None = None):
+        _check_sizes("EvalWindows", batch_size, seq_len)
         self.shards = [s for s in _as_arrays(tokens) if len(s) > seq_len]
         self.batch_size, self.seq_len, self.max_batches = batch_size, seq_len, max_batches
         self.bytes_per_token = bytes_per_token

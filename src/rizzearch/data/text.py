@@ -33,6 +33,16 @@ def resolve_source(source: str | Path) -> Path:
 
 def read_source(source: str | Path) -> tuple[str, str]:
     """Text of a bundled corpus name or a file path -> (text, description). Errors name the file."""
+    text, desc, _ = read_source_digest(source)
+    return text, desc
+
+
+def read_source_digest(source: str | Path) -> tuple[str, str, dict]:
+    """Like ``read_source``, plus the content key of the file: ``{"sha256", "bytes"}`` of its raw
+    bytes (read once). Caches and resume checks use this key, never the path or the mtime, so a
+    replaced corpus is never mistaken for the old one."""
+    import hashlib
+
     from rizzearch import corpora
 
     path = resolve_source(source)
@@ -40,13 +50,15 @@ def read_source(source: str | Path) -> tuple[str, str]:
         raise DataError(f"{path}: is a folder; give a text file or a bundled corpus name ({', '.join(corpora.list())})")
     if not path.exists():
         raise DataError(f"{path}: corpus file not found (bundled corpora: {', '.join(corpora.list())})")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() in text mode
     if not text.strip():
         raise DataError(f"{path}: corpus file is empty")
-    return text, str(path)
+    return text, str(path), {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -120,19 +132,26 @@ def prepare_text(
     tokenizer: Tokenizer,
     val_fraction: float = 0.1,
 ) -> TextDataset:
-    """Tokenize ``source`` into ``out_dir`` (reused when the same source+tokenizer are already there)."""
-    text, desc = read_source(source)
+    """Tokenize ``source`` into ``out_dir``. The shards are reused only when ``meta.json`` records
+    the same content key (sha256 and size of the corpus bytes), tokenizer fingerprint and split; a
+    replaced corpus or another tokenizer rebuilds them."""
+    text, desc, digest = read_source_digest(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fp = tokenizer_fingerprint(tokenizer)
     meta_path = out / "meta.json"
+    key = {"tokenizer": fp, "content": digest, "val_fraction": val_fraction}
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old.get("tokenizer") == fp and old.get("source") == desc and old.get("val_fraction") == val_fraction:
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            old = {}  # an unreadable cache is rebuilt
+        if isinstance(old, dict) and all(old.get(k) == v for k, v in key.items()):
             return TextDataset.open(out)
     train_text, val_text = split_text(text, val_fraction)
+    meta_path.unlink(missing_ok=True)  # shards are rewritten below: no stale key may vouch for them meanwhile
     dtype = token_dtype(tokenizer.vocab_size)
-    meta = {"source": desc, "tokenizer": fp, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "val_fraction": val_fraction}
+    meta = {"source": desc, **key, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name}
     for split, part in (("train", train_text), ("val", val_text)):
         ids = np.asarray(tokenizer.encode(part) if part else [], dtype=dtype)
         meta[split] = {"tokens": int(len(ids)), "bytes": len(part.encode("utf-8")), "shards": _write_shards(ids, out, split)}

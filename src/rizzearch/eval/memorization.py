@@ -324,6 +324,19 @@ def audit_memorization(
 # documents on disk
 
 
+def _read_utf8(f: Path) -> str:
+    """A document file's text; DataError naming the file when it is not UTF-8 text (binary)."""
+    try:
+        raw = f.read_bytes()
+        if b"\x00" in raw:
+            raise DataError(f"{f}: a binary file (NUL bytes), not a UTF-8 text document")
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text (byte {e.start}); every document must be UTF-8 text") from e
+    except OSError as e:
+        raise DataError(f"{f}: cannot read ({e.strerror})") from e
+
+
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
     """(id, text) of each document in a file or folder.
 
@@ -337,17 +350,14 @@ def read_documents(path: str | Path) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
     if p.is_dir():
         for f in sorted(p.glob("*.txt")):
-            docs.append((f.name, f.read_text(encoding="utf-8")))
+            docs.append((f.name, _read_utf8(f)))
     elif p.suffix == ".jsonl":
         for n, obj in read_jsonl(p):
             if not isinstance(obj.get("text"), str):
                 raise DataError(f"{p}:{n}: expected an object with a string field 'text'")
             docs.append((str(obj.get("id", obj.get("title", f"{p.stem}-{len(docs)}"))), obj["text"]))
     else:
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{p}: not UTF-8 text (byte {e.start})") from e
+        text = _read_utf8(p)
         blocks, cur = [], []
         for line in text.splitlines():
             if line.strip():
@@ -418,7 +428,10 @@ def memorization_command(
     from rizzearch.runs import make_run_dir
     from rizzearch.training import checkpoint as ckpt_io
 
+    from rizzearch.training.distributed import check_device
+
     _check_settings(prompt_tokens, new_tokens, num_beams, batch_size)
+    check_device(device)
     if max_tokens is not None and max_tokens < prompt_tokens + new_tokens:
         raise ConfigError(f"max_tokens ({max_tokens}) must be >= prompt_tokens + new_tokens ({prompt_tokens + new_tokens})")
     model, tok, meta = ckpt_io.load_checkpoint(checkpoint, device=device, tokenizer=tokenizer is None)

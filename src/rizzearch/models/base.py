@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import types
 import typing
 from typing import Any, Callable
@@ -353,6 +354,45 @@ def eval_mode(model: nn.Module):
         model.train(was)
 
 
+# Documented limits of generate(): beyond them a request is refused up front (one-line ConfigError)
+# instead of failing in the allocator half-way or silently growing a cache until the machine swaps.
+MAX_NEW_TOKENS = 1_000_000
+MAX_BEAMS = 256
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: the allocator's view; CPU: available physical pages), or None."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def _check_generation_settings(prompt: Tensor, max_new_tokens: int, temperature: float, top_k, top_p, num_beams: int, vocab: int) -> None:
+    """Refuse impossible or unsafe decoding settings with a one-line ConfigError naming the field."""
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"max_new_tokens must be in [0, {MAX_NEW_TOKENS:,}], got {max_new_tokens}")
+    if not 1 <= num_beams <= MAX_BEAMS:
+        raise ConfigError(f"num_beams must be in [1, {MAX_BEAMS}], got {num_beams}")
+    if temperature is not None and not 0 <= temperature < float("inf"):
+        raise ConfigError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}")
+    # generate's own buffers: output ids (beams keep whole sequences) and the float32 scores of one step
+    rows = prompt.shape[0] * num_beams
+    need = rows * max_new_tokens * 8 * (2 if num_beams > 1 else 1) + rows * vocab * 4 * (3 if num_beams > 1 else 2)
+    free = _available_bytes(prompt.device)
+    if free is not None and need > free:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} with num_beams={num_beams} and batch {prompt.shape[0]} needs about "
+                          f"{need / 2**30:.1f} GiB for decoding buffers alone, more than the {free / 2**30:.1f} GiB free on {prompt.device}")
+
+
 @torch.no_grad()
 def generate(
     model: CausalLM,
@@ -385,10 +425,7 @@ def generate(
         raise ShapeError(f"prompt: expected shape (B, T), got {tuple(prompt.shape)}")
     if prompt.shape[1] == 0:
         raise ShapeError("prompt: needs at least one token")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_beams < 1:
-        raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
+    _check_generation_settings(prompt, max_new_tokens, temperature, top_k, top_p, num_beams, int(getattr(model, "vocab_size", 0) or 0))
     with eval_mode(model):
         logits, state = model(prompt, None, attention_mask=attention_mask)
         last = logits[:, -1].float()  # (B, V)

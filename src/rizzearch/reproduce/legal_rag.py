@@ -23,26 +23,48 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from rizzearch.reproduce.common import Claim, read_results, study_mode, write_results
+from rizzearch.reproduce.common import Claim, Modes, StudyRun, claims_table
 
 STUDY = "legal-rag"
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
+
+
+@dataclass(frozen=True)
+class Size:
+    """Sizes of one study mode.
+
+    Args:
+        queries_per_category: audit at most this many queries of each category (None: all 210).
+        retrieval: "bm25" (a fresh BM25-only index in the run folder) or "hybrid" (the cached BM25 + MiniLM index).
+        n_boot: bootstrap resamples of the 95% intervals.
+        ablation: also audit the RAG systems with BM25-only and dense-only retrieval.
+    """
+
+    queries_per_category: int | None = None
+    retrieval: str = "hybrid"
+    n_boot: int = 2000
+    ablation: bool = False
+
+
+MODES = Modes(tiny=Size(queries_per_category=6, retrieval="bm25", n_boot=500), quick=Size(), full=Size(ablation=True),
+              budget_s={"tiny": 120.0, "quick": 300.0, "full": 900.0})
 
 
 def _fmt(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _index(out: Path, tiny: bool):
-    """Data step: the retrieval index (tiny: a fresh BM25-only one; else the cached hybrid index) and its mode."""
+def _index(out: Path, size: Size):
+    """Data step: the retrieval index (a fresh BM25-only one, or the cached hybrid index)."""
     from rizzearch.legal.corpus import load_corpus
     from rizzearch.rag.index import Index, default_index_path, open_or_build
 
-    if tiny:
-        return Index.build(out / "index_bm25.sqlite", load_corpus(), dense=False), "bm25"
-    return open_or_build(default_index_path(), dense=True, progress=True), "hybrid"
+    if size.retrieval == "bm25":
+        return Index.build(out / "index_bm25.sqlite", load_corpus(), dense=False)
+    return open_or_build(default_index_path(), dense=True, progress=True)
 
 
 def _deterministic(rows: list[dict], queries: list[dict], auth) -> bool:
@@ -113,8 +135,7 @@ def _ablation(idx, queries: list[dict], out: Path, auth, seed: int) -> dict:
 
 def _claims_md(claims: list[Claim], metrics: dict, gen: dict) -> str:
     """The claims table and run facts that open the report, right under its title."""
-    lines = ["## Claims", "", "| claim | paper | ours | holds |", "|---|---|---|---|"]
-    lines += [f"| {c.statement} | {c.paper_value} | {c.our_value} | {'yes' if c.holds else 'NO'} |" for c in claims]
+    lines = ["## Claims", "", claims_table(claims)]
     lines += ["", f"Mode {metrics['mode']}, retrieval {metrics['retrieval_mode']}, {metrics['n_queries']} queries, "
               f"{metrics['n_passages']} passages; index {metrics['seconds']['index']} s, audit {metrics['seconds']['audit']} s. "
               f"Labels identical on relabelling: {metrics['labels_deterministic']}."]
@@ -128,31 +149,38 @@ def _claims_md(claims: list[Claim], metrics: dict, gen: dict) -> str:
 def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "cpu", seed: int = 0) -> dict:
     """Audit closed-book, naive RAG and verified RAG; write results.json, report.md/html and the chart."""
     from rizzearch.audit.queries import load_queries
-    from rizzearch.audit.report import write_report
     from rizzearch.audit.runner import run_audit
     from rizzearch.legal.citations import build_authorities
     from rizzearch.rag.systems import make_system
 
-    run_mode = study_mode(full, tiny)
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    queries = load_queries(limit=6 if tiny else None)
-    idx, mode = _index(out, tiny)
-    t_index = time.perf_counter() - t0
+    r = StudyRun.start(STUDY, out_dir, MODES, full=full, tiny=tiny, device=device, seed=seed)
+    size = r.size
+    queries = load_queries(limit=size.queries_per_category)
+    idx = _index(r.out, size)
+    t_index = r.budget.elapsed()
     auth = build_authorities(idx.passages)
-    systems = {s: make_system(s, idx, "extractive", mode=mode, seed=seed, device=device) for s in SYSTEMS}
+    systems = {s: make_system(s, idx, "extractive", mode=size.retrieval, seed=seed, device=device) for s in SYSTEMS}
     t1 = time.perf_counter()
-    res = run_audit(systems, queries, out / "audit", resume=False, progress=not tiny, authorities=auth,
-                    n_boot=500 if tiny else 2000, seed=seed)
+    res = run_audit(systems, queries, r.out / "audit", resume=False, progress=not tiny, authorities=auth,
+                    n_boot=size.n_boot, seed=seed)
     t_audit = time.perf_counter() - t1
     rows, m = res["rows"], res["metrics"]
     gen = {s: systems[s].generator_label for s in SYSTEMS}
     claims, paired = _claims(rows, m, {s: g.split(" (")[0] for s, g in gen.items()}, seed)  # "simulated closed-book", "extractive"
+    metrics = _metrics(r, m, queries, idx, gen, paired)
+    metrics |= {"labels_deterministic": _deterministic(rows, queries, auth),
+                "retrieval_ablation": _ablation(idx, queries, r.out, auth, seed) if size.ablation else {},
+                "seconds": {"index": round(t_index, 2), "audit": round(t_audit, 2), "total": round(r.budget.elapsed(), 2)}}
+    _report(r.out, m, rows, queries, claims, metrics, gen)
+    return r.finish(claims, metrics)
+
+
+def _metrics(r: StudyRun[Size], m: dict, queries: list[dict], idx, gen: dict, paired: dict) -> dict:
+    """Metrics step: per system its generator, rates with intervals, citations and hallucination by category."""
     o = {s: m["systems"][s]["overall"] for s in SYSTEMS}
-    metrics = {
-        "mode": run_mode,
-        "retrieval_mode": mode,
+    return {
+        "mode": r.mode,
+        "retrieval_mode": r.size.retrieval,
         "n_queries": len(queries),
         "n_passages": len(idx),
         "systems": {s: {"generator": gen[s]}
@@ -161,10 +189,12 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
                                                                          m["systems"][s]["by_category"].items()}}
                     for s in SYSTEMS},
         "paired": paired,
-        "labels_deterministic": _deterministic(rows, queries, auth),
-        "retrieval_ablation": _ablation(idx, queries, out, auth, seed) if full else {},
-        "seconds": {"index": round(t_index, 2), "audit": round(t_audit, 2), "total": round(time.perf_counter() - t0, 2)},
     }
+
+
+def _report(out: Path, m: dict, rows: list[dict], queries: list[dict], claims: list[Claim], metrics: dict, gen: dict) -> None:
+    """Report step: the audit report (tables, chart, examples) opened by the study's claims."""
+    from rizzearch.audit.report import write_report
+
     write_report(out, {**m, "n_queries": len(queries)}, rows, title="Legal RAG hallucination audit (Magesh et al. 2024)",
                  intro_md=_claims_md(claims, metrics, gen))
-    return read_results(write_results(out, STUDY, claims, metrics))

@@ -27,7 +27,7 @@ import rizzearch
 from rizzearch.errors import ConfigError, DataError
 from rizzearch.reproduce.common import read_results, study_mode
 from rizzearch.reproduce.report import build_report
-from rizzearch.runs import atomic_write_text, make_run_dir
+from rizzearch.runs import atomic_write_text, lock_run_dir, make_run_dir, write_run_config
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,9 @@ def reproduce(
 
         if not torch.cuda.is_available():
             raise ConfigError(f"device: {device!r} requested but no CUDA device is available")
-    run = make_run_dir(out, "reproduce")
+    run = make_run_dir(out, "reproduce", write_config=False)
+    run_lock = lock_run_dir(run, "reproduce")  # one writer per run folder (released on return or error)
+    write_run_config(run)
     # one study into its own folder: `rizz reproduce rwkv --out DIR` writes DIR/results.json
     single = study is not None
     t_all = time.perf_counter()

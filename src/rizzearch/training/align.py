@@ -167,11 +167,14 @@ def run_stage(
     meta: dict | None = None,
     progress: bool = True,
     save_checkpoints: bool = True,
+    resume: bool = False,
 ) -> tuple[TrainResult, dict]:
     """One alignment stage through the shared loop -> (TrainResult, compute record).
 
     For ``dpo`` the current ``model`` is the reference: its log-probs are precomputed here (one
-    no-grad pass, counted in ``reference_*``) before training starts.
+    no-grad pass, counted in ``reference_*``) before training starts. With ``resume`` the loop
+    continues from ``run_dir``'s latest checkpoint; ``model`` must then hold the stage's *starting*
+    weights (the DPO reference is computed from them before the checkpoint's weights are loaded).
     """
     own_counter = counter is None
     counter = counter or ForwardCounter(model)
@@ -203,7 +206,7 @@ def run_stage(
     source = RowBatches(tensors, config.batch_size, seed=config.seed)
     try:
         result = train_loop(model, loss_fn, source, config, run_dir, eval_fn=eval_fn, meta={**(meta or {}), "objective": method},
-                            progress=progress, save_checkpoints=save_checkpoints)
+                            progress=progress, save_checkpoints=save_checkpoints, resume=resume)
     finally:
         if own_counter:
             counter.close()
@@ -224,7 +227,7 @@ def _build_tokenizer(data: PreferenceDataConfig, pairs):
 def align(
     method: Literal["orpo", "dpo", "sft", "sft+dpo"] = "orpo",
     init: str | None = None,
-    model: str = "gpt",
+    model: str | None = None,
     model_config: dict | None = None,
     data: PreferenceDataConfig = PreferenceDataConfig(),
     train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=1e-4, warmup_steps=10, weight_decay=0.0),
@@ -232,6 +235,7 @@ def align(
     dpo: DPOConfig = DPOConfig(),
     sft_steps: int | None = None,
     out: str | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict:
     """Preference-align a model (gpt, xlstm, rwkv) with ORPO, DPO, SFT, or SFT then DPO.
@@ -240,12 +244,14 @@ def align(
     freshly initialised model (--model, --model_config). Writes the run folder OUT: config.yaml,
     tokenizer.json, metrics.jsonl, checkpoints/, data_problems.txt (skipped records) and
     align_summary.json (held-out preference accuracy, forward passes, wall time). For sft+dpo the SFT
-    stage is in OUT/sft and the final (DPO) model in OUT.
+    stage is in OUT/sft and the final (DPO) model in OUT. Resume a killed run with
+    ``--resume true --out OUT`` and the same settings: it continues bit for bit.
 
     Args:
         method: orpo (one stage, no reference model), dpo (reference = the starting model), sft, or sft+dpo.
         init: checkpoint or run folder to start from (its tokenizer is used); None: a new model.
-        model: registered model name when starting without --init: gpt, xlstm or rwkv.
+        model: registered model name when starting without --init: gpt (default), xlstm or rwkv. With
+            --init it may be given only if it names the checkpoint's own model.
         model_config: config overrides of the new model (vocab_size defaults to the tokenizer's).
         data: preference data, chat template and truncation budget.
         train: training loop settings; for sft+dpo they apply to both stages (steps = the DPO stage).
@@ -253,26 +259,47 @@ def align(
         dpo: DPO settings (beta).
         sft_steps: steps of the SFT stage of sft+dpo (None: train.steps).
         out: run folder (default: runs/align-<timestamp>).
+        resume: continue the alignment run in ``out`` from its latest checkpoint(s).
         progress: show progress bars.
     """
-    from rizzearch.data.tokenizer import tokenizer_fingerprint
-    from rizzearch.models.base import build_model
-    from rizzearch.runs import make_run_dir
-    from rizzearch.training import checkpoint as ckpt_io
+    from rizzearch.runs import RunLock, make_run_dir, seed_everything
+    from rizzearch.training.distributed import check_device
 
     if method not in METHODS:
         raise ConfigError(f"method: expected one of {list(METHODS)}, got {method!r}")
     if sft_steps is not None and sft_steps < 1:
         raise ConfigError(f"sft_steps must be >= 1, got {sft_steps}")
-    run = make_run_dir(out, "align")
-    for root in (run / "checkpoints", run / "sft" / "checkpoints"):
-        if root.is_dir() and any(root.glob("step_*")):
-            raise ConfigError(f"{run}: already holds an alignment run ({root}); choose another --out (nothing was overwritten)")
+    seed_everything(train.seed)  # before the model is built: same config, same model
+    check_device(train.device)
+    run = make_run_dir(out, "align", write_config=False)
+    with RunLock(run, "align"):
+        return _align_locked(run, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress)
 
-    from rizzearch.corpora import list as corpus_names
 
-    on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
-    pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
+def _has_checkpoint(run: Path) -> bool:
+    root = run / "checkpoints"
+    return root.is_dir() and any(root.glob("step_*"))
+
+
+def _align_data_record(data: PreferenceDataConfig, method: str, init: str | None, sft_steps: int | None) -> dict:
+    """What an alignment checkpoint records of its inputs, compared on resume (the data by content)."""
+    from rizzearch.data.text import resolve_source
+
+    src = resolve_source(data.source)
+    digest = None
+    if src.is_file():
+        import hashlib
+
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    return {"source_sha256": digest, **{k: v for k, v in asdict(data).items() if k != "source"}, "method": method,
+            "init": None if init is None else str(init), "sft_steps": sft_steps}
+
+
+def _start_model(init, model, model_config, data: PreferenceDataConfig, pairs, run: Path, resume: bool):
+    """The starting model and tokenizer: --init's checkpoint, or a new (seeded) model -> (net, tok, name)."""
+    from rizzearch.data.tokenizer import Tokenizer
+    from rizzearch.models.base import build_model
+    from rizzearch.training import checkpoint as ckpt_io
 
     if init is not None:
         if model_config:
@@ -280,18 +307,66 @@ def align(
         net, tok, meta = ckpt_io.load_checkpoint(init, device="cpu")
         if tok is None:
             raise CheckpointError(f"{init}: no tokenizer.json next to the checkpoint")
-        model_name = meta["model"]
+        if model is not None and model != meta["model"]:
+            raise ConfigError(f"model: {model!r} given, but --init {init} is a {meta['model']!r} checkpoint; drop --model "
+                              "(the checkpoint fixes the architecture)")
+        return net, tok, meta["model"]
+    if resume:  # the tokenizer the run's checkpoints were trained with
+        f = run / "tokenizer.json"
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; cannot resume without the run's tokenizer")
+        tok = Tokenizer.load(f)
     else:
         tok = _build_tokenizer(data, pairs)
-        overrides = dict(model_config or {})
-        overrides.setdefault("vocab_size", tok.vocab_size)
-        if int(overrides["vocab_size"]) < tok.vocab_size:
-            raise ConfigError(f"model_config.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
-        net = build_model(model, **overrides)
-        model_name = model
-    tok.save(run / "tokenizer.json")
+    overrides = dict(model_config or {})
+    overrides.setdefault("vocab_size", tok.vocab_size)
+    if int(overrides["vocab_size"]) < tok.vocab_size:
+        raise ConfigError(f"model_config.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
+    name = model or "gpt"
+    return build_model(name, **overrides), tok, name
 
+
+def _check_align_resume(run: Path, method: str, train: TrainConfig, sft_cfg: TrainConfig, record: dict, tok) -> None:
+    """Refuse (naming the differences) a resume whose settings differ from the run's checkpoints."""
+    from rizzearch.data.tokenizer import tokenizer_fingerprint
+    from rizzearch.training import checkpoint as ckpt_io
+    from rizzearch.training.loop import check_resume
+
+    stages = ([(run / "sft", sft_cfg)] if method == "sft+dpo" else []) + [(run, train)]
+    found = [(d, c) for d, c in stages if _has_checkpoint(d)]
+    if not found:
+        raise CheckpointError(f"{run}: no checkpoint to resume from; run without --resume to start it")
+    for d, c in found:
+        meta = ckpt_io.read_meta(check_resume(d, c, record))
+        if meta.get("tokenizer") not in (None, tokenizer_fingerprint(tok)):
+            raise CheckpointError(f"{d}: checkpoint was trained with another tokenizer than the one this run would use")
+
+
+def _align_locked(run: Path, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress) -> dict:
+    from dataclasses import replace
+
+    from rizzearch.corpora import list as corpus_names
+    from rizzearch.data.tokenizer import tokenizer_fingerprint
+    from rizzearch.runs import write_run_config
+    from rizzearch.training import checkpoint as ckpt_io
+
+    for d in (run, run / "sft"):
+        ckpt_io.clean_partial_checkpoints(d / "checkpoints")
+    if not resume and (_has_checkpoint(run) or _has_checkpoint(run / "sft")):
+        raise ConfigError(f"{run}: already holds an alignment run; pass --resume true to continue it, or choose another --out (nothing was overwritten)")
+    if resume and not (_has_checkpoint(run) or _has_checkpoint(run / "sft")):
+        raise CheckpointError(f"{run}: no checkpoint to resume from; run without --resume to start it")
+    on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
+    pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
+    net, tok, model_name = _start_model(init, model, model_config, data, pairs, run, resume)
+    record = _align_data_record(data, method, init, sft_steps)
+    sft_cfg = replace(train, steps=sft_steps or train.steps)
+    if resume:
+        _check_align_resume(run, method, train, sft_cfg, record, tok)
     ps = encode_pairs(pairs, tok, data.template, data.max_length, data.max_response_length, on_error=on_error)
+    # validated: from here on the run folder is written
+    write_run_config(run)
+    tok.save(run / "tokenizer.json")
     problems = problems + ps.problems
     if problems:
         (run / "data_problems.txt").write_text("\n".join(problems) + "\n")
@@ -301,27 +376,27 @@ def align(
           f"{' (see data_problems.txt)' if problems else ''}; {ps.stats['truncated_prompts']} prompts and "
           f"{ps.stats['truncated_responses']} responses truncated; run folder {run}")
 
-    meta = {"tokenizer": tokenizer_fingerprint(tok), "align_method": method}
+    meta = {"tokenizer": tokenizer_fingerprint(tok), "align_method": method, "data": record}
     counter = ForwardCounter(net)
     stages = []
     before = evaluate_preferences(net, val_set.tensors, train.batch_size, chunk_size=orpo.chunk_size) if val_set else {}
+    common = dict(val_set=val_set, orpo=orpo, dpo=dpo, counter=counter, meta=meta, progress=progress)
     try:
         if method == "sft+dpo":
-            from dataclasses import replace
-
-            sft_cfg = replace(train, steps=sft_steps or train.steps)
             tok.save(run / "sft" / "tokenizer.json")
-            _, rec = run_stage("sft", net, train_set, sft_cfg, run / "sft", val_set=val_set, orpo=orpo, dpo=dpo,
-                               counter=counter, meta=meta, progress=progress)
+            # a resumed run whose SFT stage had finished reloads it (no steps left) to get the DPO start
+            _, rec = run_stage("sft", net, train_set, sft_cfg, run / "sft", resume=resume and _has_checkpoint(run / "sft"), **common)
             stages.append(rec)
-            result, rec = run_stage("dpo", net, train_set, train, run, val_set=val_set, orpo=orpo, dpo=dpo,
-                                    counter=counter, meta=meta, progress=progress)
+            result, rec = run_stage("dpo", net, train_set, train, run, resume=resume and _has_checkpoint(run), **common)
         else:
-            result, rec = run_stage(method, net, train_set, train, run, val_set=val_set, orpo=orpo, dpo=dpo,
-                                    counter=counter, meta=meta, progress=progress)
+            result, rec = run_stage(method, net, train_set, train, run, resume=resume, **common)
         stages.append(rec)
     finally:
         counter.close()
+    return _write_summary(run, method, model_name, result, train_set, val_set, problems, ps, before, stages, orpo, dpo, train)
+
+
+def _write_summary(run, method, model_name, result, train_set, val_set, problems, ps, before, stages, orpo, dpo, train) -> dict:
     final = {k[len("val_"):]: v for k, v in result.final_eval.items() if k.startswith("val_")}
     summary = {
         "method": method,

@@ -80,6 +80,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: 
     tmp.mkdir()
     save_model(model, str(tmp / MODEL_FILE))
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
+    _fault_pause(step)
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
     if final.exists():
@@ -94,6 +95,50 @@ def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: 
     return final
 
 
+def _fault_pause(step: int) -> None:
+    """Fault-injection hook for the kill tests: ``RIZZ_FAULT_CHECKPOINT_SLEEP=SECONDS`` (or
+    ``STEP:SECONDS``, only at that step) pauses in the middle of a checkpoint write (weights and
+    model.json written, training state not yet), so a test can kill the process there. Unset
+    (always, outside tests) it does nothing."""
+    spec = os.environ.get("RIZZ_FAULT_CHECKPOINT_SLEEP")
+    if not spec:
+        return
+    at, _, delay = spec.rpartition(":")
+    if not at or int(at) == step:
+        import time
+
+        time.sleep(float(delay))
+
+
+def clean_partial_checkpoints(ckpt_root: Path) -> list[str]:
+    """Delete ``.tmp-step_*`` folders left by a run killed in the middle of a checkpoint write.
+
+    Call it only while holding the run folder's lock (``rizzearch.runs.RunLock``): then no other
+    process can be writing one. Returns the names removed."""
+    removed = []
+    if ckpt_root.is_dir():
+        for tmp in sorted(ckpt_root.glob(".tmp-step_*")):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+def _read_latest(latest: Path) -> str:
+    """The checkpoint name in ``latest.json``: a plain ``step_*`` folder name inside the same folder."""
+    import re
+
+    try:
+        data = json.loads(latest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{latest}: corrupted ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise CheckpointError(f"{latest}: expected a JSON object with a string field 'name', got {type(data).__name__ if not isinstance(data, dict) else repr(data.get('name'))}")
+    name = data["name"]
+    if not re.fullmatch(r"step_\d+", name):
+        raise CheckpointError(f"{latest}: 'name' must be a checkpoint folder of this run (step_<n>), got {name!r}")
+    return name
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder, its ``checkpoints`` folder, or one ``step_*`` folder -> the checkpoint folder."""
     p = Path(path)
@@ -104,10 +149,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     latest = root / LATEST
     if latest.is_file():
-        try:
-            name = json.loads(latest.read_text())["name"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{latest}: corrupted ({e})") from e
+        name = _read_latest(latest)
         if (root / name).is_dir():
             return root / name
         raise CheckpointError(f"{latest}: names {name}, which does not exist")
@@ -144,6 +186,16 @@ def load_weights(model, ckpt: Path) -> None:
         raise CheckpointError(f"{f}: corrupted or truncated weights file ({e})") from e
     if missing or unexpected:
         raise CheckpointError(f"{f}: weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    check_finite(model, str(f))
+
+
+def check_finite(model, where: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (a model that loads them
+    would evaluate to NaN and exit 0)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; refusing to load it")
 
 
 def load_train_state(ckpt: Path) -> dict:

@@ -50,8 +50,27 @@ def init_distributed(device: str = "cpu") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or a one-line ConfigError when it is not a device name or
+    names a CUDA device this machine does not have (instead of an assertion deep inside torch)."""
+    from rizzearch.errors import ConfigError
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {device!r} is not a device name (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"device: {device!r} requested but {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
 def device_for(device: str, info: DistInfo) -> torch.device:
     """Each rank gets its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
+    check_device(device)
     if str(device).startswith("cuda") and info.enabled:
         return torch.device("cuda", info.local_rank)
     return torch.device(device)

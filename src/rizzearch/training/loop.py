@@ -29,7 +29,7 @@ from rizzearch.data.batches import split_batch
 from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.models.base import eval_mode
-from rizzearch.runs import atomic_write_text
+from rizzearch.runs import atomic_write_text, seed_everything, start_fresh_log
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
 
@@ -182,6 +182,37 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
     return out
 
 
+# TrainConfig fields a resumed run must share with its checkpoint: they shape what was trained on and
+# how (the data order, the optimizer, the schedule). The others (steps, logging, evaluation and
+# checkpoint cadence, device, max_seconds, micro_batch_size, which leaves the gradient unchanged)
+# may change on resume; ``steps`` may grow to extend a run.
+RESUME_FIXED = ("batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype")
+
+
+def resume_differences(state_config: dict, cfg: TrainConfig, saved_data: dict | None = None, data: dict | None = None) -> list[str]:
+    """What differs between a checkpoint's training settings (``train_state["config"]``, and its
+    ``model.json`` data record) and the requested ones, as ``field: checkpoint X, now Y`` strings."""
+    now = asdict(cfg)
+    diffs = [f"train.{k}: checkpoint {state_config.get(k)!r}, now {now[k]!r}" for k in RESUME_FIXED if k in state_config and state_config[k] != now[k]]
+    if saved_data is not None and data is not None:
+        diffs += [f"data.{k}: checkpoint {saved_data.get(k)!r}, now {data.get(k)!r}" for k in sorted(set(saved_data) | set(data))
+                  if saved_data.get(k) != data.get(k)]
+    return diffs
+
+
+def check_resume(run_dir: str | Path, cfg: TrainConfig, data: dict | None = None) -> Path:
+    """The checkpoint a resume of ``run_dir`` would start from, after checking that it was trained
+    with the same settings; else ConfigError naming every difference (nothing is written)."""
+    ckpt = ckpt_io.resolve_checkpoint(run_dir)
+    state = ckpt_io.load_train_state(ckpt)
+    saved_data = ckpt_io.read_meta(ckpt).get("data")
+    diffs = resume_differences(state.get("config", {}), cfg, saved_data, data)
+    if diffs:
+        raise ConfigError(f"{ckpt}: cannot resume with different settings ({'; '.join(diffs)}); use the run's own "
+                          "settings (see its config.yaml) or start a new run with another --out")
+    return ckpt
+
+
 def _load_history(path: Path, upto: int) -> list[dict]:
     """The logged rows up to step ``upto``; a last line cut short by a kill is dropped."""
     if not path.is_file():
@@ -189,6 +220,31 @@ def _load_history(path: Path, upto: int) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     text = text[: text.rfind("\n") + 1]
     return [row for _, row in read_jsonl(path, text) if row.get("step", 0) <= upto]
+
+
+def _restore(run: Path, cfg: TrainConfig, model, optimizer, train_data, info: DistInfo, data: dict | None, resume: bool):
+    """Start state of a run -> (start step, logged rows kept, checkpoint resumed from or None).
+
+    Resume: weights, optimizer, data position and RNG states from the latest checkpoint (after
+    ``check_resume``), and the log cut back to that step (later rows are redone identically).
+    New run: the log of an earlier attempt is kept aside (``start_fresh_log``), never appended to.
+    """
+    metrics_path = run / "metrics.jsonl"
+    if not resume:
+        if info.is_main:
+            start_fresh_log(metrics_path)
+        return 0, [], None
+    ckpt = check_resume(run, cfg, data)
+    ckpt_io.load_weights(model, ckpt)
+    state = ckpt_io.load_train_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    train_data.load_state_dict(state["data"])
+    ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+    start_step = int(state["step"])
+    history = _load_history(metrics_path, start_step)
+    if info.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    return start_step, history, ckpt
 
 
 def train(
@@ -244,21 +300,10 @@ def train(
     model.to(device)
     ckpt_meta = ckpt_io.model_meta(model, **(meta or {})) if save_checkpoints else {}
     optimizer = make_optimizer(model, cfg)
-    start_step = 0
-    history: list[dict] = []
-    torch.manual_seed(cfg.seed + info.rank)
-
-    if resume:
-        ckpt = ckpt_io.resolve_checkpoint(run)
-        ckpt_io.load_weights(model, ckpt)
-        state = ckpt_io.load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        train_data.load_state_dict(state["data"])
-        ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = int(state["step"])
-        history = _load_history(metrics_path, start_step)
-        if info.is_main:  # drop log rows written after the checkpoint; they will be re-done identically
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    seed_everything(cfg.seed + info.rank)
+    if info.is_main and save_checkpoints:
+        ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
+    start_step, history, resumed_ckpt = _restore(run, cfg, model, optimizer, train_data, info, (meta or {}).get("data"), resume)
 
     ddp_model = model
     if info.enabled:
@@ -266,13 +311,14 @@ def train(
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "val_loss" in r])
+    # logged rows are train rows (with "loss") or evaluation rows (val_loss and/or eval_fn metrics)
+    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "loss" not in r])
     log_file = open(metrics_path, "a") if info.is_main else None
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     tokens_seen = 0
-    last_ckpt = None
+    last_ckpt = resumed_ckpt
 
     def log(row: dict) -> None:
         if log_file is not None:
@@ -364,7 +410,8 @@ def train(
                 break
         if result.steps > start_step or not result.evals:
             do_eval(result.steps)
-        do_checkpoint(result.steps)
+        if result.steps > start_step or resumed_ckpt is None:  # a resumed run with no step left keeps its checkpoint
+            do_checkpoint(result.steps)
     finally:
         bar.close()
         if log_file is not None:

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 
 from rizzearch.data.batches import EvalWindows, RandomWindows
-from rizzearch.data.text import prepare_text, read_source, split_text
+from rizzearch.data.text import prepare_text, read_source, read_source_digest, split_text
 from rizzearch.data.tokenizer import Tokenizer, make_tokenizer, tokenizer_fingerprint
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.models.base import build_model, generate
 from rizzearch.objectives.goldfish import GoldfishConfig
-from rizzearch.runs import make_run_dir
+from rizzearch.runs import RunLock, make_run_dir, seed_everything, write_run_config
 from rizzearch.training import checkpoint as ckpt_io
+from rizzearch.training.distributed import check_device
 from rizzearch.training.losses import GoldfishLoss, lm_loss
-from rizzearch.training.loop import TrainConfig, TrainResult
+from rizzearch.training.loop import TrainConfig, TrainResult, check_resume
 from rizzearch.training.loop import train as train_loop
 
 
@@ -46,15 +47,38 @@ class DataConfig:
     val_fraction: float = 0.1
     eval_batches: int | None = 20
 
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if self.vocab_size < 1:
+            raise ConfigError(f"data.vocab_size must be >= 1, got {self.vocab_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ConfigError(f"data.eval_batches must be >= 1 or null, got {self.eval_batches}")
 
-def build_tokenizer(data: DataConfig, run: Path) -> Tokenizer:
-    """The run's tokenizer: reuse run/tokenizer.json, load a given file, or build one."""
+
+def build_tokenizer(data: DataConfig, run: Path, resume: bool = False) -> Tokenizer:
+    """The run's tokenizer. A resumed run reuses ``run/tokenizer.json`` (the one its checkpoint was
+    trained with); a new run always builds the one ``data.tokenizer`` names, so a tokenizer.json left
+    by an earlier failed attempt is never picked up silently. Nothing is written here."""
     existing = run / "tokenizer.json"
-    if existing.is_file():
+    if resume:
+        if not existing.is_file():
+            raise CheckpointError(f"{existing}: missing; cannot resume without the run's tokenizer")
         return Tokenizer.load(existing)
-    tok = make_tokenizer(data.tokenizer, data.vocab_size, lambda: [split_text(read_source(data.source)[0], data.val_fraction)[0]])
-    tok.save(existing)
-    return tok
+    return make_tokenizer(data.tokenizer, data.vocab_size, lambda: [split_text(read_source(data.source)[0], data.val_fraction)[0]])
+
+
+def data_record(data: DataConfig) -> dict:
+    """What a checkpoint records of its data, compared on resume: the corpus by content (sha256 and
+    size of its bytes, not its path), the tokenizer setting, the split and the context length."""
+    _, _, digest = read_source_digest(data.source)
+    rec = {"corpus_sha256": digest["sha256"], "corpus_bytes": digest["bytes"], "tokenizer": data.tokenizer,
+           "seq_len": data.seq_len, "val_fraction": data.val_fraction}
+    if data.tokenizer == "bpe":
+        rec["vocab_size"] = data.vocab_size
+    return rec
 
 
 def build_objective(objective: str, **options):
@@ -97,25 +121,46 @@ def train(
         resume: continue from the latest checkpoint in ``out``.
         progress: show a progress bar.
     """
-    run = make_run_dir(out, "train")
+    seed_everything(train.seed)  # before anything draws a random number: same config, same model
+    check_device(train.device)
+    run = make_run_dir(out, "train", write_config=False)
+    with RunLock(run, "train"):
+        return _train_locked(run, model, model_config, data, train, objective, goldfish, resume, progress)
+
+
+def _validated_start(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, resume: bool):
+    """Every check a (resumed) training run needs, before anything is written -> (tokenizer, model, data record)."""
     ckpt_root = run / "checkpoints"
+    ckpt_io.clean_partial_checkpoints(ckpt_root)
     if not resume and ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
         raise ConfigError(f"{run}: already has checkpoints; pass --resume true to continue it, or choose another --out (nothing was overwritten)")
-    overrides = dict(model_config or {})
+    record = data_record(data)
     if resume:
-        ckpt = ckpt_io.resolve_checkpoint(run)
+        ckpt = check_resume(run, train, record)  # train and data settings, differences named
         meta = ckpt_io.read_meta(ckpt)
         if meta["model"] != model:
             raise CheckpointError(f"{ckpt}: checkpoint is a {meta['model']!r} model, not {model!r}")
-    tok = build_tokenizer(data, run)
+    tok = build_tokenizer(data, run, resume)
+    overrides = dict(model_config or {})
     if "vocab_size" in overrides and int(overrides["vocab_size"]) < tok.vocab_size:
         raise ConfigError(f"model_config.vocab_size ({overrides['vocab_size']}) is smaller than the tokenizer's vocabulary ({tok.vocab_size})")
     overrides.setdefault("vocab_size", tok.vocab_size)
     net = build_model(model, **overrides)
     if resume:
         ckpt_io.check_tokenizer(tok, meta, str(run / "tokenizer.json"))
-        if meta["config"] != ckpt_io.model_meta(net)["config"]:
-            raise CheckpointError(f"{ckpt}: model config differs from the requested one; resume with the same model_config")
+        theirs, ours = meta["config"], ckpt_io.model_meta(net)["config"]
+        if theirs != ours:
+            diffs = "; ".join(f"model_config.{k}: checkpoint {theirs.get(k)!r}, now {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            raise CheckpointError(f"{ckpt}: model config differs from the requested one ({diffs}); resume with the same model_config")
+    return tok, net, record
+
+
+def _train_locked(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, objective: str,
+                  goldfish: GoldfishConfig, resume: bool, progress: bool) -> TrainResult:
+    tok, net, record = _validated_start(run, model, model_config, data, train, resume)
+    write_run_config(run)  # only now: a refused resume leaves the folder as it was
+    if not resume:
+        tok.save(run / "tokenizer.json")
     ds = prepare_text(data.source, run / "data", tok, data.val_fraction)
     train_src = RandomWindows(ds.train, train.batch_size, data.seq_len, seed=train.seed)
     eval_src = EvalWindows(ds.val or ds.train, train.batch_size, data.seq_len, data.eval_batches, bytes_per_token=ds.bytes_per_token) if ds.meta["val"]["tokens"] > data.seq_len else None
@@ -123,7 +168,7 @@ def train(
     print(f"model {model}: {net.num_params():,} parameters; tokenizer vocab {tok.vocab_size}; "
           f"{ds.meta['train']['tokens']:,} train / {ds.meta['val']['tokens']:,} val tokens; run folder {run}")
     result = train_loop(net, loss_fn, train_src, train, run, eval_data=eval_src, eval_loss_fn=lm_loss, resume=resume,
-                        meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective,
+                        meta={"tokenizer": tokenizer_fingerprint(tok), "objective": objective, "data": record,
                               **({"goldfish": asdict(goldfish)} if objective == "goldfish" else {})}, progress=progress)
     ev = result.final_eval
     summary = f"step {result.steps}: train loss {result.final_loss:.4f}"
@@ -157,6 +202,7 @@ def generate_text(
         seed: sampling seed.
         device: cpu or cuda.
     """
+    check_device(device)
     model, tok, _ = ckpt_io.load_checkpoint(checkpoint, device=device)
     if tok is None:
         raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
@@ -193,6 +239,16 @@ def evaluate(
     """
     import tempfile
 
+    if split not in ("val", "all"):
+        raise ConfigError(f"split: expected 'val' or 'all', got {split!r} (the training part alone is not an evaluation split)")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if max_batches is not None and max_batches < 1:
+        raise ConfigError(f"max_batches must be >= 1 or null, got {max_batches}")
+    if not 0.0 <= val_fraction < 1.0 or (split == "val" and val_fraction == 0.0):
+        raise ConfigError(f"val_fraction must be in (0, 1) for split 'val', got {val_fraction}")
+    check_device(device)
     model, tok, meta = ckpt_io.load_checkpoint(checkpoint, device=device)
     if tok is None:
         raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
