@@ -104,3 +104,33 @@ def test_inference_and_decoding_skip_the_checkpoint():
 def test_a_model_without_blocks_is_a_clear_error():
     with pytest.raises(ConfigError, match="has no 'blocks' ModuleList"):
         checkpoint_blocks(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# In the training loop (--train.checkpointing blocks)
+
+
+def test_loop_with_checkpointing_equals_without(tmp_path):
+    from rizzearch.data.batches import RandomWindows
+    from rizzearch.training.losses import lm_loss
+    from rizzearch.training.loop import TrainConfig, train
+
+    data = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for mode in ("none", "blocks"):
+        model = tiny("gpt", dropout=0.1)
+        cfg = TrainConfig(steps=3, batch_size=4, lr=3e-3, warmup_steps=1, log_every=1, checkpointing=mode)
+        res = train(model, lm_loss, RandomWindows(data, 4, 16, seed=3), cfg, tmp_path / mode, progress=False)
+        assert not is_checkpointed(model)  # the loop undoes it at the end
+        runs[mode] = (model, [h["loss"] for h in res.history], res.history)
+    assert_close(torch.tensor(runs["blocks"][1]), torch.tensor(runs["none"][1]), atol=1e-6, rtol=0, name="loss curve")
+    for (n, a), b in zip(runs["none"][0].state_dict().items(), runs["blocks"][0].state_dict().values()):
+        assert_close(b, a, atol=1e-6, rtol=1e-6, name=n)
+    assert all(h["peak_mem_mb"] > 0 and h["tokens_per_s"] > 0 for h in runs["blocks"][2])
+
+
+def test_bad_checkpointing_value():
+    from rizzearch.training.loop import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.checkpointing: expected one of \['none', 'blocks'\], got 'layers'"):
+        TrainConfig(checkpointing="layers")

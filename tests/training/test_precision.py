@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,66 @@ def test_bad_precision_and_scaler():
     with pytest.raises(ConfigError, match=r"train\.precision: expected one of \['fp32', 'bf16', 'fp16'\], got 'fp8'"):
         autocast("fp8", "cpu")
     assert grad_scaler("bf16", "cpu") is None and grad_scaler("fp16", "cpu") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# In the training loop (--train.precision)
+
+
+def _loop(tmp_path, precision, loss_fn, steps=3, **kw):
+    from rizzearch.data.batches import RandomWindows
+    from rizzearch.training.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = build_model("gpt", **tiny_overrides("gpt"))
+    data = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup_steps=0, log_every=1, precision=precision, **kw)
+    return model, train(model, loss_fn, RandomWindows(data, 4, 16, seed=3), cfg, tmp_path, progress=False)
+
+
+def test_bf16_training_runs_and_logs_memory(tmp_path):
+    from rizzearch.training.losses import lm_loss
+
+    _, res = _loop(tmp_path, "bf16", lm_loss)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+    assert all(h["peak_mem_mb"] > 0 and h["tokens_per_s"] > 0 for h in res.history)
+
+
+def test_fp16_overflowing_gradients_skip_the_step_and_are_logged(tmp_path):
+    from rizzearch.training.losses import lm_loss
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        loss, metrics = lm_loss(model, batch)
+        calls["n"] += 1
+        if calls["n"] == 1:  # same value, gradients so large that the scaled ones overflow
+            w = next(model.parameters())
+            blow = 1e35 * w.float().sum()
+            loss = loss + (blow - blow.detach())
+        return loss, metrics
+
+    torch.manual_seed(0)
+    before = build_model("gpt", **tiny_overrides("gpt")).state_dict()
+    model, res = _loop(tmp_path, "fp16", loss_fn, steps=1)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if "skipped_step" in r]
+    assert len(skipped) == 1 and skipped[0]["step"] == 1 and skipped[0]["loss_scale"] < 65536.0
+    assert res.history[-1]["skipped_steps"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed on a skipped step"
+    _, res2 = _loop(tmp_path / "again", "fp16", lm_loss, steps=2)
+    assert res2.history[-1]["skipped_steps"] == 0
+
+
+def test_fp16_forward_overflow_stops_without_a_checkpoint(tmp_path):
+    from rizzearch.training.losses import lm_loss
+    from rizzearch.training.loop import NonFiniteLossError
+
+    def loss_fn(model, batch):
+        loss, metrics = lm_loss(model, batch)
+        return loss * float("inf"), metrics
+
+    with pytest.raises(NonFiniteLossError, match="fp16 overflow in the forward: use train.precision bf16.*no checkpoint was written"):
+        _loop(tmp_path, "fp16", loss_fn)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("step_*"))
