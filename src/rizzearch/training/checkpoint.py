@@ -232,7 +232,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
         model = build_model(meta["model"], **meta["config"])
     except Exception as e:
         raise CheckpointError(f"{ckpt / META_FILE}: cannot rebuild model {meta['model']!r} ({e})") from e
-    load_weights(model, ckpt)
+    if "lora" in meta:
+        model = _lora_model(ckpt, meta)
+    else:
+        load_weights(model, ckpt)
     model.to(device)
     tok = None
     if tokenizer:
@@ -242,6 +245,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
                 check_tokenizer(tok, meta, str(cand))
                 break
     return model, tok, meta
+
+
+def _lora_model(ckpt: Path, meta: dict):
+    """A LoRA run's checkpoint (adapters only): its base from the run's --init, then the adapters."""
+    from rizzearch.training.lora import apply_lora
+
+    init = (meta.get("data") or {}).get("init")
+    if not init:
+        raise CheckpointError(f"{ckpt}: a LoRA checkpoint holds only the adapters and its run had no --init base to rebuild "
+                              "(a seeded new model); resume the run, or train LoRA from a checkpoint with --init")
+    base, _, base_meta = load_checkpoint(init, tokenizer=False)
+    if base_meta["model"] != meta["model"] or base_meta["config"] != meta["config"]:
+        raise CheckpointError(f"{ckpt}: its --init base {init} is no longer the model the adapters were trained on")
+    lora = meta["lora"]
+    apply_lora(base, int(lora["r"]), float(lora["alpha"]), float(lora.get("dropout", 0.0)), lora.get("targets"))
+    load_model_weights(base, ckpt)
+    return base
 
 
 def check_tokenizer(tok, meta: dict, where: str) -> None:
