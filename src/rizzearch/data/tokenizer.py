@@ -23,13 +23,41 @@ SPECIAL_TOKENS = (EOT, PAD)
 
 
 class Tokenizer:
-    """Thin wrapper over ``tokenizers.Tokenizer`` with the few methods rizzearch uses."""
+    """Thin wrapper over ``tokenizers.Tokenizer`` with the few methods rizzearch uses.
 
-    def __init__(self, hf_tokenizer):
+    Our own tokenizers carry ``<|endoftext|>`` and ``<|pad|>``. A pretrained model's tokenizer
+    (tokenizer.json of an HF folder, or the vocabulary of a GGUF file) has its own special tokens
+    instead: pass ``eos_id`` (the end-of-text / end-of-turn id) and optionally ``pad_id`` (the eos
+    id when the model has none) and ``bos_id``; nothing of ours is then required. ``chat_template``
+    is the model's Jinja chat template (rendered by ``rizzearch.data.chat``), saved with the tokenizer.
+    """
+
+    def __init__(
+        self,
+        hf_tokenizer,
+        *,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        bos_id: int | None = None,
+        chat_template: str | None = None,
+    ):
         self._tok = hf_tokenizer
-        for s in SPECIAL_TOKENS:
-            if hf_tokenizer.token_to_id(s) is None:
-                raise DataError(f"tokenizer lacks the special token {s!r}")
+        self.chat_template = chat_template
+        n = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        if eos_id is None:
+            for s in SPECIAL_TOKENS:
+                if hf_tokenizer.token_to_id(s) is None:
+                    raise DataError(f"tokenizer lacks the special token {s!r} (a pretrained tokenizer needs its eos_id)")
+            eos_id, pad_id = hf_tokenizer.token_to_id(EOT), hf_tokenizer.token_to_id(PAD)
+            self._ours = True
+        else:
+            self._ours = False
+        for name, i in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id)):
+            if i is not None and not 0 <= int(i) < n:
+                raise DataError(f"tokenizer {name} = {i} is outside the vocabulary (size {n})")
+        self._eos = int(eos_id)
+        self._pad = int(pad_id) if pad_id is not None else self._eos
+        self._bos = int(bos_id) if bos_id is not None else None
 
     # -- ids ------------------------------------------------------------------------------------
     @property
@@ -38,15 +66,38 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self._tok.token_to_id(EOT)
+        """End of text: ours ``<|endoftext|>``, or the pretrained model's eos id."""
+        return self._eos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
 
     @property
     def pad_id(self) -> int:
-        return self._tok.token_to_id(PAD)
+        """Ours ``<|pad|>``, or the pretrained model's pad id (its eos id when it has none)."""
+        return self._pad
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def is_pretrained(self) -> bool:
+        """True for a pretrained model's own tokenizer (no tokens of ours)."""
+        return not self._ours
 
     @property
     def special_ids(self) -> tuple[int, ...]:
-        return tuple(self._tok.token_to_id(s) for s in SPECIAL_TOKENS)
+        if self._ours:
+            return tuple(self._tok.token_to_id(s) for s in SPECIAL_TOKENS)
+        added = self._tok.get_added_tokens_decoder()
+        ids = {i for i, t in added.items() if t.special} | {self._eos, self._pad}
+        return tuple(sorted(ids | ({self._bos} if self._bos is not None else set())))
+
+    def token(self, i: int) -> str | None:
+        """The string of token id ``i`` (None when out of range)."""
+        return self._tok.id_to_token(int(i))
 
     # -- text <-> ids ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -55,11 +106,17 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # -- files ----------------------------------------------------------------------------------
+    def special_tokens_config(self) -> dict:
+        """bos/eos/pad token strings, as tokenizer_config.json holds them (a pretrained tokenizer's ids)."""
+        name = lambda i: None if i is None else self._tok.id_to_token(i)  # noqa: E731
+        return {"bos_token": name(self._bos), "eos_token": name(self._eos), "pad_token": name(self._pad)}
+
     def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json; a pretrained tokenizer also writes its special tokens to tokenizer_config.json beside it."""
         path = Path(path)
         if path.is_dir() or path.suffix != ".json":
             path = path / "tokenizer.json"
@@ -67,10 +124,21 @@ class Tokenizer:
         tmp = path.with_suffix(".json.tmp")
         self._tok.save(str(tmp))
         tmp.replace(path)
+        if not self._ours or self.chat_template is not None:
+            side = path.parent / "tokenizer_config.json"
+            cfg = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}
+            if not self._ours:
+                cfg.update(self.special_tokens_config())
+            if self.chat_template is not None:
+                cfg["chat_template"] = self.chat_template
+            tmp = side.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(side)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
+        """Read tokenizer.json; without our special tokens, the ids come from tokenizer_config.json beside it."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -79,15 +147,68 @@ class Tokenizer:
         if not path.is_file():
             raise DataError(f"{path}: tokenizer file not found")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise DataError(f"{path}: not a valid tokenizer.json ({e})") from e
+        side = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        if all(tok.token_to_id(s) is not None for s in SPECIAL_TOKENS):
+            out = cls(tok)
+        else:
+            out = cls.from_special_tokens(tok, side, where=str(path))
+        out.chat_template = chat_template_of(side, path.parent)
+        return out
+
+    @classmethod
+    def from_special_tokens(cls, hf_tokenizer, special: dict, where: str = "tokenizer") -> "Tokenizer":
+        """A pretrained tokenizer whose ``special`` dict names eos/pad/bos by string (tokenizer_config.json
+        style: ``eos_token`` as a string or ``{"content": ...}``) or by id (``eos_token_id``)."""
+
+        def ident(key: str):
+            if special.get(key + "_id") is not None:
+                v = special[key + "_id"]
+                return int(v[0] if isinstance(v, list) else v)
+            tok = special.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if tok is None:
+                return None
+            i = hf_tokenizer.token_to_id(tok)
+            if i is None:
+                raise DataError(f"{where}: {key} {tok!r} is not in the vocabulary")
+            return i
+
+        eos = ident("eos_token")
+        if eos is None:
+            raise DataError(f"{where}: no eos_token (tokenizer_config.json / generation_config.json) and no {EOT!r} token")
+        return cls(hf_tokenizer, eos_id=eos, pad_id=ident("pad_token"), bos_id=ident("bos_token"))
 
     def to_json(self) -> str:
         return self._tok.to_str()
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self._eos}, pad_id={self._pad})"
+
+
+def chat_template_of(tokenizer_config: dict, folder: Path) -> str | None:
+    """The chat template of an HF folder: ``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template`` (a string, or a list of named templates: the one named "default")."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    t = tokenizer_config.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default", next(iter(named.values()), None))
+    return t if isinstance(t, str) else None
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def _byte_level_bpe(vocab: dict[str, int] | None = None, merges: list | None = None):

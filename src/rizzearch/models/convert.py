@@ -2,6 +2,8 @@
 
 - ``from_official_xlstm(official_model) -> XLSTM``: NX-AI ``xlstm`` package's ``xLSTMLMModel``.
 - ``from_hf_rwkv(hf_model) -> RWKV`` and ``to_hf_rwkv(model) -> RwkvForCausalLM``: HF transformers.
+- ``from_hf_llama(hf_model) -> Llama`` and ``to_hf_llama(model) -> LlamaForCausalLM`` (Qwen2ForCausalLM
+  when the model has q/k/v biases): HF transformers; the name and layout mapping is ``models/hf_llama.py``.
 
 The reference packages are optional (the ``anchors`` extra); they are imported inside the
 functions that need them, never at module import.
@@ -351,3 +353,41 @@ def to_official_rwkv(model: RWKV) -> dict:
             t = t.view(1, 1, -1)
         out[key] = t
     return out
+
+
+# ==============================================================================================
+# Llama family (HF transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# ==============================================================================================
+
+
+def from_hf_llama(hf_model) -> "Llama":
+    """A transformers Llama/Mistral/Qwen2 causal LM -> rizzearch ``Llama`` (same dtype and weights)."""
+    from rizzearch.models.hf_llama import config_from_hf, state_dict_from_hf
+    from rizzearch.models.llama import Llama
+
+    where = f"{type(hf_model).__name__} config"
+    cfg = config_from_hf(hf_model.config.to_dict(), where=where)
+    sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    model = Llama(cfg)
+    dtype = next(hf_model.parameters()).dtype
+    model.to(dtype).load_state_dict(state_dict_from_hf(sd, cfg, where=type(hf_model).__name__))
+    return model
+
+
+def to_hf_llama(model: "Llama"):
+    """rizzearch ``Llama`` -> a transformers LlamaForCausalLM (Qwen2ForCausalLM when ``qkv_bias``)."""
+    import transformers
+
+    from rizzearch.models.hf_llama import SUPPORTED, config_to_hf, state_dict_to_hf
+
+    d = config_to_hf(model.config)
+    cls = getattr(transformers, SUPPORTED[d["model_type"]])
+    config_cls = transformers.AutoConfig.for_model(d["model_type"]).__class__
+    hf_cfg = config_cls(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype")})
+    hf = cls(hf_cfg).to(next(model.parameters()).dtype).eval()
+    sd = state_dict_to_hf(model.state_dict(), model.config)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"to_hf_llama: transformers expects {missing[:5]} and does not know {unexpected[:5]}")
+    return hf
