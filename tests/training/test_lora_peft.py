@@ -75,3 +75,21 @@ def test_an_adapter_made_with_peft_loads_into_our_model(targets, tmp_path):
         theirs = peft_model(input_ids=x).logits
         assert (theirs - base()(x)[0]).abs().max() > 1e-3
         assert_close(ours(x)[0], theirs, atol=1e-4, rtol=1e-4, name=f"our logits with a peft adapter on {targets}")
+
+
+def test_save_merged_writes_a_plain_hf_folder_with_the_adapter_folded_in(tmp_path):
+    import transformers
+
+    from rizzearch.training.lora import save_merged
+
+    from rizzearch.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = apply_lora(base(vocab_size=tok.vocab_size), r=4, alpha=8)
+    train_a_little(model)
+    save_merged(model, tok, tmp_path / "hf")
+    assert lora_layers(model), "the model itself keeps its adapters"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert_close(hf(input_ids=x).logits, model(x)[0], atol=1e-4, rtol=1e-4, name="merged export vs adapted model")

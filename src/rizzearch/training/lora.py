@@ -456,3 +456,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     if hasattr(model, "clear_decode_cache"):
         model.clear_decode_cache()
     return model
+
+
+def save_merged(model: nn.Module, tokenizer, folder: str | Path, chat_template: str | None = None) -> Path:
+    """Export a LoRA-adapted llama-family model as a plain HF folder (``save_pretrained``) with the
+    adapters merged into a copy of the weights; ``model`` itself keeps its adapters."""
+    import copy
+
+    from rizzearch.models.pretrained import save_pretrained
+
+    merged = merge_lora(copy.deepcopy(model))
+    return save_pretrained(merged, tokenizer, folder, chat_template=chat_template)
