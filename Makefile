@@ -1,6 +1,7 @@
 # rizzearch: two commands on a fresh machine.
 #   make demo   reproduce the five papers' main claims (quick mode) and write one report
 #   make test   run the test suite (CPU; includes the parity tests against the reference packages)
+#   make gpu-check  on a CUDA machine: gpu tests + CUDA benchmark sections -> runs/gpu-check/report.md (< 8 min)
 # Each target installs what it needs into .venv first.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +37,9 @@ test-all: install
 
 bench: install
 	$(VENV)/bin/rizz bench
+
+gpu-check: install
+	$(PY) scripts/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -46,7 +46,7 @@ def _state(run):
             name = json.loads((d / "checkpoints" / "latest.json").read_text())["name"]
             rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
             out[str(d.relative_to(run))] = (name, load_file(str(d / "checkpoints" / name / "model.safetensors")),
-                                            [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows])
+                                            [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "peak_mem_mb")} for r in rows])
     return out
 
 

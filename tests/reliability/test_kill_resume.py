@@ -56,7 +56,7 @@ def _final(run: Path):
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())["name"]
     weights = load_file(str(run / "checkpoints" / latest / "model.safetensors"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return latest, weights, [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+    return latest, weights, [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "peak_mem_mb")} for r in rows]
 
 
 def _assert_bit_exact(a: Path, b: Path) -> None:

@@ -27,7 +27,7 @@ def _weights(run):
 
 def _metrics(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s", "peak_mem_mb")} for r in rows]
 
 
 def _assert_same_run(a, b):

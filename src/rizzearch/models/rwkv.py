@@ -296,7 +296,7 @@ class RWKV(CausalLM):
         else:
             self._check_state(state, B)
         mask = self._padding_mask(attention_mask)
-        if T == 1 and not torch.is_grad_enabled():
+        if T == 1 and not torch.is_grad_enabled() and self._plain_projections():
             return self._decode(tokens[:, 0], state, mask)
         x = self.ln0(self.emb(tokens))  # (B, T, C)
         new = {k: [] for k in STATE_KEYS}
@@ -308,6 +308,15 @@ class RWKV(CausalLM):
         return logits, new
 
     # -- decoding -----------------------------------------------------------------------------
+
+    def _plain_projections(self) -> bool:
+        """Whether every projection is a plain ``nn.Linear``: the decode engines read their weights
+        directly, so layers wrapped by adapters (``training.lora``) decode through the block path."""
+        return all(
+            type(m) is nn.Linear
+            for b in self.blocks
+            for m in (b.att.key, b.att.value, b.att.receptance, b.att.output, b.ffn.key, b.ffn.receptance, b.ffn.value)
+        )
 
     def clear_decode_cache(self) -> None:
         """Drop the fused decoding kernel's table of parameter addresses; the next token rebuilds it.

@@ -44,6 +44,7 @@ from rizzearch.training.preference import make_dpo_loss, make_orpo_loss, make_sf
 from rizzearch.training.distributed import device_for, init_distributed
 from rizzearch.training.loop import TrainConfig, TrainResult
 from rizzearch.training.loop import train as train_loop
+from rizzearch.training.lora import LoraConfig, adapters_disabled, setup_lora
 
 METHODS = ("orpo", "dpo", "sft", "sft+dpo")
 
@@ -168,6 +169,7 @@ def run_stage(
     progress: bool = True,
     save_checkpoints: bool = True,
     resume: bool = False,
+    reference_base: bool = False,
 ) -> tuple[TrainResult, dict]:
     """One alignment stage through the shared loop -> (TrainResult, compute record).
 
@@ -175,6 +177,7 @@ def run_stage(
     no-grad pass, counted in ``reference_*``) before training starts. With ``resume`` the loop
     continues from ``run_dir``'s latest checkpoint; ``model`` must then hold the stage's *starting*
     weights (the DPO reference is computed from them before the checkpoint's weights are loaded).
+    ``reference_base``: compute DPO's reference with the LoRA adapters off (the base model).
     """
     own_counter = counter is None
     counter = counter or ForwardCounter(model)
@@ -191,7 +194,11 @@ def run_stage(
         model.to(device)
         r0 = counter.snapshot()
         tr = time.perf_counter()
-        tensors.update(precompute_reference_logps(model, tensors, dpo.ref_batch_size, dpo.chunk_size, device=device))
+        # with LoRA, plain DPO's reference is the base: the same weights with the adapters off (no copy);
+        # sft+dpo's reference is the SFT model, i.e. with its adapters on
+        off = adapters_disabled(model) if reference_base else contextlib.nullcontext()
+        with off:
+            tensors.update(precompute_reference_logps(model, tensors, dpo.ref_batch_size, dpo.chunk_size, device=device))
         r1 = counter.snapshot()
         ref_record = {f"reference_{k}": r1[k] - r0[k] for k in r1} | {"reference_seconds": time.perf_counter() - tr}
         loss_fn = make_dpo_loss(dpo)
@@ -234,6 +241,7 @@ def align(
     orpo: ORPOConfig = ORPOConfig(),
     dpo: DPOConfig = DPOConfig(),
     sft_steps: int | None = None,
+    lora: LoraConfig = LoraConfig(),
     out: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -258,6 +266,9 @@ def align(
         orpo: ORPO settings (lambda, NLL mode).
         dpo: DPO settings (beta).
         sft_steps: steps of the SFT stage of sft+dpo (None: train.steps).
+        lora: LoRA adapters on the starting model (--lora.r 16 --lora.alpha 32 [--lora.targets ...]), every
+            method: only the adapters train and are checkpointed; DPO's reference is the base model with
+            the adapters off (no second copy of the weights). r = 0 (default): full fine-tuning.
         out: run folder (default: runs/align-<timestamp>).
         resume: continue the alignment run in ``out`` from its latest checkpoint(s).
         progress: show progress bars.
@@ -273,7 +284,7 @@ def align(
     check_device(train.device)
     run = make_run_dir(out, "align", write_config=False)
     with RunLock(run, "align"):
-        return _align_locked(run, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress)
+        return _align_locked(run, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress, lora)
 
 
 def _has_checkpoint(run: Path) -> bool:
@@ -342,7 +353,8 @@ def _check_align_resume(run: Path, method: str, train: TrainConfig, sft_cfg: Tra
             raise CheckpointError(f"{d}: checkpoint was trained with another tokenizer than the one this run would use")
 
 
-def _align_locked(run: Path, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress) -> dict:
+def _align_locked(run: Path, method, init, model, model_config, data, train, orpo, dpo, sft_steps, resume, progress,
+                  lora: LoraConfig = LoraConfig()) -> dict:
     from dataclasses import replace
 
     from rizzearch.corpora import list as corpus_names
@@ -359,6 +371,7 @@ def _align_locked(run: Path, method, init, model, model_config, data, train, orp
     on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
     pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
     net, tok, model_name = _start_model(init, model, model_config, data, pairs, run, resume)
+    setup_lora(net, lora)
     record = _align_data_record(data, method, init, sft_steps)
     sft_cfg = replace(train, steps=sft_steps or train.steps)
     if resume:
@@ -389,7 +402,7 @@ def _align_locked(run: Path, method, init, model, model_config, data, train, orp
             stages.append(rec)
             result, rec = run_stage("dpo", net, train_set, train, run, resume=resume and _has_checkpoint(run), **common)
         else:
-            result, rec = run_stage(method, net, train_set, train, run, resume=resume, **common)
+            result, rec = run_stage(method, net, train_set, train, run, resume=resume, reference_base=method == "dpo", **common)
         stages.append(rec)
     finally:
         counter.close()

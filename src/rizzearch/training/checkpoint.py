@@ -29,6 +29,7 @@ import torch
 from rizzearch.errors import CheckpointError
 from rizzearch.models.base import build_model, config_to_dict
 from rizzearch.runs import atomic_write_text
+from rizzearch.training.lora import adapter_state_dict, lora_layers
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -67,9 +68,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: dict | None, keep: int = 2) -> Path:
-    """Write ``ckpt_root/step_XXXXXXXX`` atomically and point ``latest.json`` at it."""
-    from safetensors.torch import save_model
+def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: dict | None, keep: int = 2,
+                    weights: dict | None = None) -> Path:
+    """Write ``ckpt_root/step_XXXXXXXX`` atomically and point ``latest.json`` at it.
+
+    ``weights``: the tensors to store instead of the model's own (a LoRA run's adapters, FSDP's
+    gathered full weights).
+    """
+    from safetensors.torch import save_file, save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -78,7 +84,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model, meta: dict, train_state: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
+    if weights is not None:
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / MODEL_FILE))
     (tmp / META_FILE).write_text(json.dumps({**meta, "step": step}, indent=2))
     _fault_pause(step)
     if train_state is not None:
@@ -223,7 +232,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
         model = build_model(meta["model"], **meta["config"])
     except Exception as e:
         raise CheckpointError(f"{ckpt / META_FILE}: cannot rebuild model {meta['model']!r} ({e})") from e
-    load_weights(model, ckpt)
+    if "lora" in meta:
+        model = _lora_model(ckpt, meta)
+    else:
+        load_weights(model, ckpt)
     model.to(device)
     tok = None
     if tokenizer:
@@ -233,6 +245,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", tokeni
                 check_tokenizer(tok, meta, str(cand))
                 break
     return model, tok, meta
+
+
+def _lora_model(ckpt: Path, meta: dict):
+    """A LoRA run's checkpoint (adapters only): its base from the run's --init, then the adapters."""
+    from rizzearch.training.lora import apply_lora
+
+    init = (meta.get("data") or {}).get("init")
+    if not init:
+        raise CheckpointError(f"{ckpt}: a LoRA checkpoint holds only the adapters and its run had no --init base to rebuild "
+                              "(a seeded new model); resume the run, or train LoRA from a checkpoint with --init")
+    base, _, base_meta = load_checkpoint(init, tokenizer=False)
+    if base_meta["model"] != meta["model"] or base_meta["config"] != meta["config"]:
+        raise CheckpointError(f"{ckpt}: its --init base {init} is no longer the model the adapters were trained on")
+    lora = meta["lora"]
+    apply_lora(base, int(lora["r"]), float(lora["alpha"]), float(lora.get("dropout", 0.0)), lora.get("targets"))
+    load_model_weights(base, ckpt)
+    return base
 
 
 def check_tokenizer(tok, meta: dict, where: str) -> None:
@@ -245,3 +274,48 @@ def check_tokenizer(tok, meta: dict, where: str) -> None:
     fp = meta.get("tokenizer")
     if fp is not None and fp != tokenizer_fingerprint(tok):
         raise CheckpointError(f"{where}: tokenizer does not match the one the checkpoint was trained with (fingerprint {tokenizer_fingerprint(tok)} != {fp})")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA and FSDP weights
+
+
+def load_model_weights(model, ckpt: Path) -> None:
+    """A checkpoint's weights into ``model``: every weight, or only the adapters of a LoRA model."""
+    if not lora_layers(model):
+        return load_weights(model, ckpt)
+    from safetensors.torch import load_file
+
+    f = ckpt / MODEL_FILE
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:  # safetensors' own error types for missing, truncated or corrupt files
+        raise CheckpointError(f"{f}: missing, corrupted or truncated weights file ({e})") from None
+    want = set(adapter_state_dict(model))
+    if set(tensors) != want:
+        raise CheckpointError(f"{f}: not this model's LoRA adapters (missing {sorted(want - set(tensors))[:5]}, "
+                              f"unexpected {sorted(set(tensors) - want)[:5]}); resume with the run's own --lora settings")
+    model.load_state_dict(tensors, strict=False)
+    check_finite(model, str(f))
+
+
+def tied_aliases(model) -> set[str]:
+    """State-dict names that repeat an earlier parameter (tied weights): a checkpoint stores one copy."""
+    seen, aliases = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
+    return aliases
+
+
+def checkpoint_weights(model, fsdp: bool, aliases: set[str]) -> dict | None:
+    """The tensors a checkpoint stores (None: the module itself): only the adapters of a LoRA
+    model; under FSDP the gathered full weights (a collective: every rank calls it)."""
+    if fsdp:
+        from rizzearch.training.fsdp import full_model_state
+
+        sd = full_model_state(model)
+        keep = (lambda k: ".lora_" in k) if lora_layers(model) else (lambda k: k not in aliases)
+        return {k: v.detach().cpu().contiguous() for k, v in sd.items() if keep(k)}
+    if lora_layers(model):
+        return {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    return None

@@ -3,8 +3,12 @@ and the loss; everything else lives here:
 
 AdamW (no decay on 1-D parameters), linear warmup + cosine decay, gradient accumulation, gradient
 clipping, periodic evaluation (loss, perplexity, bits per byte), a tqdm progress bar with tokens/s,
-a JSONL metrics log, atomic checkpoints (model + optimizer + RNG + data position) with bit-for-bit
-``resume``, a hard stop on a non-finite loss, and DDP under torchrun.
+a JSONL metrics log (with tokens/s and peak memory), atomic checkpoints (model + optimizer + RNG +
+data position) with bit-for-bit ``resume``, a hard stop on a non-finite loss, DDP or FSDP2
+(``training.fsdp``) under torchrun, activation checkpointing per block and mixed precision
+(``training.memory``: bf16 autocast, fp16 with a gradient scaler that skips and logs steps whose
+gradients overflow). A model with LoRA adapters (``training.lora``) trains only its adapters, and
+its checkpoints hold only the adapters.
 
 Batching: ``train_data.next_batch()`` returns one *global* batch of ``batch_size`` rows. Each rank
 keeps its contiguous slice and splits it into micro-batches of ``micro_batch_size`` rows; the loss
@@ -32,6 +36,8 @@ from rizzearch.models.base import eval_mode
 from rizzearch.runs import atomic_write_text, seed_everything, start_fresh_log
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
+from rizzearch.training.lora import lora_layers
+from rizzearch.training.memory import autocast, checkpoint_blocks, grad_scaler, peak_memory_mb, reset_peak_memory
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[Tensor, dict]"]
 
@@ -61,7 +67,13 @@ class TrainConfig:
         keep_checkpoints: how many recent checkpoints to keep.
         seed: seed for model-side randomness (dropout) and the data order.
         device: cpu, cuda, or cuda:N.
-        dtype: autocast dtype for forward/backward (weights and optimizer stay fp32).
+        precision: fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; steps whose gradients
+            overflow are skipped and logged). Weights and optimizer state stay fp32; recurrent
+            states, stabilisers and the ORPO log-odds are fp32 in every precision.
+        checkpointing: "blocks" recomputes each block's activations in the backward pass
+            (activation checkpointing: less memory, about one more forward of compute); "none".
+        distributed: under torchrun, "ddp" (replicated weights) or "fsdp" (FSDP2: weights, gradients
+            and optimizer state sharded per block).
         max_seconds: stop early (after a full step) when this much wall time has passed (None: no limit).
     """
 
@@ -81,7 +93,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpointing: Literal["none", "blocks"] = "none"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     max_seconds: float | None = None
 
     def __post_init__(self):
@@ -95,6 +109,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        choices = {"precision": ("fp32", "bf16", "fp16"), "checkpointing": ("none", "blocks"), "distributed": ("ddp", "fsdp")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.precision == "fp16" and self.distributed == "fsdp":
+            raise ConfigError("train.precision fp16 with train.distributed fsdp is not supported (per-shard overflow checks); use bf16")
 
 
 @dataclass
@@ -153,9 +173,7 @@ def _count_tokens(batch: dict, rows: int) -> int:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return autocast(cfg.precision, device)
 
 
 @torch.no_grad()
@@ -186,7 +204,7 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
 # how (the data order, the optimizer, the schedule). The others (steps, logging, evaluation and
 # checkpoint cadence, device, max_seconds, micro_batch_size, which leaves the gradient unchanged)
 # may change on resume; ``steps`` may grow to extend a run.
-RESUME_FIXED = ("batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype")
+RESUME_FIXED = ("batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "precision")
 
 
 def resume_differences(state_config: dict, cfg: TrainConfig, saved_data: dict | None = None, data: dict | None = None) -> list[str]:
@@ -222,29 +240,29 @@ def _load_history(path: Path, upto: int) -> list[dict]:
     return [row for _, row in read_jsonl(path, text) if row.get("step", 0) <= upto]
 
 
-def _restore(run: Path, cfg: TrainConfig, model, optimizer, train_data, info: DistInfo, data: dict | None, resume: bool):
-    """Start state of a run -> (start step, logged rows kept, checkpoint resumed from or None).
+def _restore(run: Path, load_optimizer: Callable[[dict], None], train_data, info: DistInfo, ckpt: Path | None, scaler):
+    """Start state of a run -> (start step, logged rows kept).
 
-    Resume: weights, optimizer, data position and RNG states from the latest checkpoint (after
-    ``check_resume``), and the log cut back to that step (later rows are redone identically).
-    New run: the log of an earlier attempt is kept aside (``start_fresh_log``), never appended to.
+    Resume (``ckpt``, already checked by ``check_resume``, weights already loaded): optimizer, loss
+    scaler, data position and RNG states, and the log cut back to that step (later rows are redone
+    identically). New run: the log of an earlier attempt is kept aside (``start_fresh_log``).
     """
     metrics_path = run / "metrics.jsonl"
-    if not resume:
+    if ckpt is None:
         if info.is_main:
             start_fresh_log(metrics_path)
-        return 0, [], None
-    ckpt = check_resume(run, cfg, data)
-    ckpt_io.load_weights(model, ckpt)
+        return 0, []
     state = ckpt_io.load_train_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     train_data.load_state_dict(state["data"])
     ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
     start_step = int(state["step"])
     history = _load_history(metrics_path, start_step)
     if info.is_main:
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    return start_step, history, ckpt
+    return start_step, history
 
 
 def train(
@@ -298,15 +316,32 @@ def train(
     accum = cfg.batch_size // (micro * info.world_size)
 
     model.to(device)
-    ckpt_meta = ckpt_io.model_meta(model, **(meta or {})) if save_checkpoints else {}
-    optimizer = make_optimizer(model, cfg)
+    fsdp = cfg.distributed == "fsdp"
+    if fsdp:
+        from rizzearch.training import fsdp as fsdp_io
+
+        fsdp_io.check_fsdp(info.enabled)
+    if cfg.checkpointing == "blocks":
+        checkpoint_blocks(model)
+    lora = getattr(model, "lora_config", None) if lora_layers(model) else None
+    ckpt_meta = ckpt_io.model_meta(model, **(meta or {}), **({"lora": lora} if lora else {})) if save_checkpoints else {}
+    aliases = ckpt_io.tied_aliases(model)
+    resumed_ckpt = check_resume(run, cfg, (meta or {}).get("data")) if resume else None
+    if resumed_ckpt is not None:
+        ckpt_io.load_model_weights(model, resumed_ckpt)  # before sharding: every rank reads the full weights
+    if fsdp:
+        fsdp_io.shard_model(model)
+    optimizer = make_optimizer(model, cfg)  # after sharding: it holds the sharded parameters
+    scaler = grad_scaler(cfg.precision, device)
     seed_everything(cfg.seed + info.rank)
     if info.is_main and save_checkpoints:
         ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
-    start_step, history, resumed_ckpt = _restore(run, cfg, model, optimizer, train_data, info, (meta or {}).get("data"), resume)
+    load_optimizer = (lambda sd: fsdp_io.load_optimizer_state(model, optimizer, sd)) if fsdp else optimizer.load_state_dict
+    start_step, history = _restore(run, load_optimizer, train_data, info, resumed_ckpt, scaler)
+    reset_peak_memory(device)
 
     ddp_model = model
-    if info.enabled:
+    if info.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -318,6 +353,7 @@ def train(
     t0 = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     tokens_seen = 0
+    skipped = 0
     last_ckpt = resumed_ckpt
 
     def log(row: dict) -> None:
@@ -346,9 +382,13 @@ def train(
             gathered: list = [None] * info.world_size
             torch.distributed.all_gather_object(gathered, rng)
             rng = gathered
+        weights = ckpt_io.checkpoint_weights(model, fsdp, aliases)  # collectives under FSDP: every rank
+        optim = fsdp_io.full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
         if info.is_main:
-            state = {"optimizer": optimizer.state_dict(), "data": train_data.state_dict(), "rng": rng, "step": step, "config": asdict(cfg)}
-            last_ckpt = ckpt_io.save_checkpoint(ckpt_root, step, model, ckpt_meta, state, keep=cfg.keep_checkpoints)
+            state = {"optimizer": optim, "data": train_data.state_dict(), "rng": rng, "step": step, "config": asdict(cfg)}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            last_ckpt = ckpt_io.save_checkpoint(ckpt_root, step, model, ckpt_meta, state, keep=cfg.keep_checkpoints, weights=weights)
         barrier(info)
 
     try:
@@ -365,27 +405,44 @@ def train(
             sums: dict[str, float] = {}
             bad = False
             for i, mb in enumerate(split_batch(mine, accum)):
-                sync = contextlib.nullcontext() if (i == accum - 1 or not info.enabled) else ddp_model.no_sync()
+                last = i == accum - 1
+                sync = contextlib.nullcontext() if (last or not info.enabled or fsdp) else ddp_model.no_sync()
+                if fsdp:
+                    fsdp_io.set_gradient_sync(model, last)
                 with sync:
                     with _autocast(cfg, device):
                         loss, metrics = loss_fn(ddp_model, mb)
                     if not torch.isfinite(loss):
                         bad = True
-                    (loss / accum).backward()
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + _to_float(v)
                 n_tok = _count_tokens(mb, micro)
                 window_tokens += n_tok
                 tokens_seen += n_tok
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            bad = bad or not bool(torch.isfinite(grad_norm))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            overflow = scaler is not None and not bad and not bool(torch.isfinite(grad_norm))
+            bad = bad or (not overflow and not bool(torch.isfinite(grad_norm)))
             if any_true(bad, info, device):
                 where = f"last good checkpoint {last_ckpt} is untouched" if last_ckpt else "no checkpoint was written"
+                hint = " (fp16 overflow in the forward: use train.precision bf16)" if cfg.precision == "fp16" else ""
                 raise NonFiniteLossError(
-                    f"step {step + 1}: loss or gradient norm is not finite (loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
+                    f"step {step + 1}: loss or gradient norm is not finite{hint} (loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
                     f"stopped before the optimizer step; {where}. Lower train.lr or check the data."
                 )
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
+                scaler.update()
+                if overflow:
+                    skipped += 1
+                    log({"step": step + 1, "skipped_step": "non-finite fp16 gradients (overflow): no update, loss scale lowered",
+                         "loss_scale": scaler.get_scale(), "skipped_steps": skipped})
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             result.steps = done
@@ -396,7 +453,10 @@ def train(
                 loss_mean = float(all_reduce_mean(torch.tensor(avg.get("loss", float(loss.detach())), device=device), info))
                 now = time.perf_counter()
                 tps = window_tokens * info.world_size / max(now - window_t, 1e-9)
-                row = {"step": done, **avg, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "elapsed_s": now - t0}
+                row = {"step": done, **avg, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                       "peak_mem_mb": peak_memory_mb(device), "elapsed_s": now - t0}
+                if scaler is not None:
+                    row.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
                 window_tokens, window_t = 0, now
                 result.history.append(row)
                 log(row)
@@ -416,6 +476,8 @@ def train(
         bar.close()
         if log_file is not None:
             log_file.close()
+        if cfg.checkpointing == "blocks":
+            checkpoint_blocks(model, enabled=False)
     result.checkpoint = last_ckpt
     result.seconds = time.perf_counter() - t0
     result.tokens = tokens_seen * info.world_size

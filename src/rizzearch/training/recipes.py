@@ -23,6 +23,7 @@ from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import check_device
 from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig, TrainResult, check_resume
+from rizzearch.training.lora import LoraConfig, setup_lora
 from rizzearch.training.loop import train as train_loop
 
 
@@ -98,6 +99,7 @@ def train(
     train: TrainConfig = TrainConfig(),
     objective: str = "lm",
     goldfish: GoldfishConfig = GoldfishConfig(),
+    lora: LoraConfig = LoraConfig(),
     out: str | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -117,6 +119,8 @@ def train(
             on all but about 1 in k tokens, Hans et al. 2024; settings under --goldfish.*).
         goldfish: goldfish loss settings (k, h, strategy, seed, protected_ids), used when
             objective is goldfish; the tokenizer's special tokens are always protected.
+        lora: LoRA adapters (--lora.r 16 --lora.alpha 32 [--lora.targets ...]): only they train and
+            only they are checkpointed; r = 0 (default) trains every weight.
         out: run folder (default: runs/train-<timestamp>).
         resume: continue from the latest checkpoint in ``out``.
         progress: show a progress bar.
@@ -125,7 +129,7 @@ def train(
     check_device(train.device)
     run = make_run_dir(out, "train", write_config=False)
     with RunLock(run, "train"):
-        return _train_locked(run, model, model_config, data, train, objective, goldfish, resume, progress)
+        return _train_locked(run, model, model_config, data, train, objective, goldfish, resume, progress, lora)
 
 
 def _validated_start(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, resume: bool):
@@ -156,8 +160,9 @@ def _validated_start(run: Path, model: str, model_config: dict | None, data: Dat
 
 
 def _train_locked(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, objective: str,
-                  goldfish: GoldfishConfig, resume: bool, progress: bool) -> TrainResult:
+                  goldfish: GoldfishConfig, resume: bool, progress: bool, lora: LoraConfig = LoraConfig()) -> TrainResult:
     tok, net, record = _validated_start(run, model, model_config, data, train, resume)
+    setup_lora(net, lora)  # the base is the seeded new model; checkpoints then hold the adapters only
     write_run_config(run)  # only now: a refused resume leaves the folder as it was
     if not resume:
         tok.save(run / "tokenizer.json")
