@@ -355,8 +355,7 @@ def to_official_rwkv(model: RWKV) -> dict:
     return out
 
 
-# =======================================================================================
-
+# ==============================================================================================
 # Llama family (HF transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
 # ==============================================================================================
 
@@ -392,7 +391,8 @@ def to_hf_llama(model: "Llama"):
     if missing or unexpected:
         raise CheckpointError(f"to_hf_llama: transformers expects {missing[:5]} and does not know {unexpected[:5]}")
     return hf
-=======
+
+
 # ----------------------------------------------------------------------------------------------
 # xLSTM-7B architecture (xlstm_large): lives in convert_xlstm_large.py, re-exported here
 
