@@ -30,14 +30,14 @@ import torch
 from torch import Tensor
 
 from rizzearch.data.batches import split_batch
-from rizzearch.data.jsonl import read_jsonl
 from rizzearch.errors import ConfigError, RizzError
 from rizzearch.models.base import eval_mode
-from rizzearch.runs import atomic_write_text, seed_everything, start_fresh_log
+from rizzearch.runs import seed_everything
 from rizzearch.training import checkpoint as ckpt_io
 from rizzearch.training.distributed import DistInfo, all_reduce_mean, any_true, barrier, device_for, init_distributed
 from rizzearch.training.lora import lora_layers
 from rizzearch.training.memory import autocast, checkpoint_blocks, grad_scaler, peak_memory_mb, reset_peak_memory
+from rizzearch.training.resume import check_resume, restore  # noqa: F401  (check_resume: re-exported for the recipes)
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[Tensor, dict]"]
 
@@ -200,71 +200,6 @@ def evaluate_loss(model, loss_fn: LossFn, eval_data, cfg: TrainConfig, device) -
     return out
 
 
-# TrainConfig fields a resumed run must share with its checkpoint: they shape what was trained on and
-# how (the data order, the optimizer, the schedule). The others (steps, logging, evaluation and
-# checkpoint cadence, device, max_seconds, micro_batch_size, which leaves the gradient unchanged)
-# may change on resume; ``steps`` may grow to extend a run.
-RESUME_FIXED = ("batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "precision")
-
-
-def resume_differences(state_config: dict, cfg: TrainConfig, saved_data: dict | None = None, data: dict | None = None) -> list[str]:
-    """What differs between a checkpoint's training settings (``train_state["config"]``, and its
-    ``model.json`` data record) and the requested ones, as ``field: checkpoint X, now Y`` strings."""
-    now = asdict(cfg)
-    diffs = [f"train.{k}: checkpoint {state_config.get(k)!r}, now {now[k]!r}" for k in RESUME_FIXED if k in state_config and state_config[k] != now[k]]
-    if saved_data is not None and data is not None:
-        diffs += [f"data.{k}: checkpoint {saved_data.get(k)!r}, now {data.get(k)!r}" for k in sorted(set(saved_data) | set(data))
-                  if saved_data.get(k) != data.get(k)]
-    return diffs
-
-
-def check_resume(run_dir: str | Path, cfg: TrainConfig, data: dict | None = None) -> Path:
-    """The checkpoint a resume of ``run_dir`` would start from, after checking that it was trained
-    with the same settings; else ConfigError naming every difference (nothing is written)."""
-    ckpt = ckpt_io.resolve_checkpoint(run_dir)
-    state = ckpt_io.load_train_state(ckpt)
-    saved_data = ckpt_io.read_meta(ckpt).get("data")
-    diffs = resume_differences(state.get("config", {}), cfg, saved_data, data)
-    if diffs:
-        raise ConfigError(f"{ckpt}: cannot resume with different settings ({'; '.join(diffs)}); use the run's own "
-                          "settings (see its config.yaml) or start a new run with another --out")
-    return ckpt
-
-
-def _load_history(path: Path, upto: int) -> list[dict]:
-    """The logged rows up to step ``upto``; a last line cut short by a kill is dropped."""
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    text = text[: text.rfind("\n") + 1]
-    return [row for _, row in read_jsonl(path, text) if row.get("step", 0) <= upto]
-
-
-def _restore(run: Path, load_optimizer: Callable[[dict], None], train_data, info: DistInfo, ckpt: Path | None, scaler):
-    """Start state of a run -> (start step, logged rows kept).
-
-    Resume (``ckpt``, already checked by ``check_resume``, weights already loaded): optimizer, loss
-    scaler, data position and RNG states, and the log cut back to that step (later rows are redone
-    identically). New run: the log of an earlier attempt is kept aside (``start_fresh_log``).
-    """
-    metrics_path = run / "metrics.jsonl"
-    if ckpt is None:
-        if info.is_main:
-            start_fresh_log(metrics_path)
-        return 0, []
-    state = ckpt_io.load_train_state(ckpt)
-    load_optimizer(state["optimizer"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    train_data.load_state_dict(state["data"])
-    ckpt_io.set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
-    start_step = int(state["step"])
-    history = _load_history(metrics_path, start_step)
-    if info.is_main:
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    return start_step, history
-
-
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -297,188 +232,228 @@ def train(
         progress: show a tqdm progress bar (rank 0 only).
         save_checkpoints: write checkpoints (at ckpt_every and at the end).
     """
-    from tqdm.auto import tqdm
+    run = _Run(model, loss_fn, train_data, config, Path(run_dir), eval_data, eval_loss_fn, eval_fn, meta, save_checkpoints)
+    return run.loop(resume, progress)
 
-    cfg = config
-    info: DistInfo = init_distributed(cfg.device)
-    device = device_for(cfg.device, info)
-    run = Path(run_dir)
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-    ckpt_root = run / "checkpoints"
-    metrics_path = run / "metrics.jsonl"
 
-    micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
-    if cfg.batch_size % (micro * info.world_size):
-        raise ConfigError(
-            f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({micro}) x world size ({info.world_size})"
-        )
-    accum = cfg.batch_size // (micro * info.world_size)
+class _Run:
+    """One training run: what every step shares (model, optimizer, scaler, ranks, log), one method per step."""
 
-    model.to(device)
-    fsdp = cfg.distributed == "fsdp"
-    if fsdp:
-        from rizzearch.training import fsdp as fsdp_io
+    def __init__(self, model, loss_fn: LossFn, train_data, cfg: TrainConfig, run: Path, eval_data, eval_loss_fn, eval_fn,
+                 meta: dict | None, save_checkpoints: bool):
+        self.model, self.loss_fn, self.train_data, self.cfg, self.run = model, loss_fn, train_data, cfg, run
+        self.eval_data, self.eval_loss_fn, self.eval_fn, self.save_checkpoints = eval_data, eval_loss_fn or loss_fn, eval_fn, save_checkpoints
+        self.info: DistInfo = init_distributed(cfg.device)
+        self.device = device_for(cfg.device, self.info)
+        if self.info.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+        self.micro = cfg.micro_batch_size or cfg.batch_size // self.info.world_size
+        if cfg.batch_size % (self.micro * self.info.world_size):
+            raise ConfigError(f"train.batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size ({self.micro}) "
+                              f"x world size ({self.info.world_size})")
+        self.accum = cfg.batch_size // (self.micro * self.info.world_size)
+        model.to(self.device)
+        self.fsdp = cfg.distributed == "fsdp"
+        if self.fsdp:
+            fsdp_io().check_fsdp(self.info.enabled)
+        if cfg.checkpointing == "blocks":
+            checkpoint_blocks(model)
+        lora = getattr(model, "lora_config", None) if lora_layers(model) else None
+        self.ckpt_meta = ckpt_io.model_meta(model, **(meta or {}), **({"lora": lora} if lora else {})) if save_checkpoints else {}
+        self.aliases = ckpt_io.tied_aliases(model)
+        self.data_record = (meta or {}).get("data")
+        self.log_file = None
+        self.skipped = 0
 
-        fsdp_io.check_fsdp(info.enabled)
-    if cfg.checkpointing == "blocks":
-        checkpoint_blocks(model)
-    lora = getattr(model, "lora_config", None) if lora_layers(model) else None
-    ckpt_meta = ckpt_io.model_meta(model, **(meta or {}), **({"lora": lora} if lora else {})) if save_checkpoints else {}
-    aliases = ckpt_io.tied_aliases(model)
-    resumed_ckpt = check_resume(run, cfg, (meta or {}).get("data")) if resume else None
-    if resumed_ckpt is not None:
-        ckpt_io.load_model_weights(model, resumed_ckpt)  # before sharding: every rank reads the full weights
-    if fsdp:
-        fsdp_io.shard_model(model)
-    optimizer = make_optimizer(model, cfg)  # after sharding: it holds the sharded parameters
-    scaler = grad_scaler(cfg.precision, device)
-    seed_everything(cfg.seed + info.rank)
-    if info.is_main and save_checkpoints:
-        ckpt_io.clean_partial_checkpoints(ckpt_root)  # .tmp-step_* of a killed writer (the run folder is ours)
-    load_optimizer = (lambda sd: fsdp_io.load_optimizer_state(model, optimizer, sd)) if fsdp else optimizer.load_state_dict
-    start_step, history = _restore(run, load_optimizer, train_data, info, resumed_ckpt, scaler)
-    reset_peak_memory(device)
+    def setup(self, resume: bool) -> tuple[int, list[dict]]:
+        """Resume check and weights, sharding, optimizer, scaler, seeds -> (start step, logged rows kept)."""
+        cfg, model, info = self.cfg, self.model, self.info
+        self.last_ckpt = self.resumed = check_resume(self.run, cfg, self.data_record) if resume else None
+        if self.resumed is not None:
+            ckpt_io.load_model_weights(model, self.resumed)  # before sharding: every rank reads the full weights
+        if self.fsdp:
+            fsdp_io().shard_model(model)
+        self.optimizer = make_optimizer(model, cfg)  # after sharding: it holds the sharded parameters
+        self.scaler = grad_scaler(cfg.precision, self.device)
+        seed_everything(cfg.seed + info.rank)
+        if info.is_main and self.save_checkpoints:
+            ckpt_io.clean_partial_checkpoints(self.run / "checkpoints")  # .tmp-step_* of a killed writer (the folder is ours)
+        opt = self.optimizer
+        load_optimizer = (lambda sd: fsdp_io().load_optimizer_state(model, opt, sd)) if self.fsdp else opt.load_state_dict
+        start_step, history = restore(self.run, load_optimizer, self.train_data, info, self.resumed, self.scaler)
+        reset_peak_memory(self.device)
+        self.ddp_model = model
+        if info.enabled and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ddp_model = model
-    if info.enabled and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+            self.ddp_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return start_step, history
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def loop(self, resume: bool, progress: bool) -> TrainResult:
+        """Setup, then ``config.steps`` optimizer steps with logging, evaluation and checkpoints."""
+        from tqdm.auto import tqdm
 
-    # logged rows are train rows (with "loss") or evaluation rows (val_loss and/or eval_fn metrics)
-    result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r], evals=[r for r in history if "loss" not in r])
-    log_file = open(metrics_path, "a") if info.is_main else None
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train", dynamic_ncols=True, mininterval=1.0)
-    t0 = time.perf_counter()
-    window_tokens, window_t = 0, time.perf_counter()
-    tokens_seen = 0
-    skipped = 0
-    last_ckpt = resumed_ckpt
+        cfg, info = self.cfg, self.info
+        start_step, history = self.setup(resume)
+        # logged rows are train rows (with "loss") or evaluation rows (val_loss and/or eval_fn metrics)
+        self.result = result = TrainResult(steps=start_step, history=[r for r in history if "loss" in r],
+                                           evals=[r for r in history if "loss" not in r])
+        self.log_file = open(self.run / "metrics.jsonl", "a") if info.is_main else None
+        self.bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and info.is_main), desc="train",
+                        dynamic_ncols=True, mininterval=1.0)
+        self.t0 = self.window_t = time.perf_counter()
+        self.window_tokens = self.tokens_seen = 0
+        try:
+            self.model.train()
+            for step in range(start_step, cfg.steps):
+                done = self.step(step)
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                    self.evaluate(done)
+                if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+                    self.checkpoint(done)
+                if cfg.max_seconds is not None and time.perf_counter() - self.t0 > cfg.max_seconds and done < cfg.steps:
+                    result.stopped_early = any_true(True, info, self.device)
+                    break
+            if result.steps > start_step or not result.evals:
+                self.evaluate(result.steps)
+            if result.steps > start_step or self.resumed is None:  # a resumed run with no step left keeps its checkpoint
+                self.checkpoint(result.steps)
+        finally:
+            self.bar.close()
+            if self.log_file is not None:
+                self.log_file.close()
+            if cfg.checkpointing == "blocks":
+                checkpoint_blocks(self.model, enabled=False)
+        result.checkpoint = self.last_ckpt
+        result.seconds = time.perf_counter() - self.t0
+        result.tokens = self.tokens_seen * info.world_size
+        return result
 
-    def log(row: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+    def step(self, step: int) -> int:
+        """One optimizer step (all micro-batches of this rank's slice of one global batch) -> steps done."""
+        cfg = self.cfg
+        lr = lr_at(step, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        batch = self.train_data.next_batch()
+        rows = next(iter(batch.values())).shape[0]
+        if rows != cfg.batch_size:
+            raise ConfigError(f"data source returned {rows} rows, train.batch_size is {cfg.batch_size}")
+        mine = {k: v.to(self.device) for k, v in split_batch(batch, self.info.world_size)[self.info.rank].items()}
+        loss, sums, bad = self.backward(mine)
+        grad_norm = self.update(step, loss, bad)
+        done = self.result.steps = step + 1
+        self.bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            self.log_train(done, sums, loss, lr, grad_norm)
+        return done
 
-    def do_eval(step: int) -> None:
+    def backward(self, mine: dict) -> tuple[Tensor, dict[str, float], bool]:
+        """Forward and backward over the micro-batches (gradients synchronised on the last) -> (last loss, metric sums, non-finite?)."""
+        sums: dict[str, float] = {}
+        bad = False
+        for i, mb in enumerate(split_batch(mine, self.accum)):
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if (last or not self.info.enabled or self.fsdp) else self.ddp_model.no_sync()
+            if self.fsdp:
+                fsdp_io().set_gradient_sync(self.model, last)
+            with sync:
+                with _autocast(self.cfg, self.device):
+                    loss, metrics = self.loss_fn(self.ddp_model, mb)
+                if not torch.isfinite(loss):
+                    bad = True
+                scaled = loss / self.accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + _to_float(v)
+            n_tok = _count_tokens(mb, self.micro)
+            self.window_tokens += n_tok
+            self.tokens_seen += n_tok
+        return loss, sums, bad
+
+    def update(self, step: int, loss: Tensor, bad: bool) -> Tensor:
+        """Clip, stop on a non-finite loss or gradient (fp16: skip and log an overflowed step), optimizer step -> grad norm."""
+        cfg, scaler, optimizer = self.cfg, self.scaler, self.optimizer
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        overflow = scaler is not None and not bad and not bool(torch.isfinite(grad_norm))
+        bad = bad or (not overflow and not bool(torch.isfinite(grad_norm)))
+        if any_true(bad, self.info, self.device):
+            where = f"last good checkpoint {self.last_ckpt} is untouched" if self.last_ckpt else "no checkpoint was written"
+            hint = " (fp16 overflow in the forward: use train.precision bf16)" if cfg.precision == "fp16" else ""
+            raise NonFiniteLossError(
+                f"step {step + 1}: loss or gradient norm is not finite{hint} (loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
+                f"stopped before the optimizer step; {where}. Lower train.lr or check the data."
+            )
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
+            scaler.update()
+            if overflow:
+                self.skipped += 1
+                self.log({"step": step + 1, "skipped_step": "non-finite fp16 gradients (overflow): no update, loss scale lowered",
+                          "loss_scale": scaler.get_scale(), "skipped_steps": self.skipped})
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def log_train(self, done: int, sums: dict[str, float], loss: Tensor, lr: float, grad_norm: Tensor) -> None:
+        """A train row: mean metrics over the micro-batches, loss averaged over ranks, lr, tokens/s, peak memory."""
+        avg = {k: v / self.accum for k, v in sums.items() if k != "tokens"}
+        loss_mean = float(all_reduce_mean(torch.tensor(avg.get("loss", float(loss.detach())), device=self.device), self.info))
+        now = time.perf_counter()
+        tps = self.window_tokens * self.info.world_size / max(now - self.window_t, 1e-9)
+        row = {"step": done, **avg, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+               "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": now - self.t0}
+        if self.scaler is not None:
+            row.update(loss_scale=self.scaler.get_scale(), skipped_steps=self.skipped)
+        self.window_tokens, self.window_t = 0, now
+        self.result.history.append(row)
+        self.log(row)
+        self.bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{tps:,.0f}")
+
+    def log(self, row: dict) -> None:
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(row) + "\n")
+            self.log_file.flush()
+
+    def evaluate(self, step: int) -> None:
         row: dict = {"step": step}
-        if eval_data is not None:
-            row.update(evaluate_loss(model, eval_loss_fn or loss_fn, eval_data, cfg, device))
-        if eval_fn is not None:
-            row.update(eval_fn(model))
+        if self.eval_data is not None:
+            row.update(evaluate_loss(self.model, self.eval_loss_fn, self.eval_data, self.cfg, self.device))
+        if self.eval_fn is not None:
+            row.update(self.eval_fn(self.model))
         if len(row) > 1:
-            result.evals.append(row)
-            log(row)
+            self.result.evals.append(row)
+            self.log(row)
             if "val_loss" in row:
-                bar.set_postfix(loss=f"{result.final_loss:.4f}", val=f"{row['val_loss']:.4f}")
+                self.bar.set_postfix(loss=f"{self.result.final_loss:.4f}", val=f"{row['val_loss']:.4f}")
 
-    def do_checkpoint(step: int) -> None:
-        nonlocal last_ckpt
-        if not save_checkpoints:
+    def checkpoint(self, step: int) -> None:
+        """Model (or adapters), optimizer, data position and every rank's RNG, written atomically by rank 0."""
+        if not self.save_checkpoints:
             return
+        info, model = self.info, self.model
         rng = ckpt_io.rng_state()
         if info.enabled:
             gathered: list = [None] * info.world_size
             torch.distributed.all_gather_object(gathered, rng)
             rng = gathered
-        weights = ckpt_io.checkpoint_weights(model, fsdp, aliases)  # collectives under FSDP: every rank
-        optim = fsdp_io.full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
+        weights = ckpt_io.checkpoint_weights(model, self.fsdp, self.aliases)  # collectives under FSDP: every rank
+        optim = fsdp_io().full_optimizer_state(model, self.optimizer) if self.fsdp else self.optimizer.state_dict()
         if info.is_main:
-            state = {"optimizer": optim, "data": train_data.state_dict(), "rng": rng, "step": step, "config": asdict(cfg)}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            last_ckpt = ckpt_io.save_checkpoint(ckpt_root, step, model, ckpt_meta, state, keep=cfg.keep_checkpoints, weights=weights)
+            state = {"optimizer": optim, "data": self.train_data.state_dict(), "rng": rng, "step": step, "config": asdict(self.cfg)}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            self.last_ckpt = ckpt_io.save_checkpoint(self.run / "checkpoints", step, model, self.ckpt_meta, state,
+                                                     keep=self.cfg.keep_checkpoints, weights=weights)
         barrier(info)
 
-    try:
-        model.train()
-        for step in range(start_step, cfg.steps):
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            batch = train_data.next_batch()
-            rows = next(iter(batch.values())).shape[0]
-            if rows != cfg.batch_size:
-                raise ConfigError(f"data source returned {rows} rows, train.batch_size is {cfg.batch_size}")
-            mine = {k: v.to(device) for k, v in split_batch(batch, info.world_size)[info.rank].items()}
-            sums: dict[str, float] = {}
-            bad = False
-            for i, mb in enumerate(split_batch(mine, accum)):
-                last = i == accum - 1
-                sync = contextlib.nullcontext() if (last or not info.enabled or fsdp) else ddp_model.no_sync()
-                if fsdp:
-                    fsdp_io.set_gradient_sync(model, last)
-                with sync:
-                    with _autocast(cfg, device):
-                        loss, metrics = loss_fn(ddp_model, mb)
-                    if not torch.isfinite(loss):
-                        bad = True
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + _to_float(v)
-                n_tok = _count_tokens(mb, micro)
-                window_tokens += n_tok
-                tokens_seen += n_tok
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-            overflow = scaler is not None and not bad and not bool(torch.isfinite(grad_norm))
-            bad = bad or (not overflow and not bool(torch.isfinite(grad_norm)))
-            if any_true(bad, info, device):
-                where = f"last good checkpoint {last_ckpt} is untouched" if last_ckpt else "no checkpoint was written"
-                hint = " (fp16 overflow in the forward: use train.precision bf16)" if cfg.precision == "fp16" else ""
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss or gradient norm is not finite{hint} (loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
-                    f"stopped before the optimizer step; {where}. Lower train.lr or check the data."
-                )
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the update when the unscaled gradients hold inf/NaN
-                scaler.update()
-                if overflow:
-                    skipped += 1
-                    log({"step": step + 1, "skipped_step": "non-finite fp16 gradients (overflow): no update, loss scale lowered",
-                         "loss_scale": scaler.get_scale(), "skipped_steps": skipped})
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            result.steps = done
-            bar.update(1)
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                avg = {k: v / accum for k, v in sums.items() if k != "tokens"}
-                loss_mean = float(all_reduce_mean(torch.tensor(avg.get("loss", float(loss.detach())), device=device), info))
-                now = time.perf_counter()
-                tps = window_tokens * info.world_size / max(now - window_t, 1e-9)
-                row = {"step": done, **avg, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                       "peak_mem_mb": peak_memory_mb(device), "elapsed_s": now - t0}
-                if scaler is not None:
-                    row.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
-                window_tokens, window_t = 0, now
-                result.history.append(row)
-                log(row)
-                bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{tps:,.0f}")
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-                do_eval(done)
-            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
-                do_checkpoint(done)
-            if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds and done < cfg.steps:
-                result.stopped_early = any_true(True, info, device)
-                break
-        if result.steps > start_step or not result.evals:
-            do_eval(result.steps)
-        if result.steps > start_step or resumed_ckpt is None:  # a resumed run with no step left keeps its checkpoint
-            do_checkpoint(result.steps)
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-        if cfg.checkpointing == "blocks":
-            checkpoint_blocks(model, enabled=False)
-    result.checkpoint = last_ckpt
-    result.seconds = time.perf_counter() - t0
-    result.tokens = tokens_seen * info.world_size
-    return result
+def fsdp_io():
+    """``rizzearch.training.fsdp`` (imported only by FSDP runs)."""
+    from rizzearch.training import fsdp
+
+    return fsdp

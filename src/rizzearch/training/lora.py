@@ -55,6 +55,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt": ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"),
     "llama": ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down"),
     "xlstm": ("proj_up", "q_proj", "k_proj", "v_proj", "proj_down", "ffn_up", "ffn_down"),
+    "xlstm_large": ("qkvo", "out_proj", "ffn_up", "ffn_down"),
     "rwkv": ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.receptance", "ffn.value"),
 }
 
