@@ -29,6 +29,8 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rizzearch.training.recipes:train", "Pretrain a registered model (gpt, xlstm, rwkv) on a text corpus."),
     "generate": ("rizzearch.training.recipes:generate_text", "Generate text from a checkpoint (greedy, sampling or beam search)."),
+    "chat": ("rizzearch.training.chat:chat", "Chat with a model (--init smollm2, an HF folder, a .gguf or a run) using its chat template."),
+    "export": ("rizzearch.training.recipes:export", "Write a checkpoint as an HF model folder (--format hf) that transformers loads."),
     "eval": ("rizzearch.training.recipes:evaluate", "Validation loss, perplexity and bits-per-byte of a checkpoint on a text file."),
     "align": ("rizzearch.training.align:align", "Preference-align a model with ORPO, DPO or SFT (or SFT then DPO)."),
     "memorization": ("rizzearch.eval.memorization:memorization_command", "Audit how much of its training text a checkpoint regurgitates."),

@@ -178,8 +178,26 @@ def _train_locked(run: Path, model: str, model_config: dict | None, data: DataCo
     return result
 
 
+def model_source(checkpoint: str | None, init: str | None) -> str:
+    """The one model source of ``--checkpoint`` / ``--init`` (the same option under two names)."""
+    if checkpoint is not None and init is not None and str(checkpoint) != str(init):
+        raise ConfigError(f"--checkpoint {checkpoint} and --init {init}: give one model source, not two")
+    source = checkpoint if checkpoint is not None else init
+    if source is None:
+        raise ConfigError(f"no model given: pass --init (or --checkpoint) with {ckpt_io.INIT_KINDS}")
+    return source
+
+
+def load_source(source: str, device: str = "cpu"):
+    """``ckpt_io.load_any`` that also requires a tokenizer -> (model, tokenizer, meta)."""
+    model, tok, meta = ckpt_io.load_any(source, device=device)
+    if tok is None:
+        raise CheckpointError(f"{source}: no tokenizer (tokenizer.json next to the checkpoint, or the GGUF vocabulary)")
+    return model, tok, meta
+
+
 def generate_text(
-    checkpoint: str,
+    checkpoint: str | None = None,
     prompt: str = "\n",
     max_new_tokens: int = 200,
     temperature: float = 0.8,
@@ -188,12 +206,15 @@ def generate_text(
     num_beams: int = 1,
     seed: int = 0,
     device: str = "cpu",
+    init: str | None = None,
+    chat: bool = False,
 ) -> str:
-    """Generate text from a checkpoint and print it.
+    """Generate text from a checkpoint or pretrained model and print it.
 
     Args:
-        checkpoint: run folder or checkpoint folder.
-        prompt: text to continue.
+        checkpoint: the model: a run or checkpoint folder, an HF model folder, a .gguf file or a
+            short name (smollm2). The same as --init.
+        prompt: text to continue (with --chat: the user's message).
         max_new_tokens: tokens to generate.
         temperature: 0 for greedy decoding, > 0 to sample.
         top_k: sample only among the k most likely tokens (None: all).
@@ -201,22 +222,34 @@ def generate_text(
         num_beams: beam search width (1: no beam search).
         seed: sampling seed.
         device: cpu or cuda.
+        init: the same as --checkpoint (any model source).
+        chat: render the prompt as one user turn with the model's chat template, stop at its eos
+            and print only the answer.
     """
     check_device(device)
-    model, tok, _ = ckpt_io.load_checkpoint(checkpoint, device=device)
-    if tok is None:
-        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
-    ids = tok.encode(prompt) or [tok.eot_id]
+    source = model_source(checkpoint, init)
+    model, tok, _ = load_source(source, device=device)
+    if chat:
+        from rizzearch.training.chat import chat_prompt_ids
+
+        ids = chat_prompt_ids(tok, [{"role": "user", "content": prompt}], source)
+    else:
+        ids = tok.encode(prompt) or [tok.eot_id]
     x = torch.tensor([ids], device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams, generator=g)
-    text = tok.decode(ids + out[0].tolist())
+    out = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                   generator=g, eos_id=tok.eos_id if chat else None)[0].tolist()
+    if chat:
+        out = out[: out.index(tok.eos_id)] if tok.eos_id in out else out
+        text = tok.decode(out, skip_special_tokens=True)
+    else:
+        text = tok.decode(ids + out)
     print(text)
     return text
 
 
 def evaluate(
-    checkpoint: str,
+    checkpoint: str | None = None,
     source: str = "tinyshakespeare",
     split: str = "val",
     seq_len: int = 128,
@@ -224,11 +257,13 @@ def evaluate(
     max_batches: int | None = None,
     val_fraction: float = 0.1,
     device: str = "cpu",
+    init: str | None = None,
 ) -> dict:
-    """Loss, perplexity and bits per byte of a checkpoint on a text corpus; prints JSON.
+    """Loss, perplexity and bits per byte of a checkpoint or pretrained model on a text corpus; prints JSON.
 
     Args:
-        checkpoint: run folder or checkpoint folder.
+        checkpoint: the model: a run or checkpoint folder, an HF model folder, a .gguf file or a
+            short name (smollm2). The same as --init.
         source: bundled corpus name or text file.
         split: "val" (the held-out end of the text, as in training), or "all".
         seq_len: evaluation context length.
@@ -236,6 +271,7 @@ def evaluate(
         max_batches: stop after this many batches (None: all).
         val_fraction: the validation fraction used to split (as in training).
         device: cpu or cuda.
+        init: the same as --checkpoint (any model source).
     """
     import tempfile
 
@@ -249,9 +285,8 @@ def evaluate(
     if not 0.0 <= val_fraction < 1.0 or (split == "val" and val_fraction == 0.0):
         raise ConfigError(f"val_fraction must be in (0, 1) for split 'val', got {val_fraction}")
     check_device(device)
-    model, tok, meta = ckpt_io.load_checkpoint(checkpoint, device=device)
-    if tok is None:
-        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint")
+    checkpoint = model_source(checkpoint, init)
+    model, tok, meta = load_source(checkpoint, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         ds = prepare_text(source, tmp, tok, val_fraction if split == "val" else 0.0)
         tokens = ds.val if split == "val" else ds.train
@@ -259,6 +294,32 @@ def evaluate(
         from rizzearch.training.loop import evaluate_loss
 
         out = evaluate_loss(model, lm_loss, ev, TrainConfig(), torch.device(device))
-    out = {"checkpoint": str(ckpt_io.resolve_checkpoint(checkpoint)), "source": source, "split": split, **out}
+    out = {"checkpoint": meta.get("init_source") or str(ckpt_io.resolve_checkpoint(checkpoint)), "source": source, "split": split, **out}
     print(json.dumps(out, indent=2))
     return out
+
+
+EXPORT_FORMATS = {"hf": "an HF model folder (config.json, model.safetensors, tokenizer files) for the Llama family"}
+
+
+def export(checkpoint: str, out: str, format: str = "hf") -> str:
+    """Write a checkpoint in another format (today: an HF folder that transformers loads).
+
+    Args:
+        checkpoint: the model: a run or checkpoint folder (or any model source: HF folder, .gguf, smollm2).
+        out: the folder to write.
+        format: hf (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with
+            the chat template; Llama-family models only).
+    """
+    from rizzearch.models.llama import Llama
+    from rizzearch.models.pretrained import save_pretrained
+
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format: unknown export format {format!r}; formats: " + "; ".join(f"{k} ({v})" for k, v in EXPORT_FORMATS.items()))
+    model, tok, meta = load_source(checkpoint)
+    if not isinstance(model, Llama):
+        raise ConfigError(f"{checkpoint}: a {meta['model']!r} model has no {format!r} form; export format hf exists for the Llama family "
+                          f"(model 'llama') only")
+    folder = save_pretrained(model, tok, out)
+    print(f"wrote {folder} ({format})")
+    return str(folder)
