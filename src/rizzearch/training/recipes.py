@@ -32,17 +32,18 @@ class DataConfig:
 
     Args:
         source: a bundled corpus name (e.g. tinyshakespeare, wikitext-2-valid) or a UTF-8 text file.
-        tokenizer: "bpe" (train a byte-level BPE on the training split), "byte" (one token per byte),
-            or the path of an existing tokenizer.json.
-        vocab_size: BPE vocabulary size (ignored for "byte" and for a given tokenizer.json).
+        tokenizer: "bpe" (train a byte-level BPE on the training split; the default), "byte" (one
+            token per byte), or the path of an existing tokenizer.json. Not with --init (the
+            pretrained model's own tokenizer is used).
+        vocab_size: BPE vocabulary size (default 1024; ignored for "byte" and for a given tokenizer.json).
         seq_len: training context length in tokens.
         val_fraction: fraction of the text (at its end) held out for validation.
         eval_batches: validation batches per evaluation (None: the whole validation split).
     """
 
     source: str = "tinyshakespeare"
-    tokenizer: str = "bpe"
-    vocab_size: int = 1024
+    tokenizer: str | None = None
+    vocab_size: int | None = None
     seq_len: int = 128
     val_fraction: float = 0.1
     eval_batches: int | None = 20
@@ -50,7 +51,7 @@ class DataConfig:
     def __post_init__(self):
         if self.seq_len < 1:
             raise ConfigError(f"data.seq_len must be >= 1, got {self.seq_len}")
-        if self.vocab_size < 1:
+        if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"data.vocab_size must be >= 1, got {self.vocab_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
@@ -67,17 +68,20 @@ def build_tokenizer(data: DataConfig, run: Path, resume: bool = False) -> Tokeni
         if not existing.is_file():
             raise CheckpointError(f"{existing}: missing; cannot resume without the run's tokenizer")
         return Tokenizer.load(existing)
-    return make_tokenizer(data.tokenizer, data.vocab_size, lambda: [split_text(read_source(data.source)[0], data.val_fraction)[0]])
+    return make_tokenizer(data.tokenizer or "bpe", data.vocab_size or 1024, lambda: [split_text(read_source(data.source)[0], data.val_fraction)[0]])
 
 
-def data_record(data: DataConfig) -> dict:
+def data_record(data: DataConfig, init: str | None = None) -> dict:
     """What a checkpoint records of its data, compared on resume: the corpus by content (sha256 and
-    size of its bytes, not its path), the tokenizer setting, the split and the context length."""
+    size of its bytes, not its path), the tokenizer setting (or the --init source whose tokenizer
+    is used), the split and the context length."""
     _, _, digest = read_source_digest(data.source)
-    rec = {"corpus_sha256": digest["sha256"], "corpus_bytes": digest["bytes"], "tokenizer": data.tokenizer,
+    rec = {"corpus_sha256": digest["sha256"], "corpus_bytes": digest["bytes"], "tokenizer": data.tokenizer or "bpe",
            "seq_len": data.seq_len, "val_fraction": data.val_fraction}
-    if data.tokenizer == "bpe":
-        rec["vocab_size"] = data.vocab_size
+    if init is not None:
+        rec["tokenizer"] = f"init:{init}"
+    elif rec["tokenizer"] == "bpe":
+        rec["vocab_size"] = data.vocab_size or 1024
     return rec
 
 
@@ -92,7 +96,7 @@ def build_objective(objective: str, **options):
 
 
 def train(
-    model: str = "gpt",
+    model: str | None = None,
     model_config: dict | None = None,
     data: DataConfig = DataConfig(),
     train: TrainConfig = TrainConfig(),
@@ -101,14 +105,16 @@ def train(
     out: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    init: str | None = None,
 ) -> TrainResult:
-    """Pretrain a registered model (gpt, xlstm, rwkv) on a text corpus.
+    """Pretrain a registered model (gpt, xlstm, rwkv) on a text corpus, or fine-tune a pretrained one (--init).
 
     Writes everything into one run folder: config.yaml, tokenizer.json, data/ (token shards),
     metrics.jsonl and checkpoints/. Resume an interrupted run with ``--resume true --out RUN``.
 
     Args:
-        model: registered model name: gpt, xlstm or rwkv.
+        model: registered model name: gpt (default), xlstm, rwkv or llama. With --init it may be
+            given only if it names the pretrained model's own.
         model_config: overrides of the model's config dataclass (e.g. --model_config.d_model 128);
             vocab_size defaults to the tokenizer's.
         data: text corpus, tokenizer and context length.
@@ -120,26 +126,37 @@ def train(
         out: run folder (default: runs/train-<timestamp>).
         resume: continue from the latest checkpoint in ``out``.
         progress: show a progress bar.
+        init: fine-tune from this model instead of a new one, with its own tokenizer: a run or
+            checkpoint folder, an HF model folder, a .gguf file or a short name (smollm2).
     """
     seed_everything(train.seed)  # before anything draws a random number: same config, same model
     check_device(train.device)
     run = make_run_dir(out, "train", write_config=False)
     with RunLock(run, "train"):
-        return _train_locked(run, model, model_config, data, train, objective, goldfish, resume, progress)
+        return _train_locked(run, model, model_config, data, train, objective, goldfish, resume, progress, init)
 
 
-def _validated_start(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, resume: bool):
+def _validated_start(run: Path, model: str | None, model_config: dict | None, data: DataConfig, train: TrainConfig, resume: bool,
+                     init: str | None = None):
     """Every check a (resumed) training run needs, before anything is written -> (tokenizer, model, data record)."""
     ckpt_root = run / "checkpoints"
     ckpt_io.clean_partial_checkpoints(ckpt_root)
     if not resume and ckpt_root.is_dir() and any(ckpt_root.glob("step_*")):
         raise ConfigError(f"{run}: already has checkpoints; pass --resume true to continue it, or choose another --out (nothing was overwritten)")
-    record = data_record(data)
+    if init is not None:
+        check_init_options(init, model_config, data)
+    record = data_record(data, init)
+    meta = None
     if resume:
         ckpt = check_resume(run, train, record)  # train and data settings, differences named
         meta = ckpt_io.read_meta(ckpt)
-        if meta["model"] != model:
-            raise CheckpointError(f"{ckpt}: checkpoint is a {meta['model']!r} model, not {model!r}")
+        expected = model or (meta["model"] if init is not None else "gpt")
+        if meta["model"] != expected:
+            raise CheckpointError(f"{ckpt}: checkpoint is a {meta['model']!r} model, not {expected!r}")
+    if init is not None:
+        tok, net = _init_model(init, model, run, meta, train.device)
+        return tok, net, record
+    model = model or "gpt"
     tok = build_tokenizer(data, run, resume)
     overrides = dict(model_config or {})
     if "vocab_size" in overrides and int(overrides["vocab_size"]) < tok.vocab_size:
@@ -155,9 +172,35 @@ def _validated_start(run: Path, model: str, model_config: dict | None, data: Dat
     return tok, net, record
 
 
-def _train_locked(run: Path, model: str, model_config: dict | None, data: DataConfig, train: TrainConfig, objective: str,
-                  goldfish: GoldfishConfig, resume: bool, progress: bool) -> TrainResult:
-    tok, net, record = _validated_start(run, model, model_config, data, train, resume)
+def check_init_options(init: str, model_config: dict | None, data: DataConfig) -> None:
+    """Options that --init makes meaningless are refused, not ignored."""
+    if model_config:
+        raise ConfigError(f"model_config cannot be combined with --init {init} (the pretrained model fixes the architecture)")
+    if data.tokenizer is not None or data.vocab_size is not None:
+        given = "data.tokenizer" if data.tokenizer is not None else "data.vocab_size"
+        raise ConfigError(f"{given} cannot be combined with --init {init}: the pretrained model's own tokenizer is used")
+
+
+def _init_model(init: str, model: str | None, run: Path, meta: dict | None, device: str):
+    """The --init model and its tokenizer -> (tok, net). A new run loads ``init``; a resumed run
+    rebuilds the checkpoint's model (its weights are restored by the loop) with the run's tokenizer."""
+    if meta is not None:
+        f = run / "tokenizer.json"
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; cannot resume without the run's tokenizer")
+        tok = Tokenizer.load(f)
+        ckpt_io.check_tokenizer(tok, meta, str(f))
+        return tok, build_model(meta["model"], **meta["config"])
+    net, tok, info = load_source(init, device="cpu")
+    if model is not None and model != info["model"]:
+        raise ConfigError(f"model: {model!r} given, but --init {init} is a {info['model']!r} model; drop --model or give --model {info['model']}")
+    return tok, net.train()
+
+
+def _train_locked(run: Path, model: str | None, model_config: dict | None, data: DataConfig, train: TrainConfig, objective: str,
+                  goldfish: GoldfishConfig, resume: bool, progress: bool, init: str | None = None) -> TrainResult:
+    tok, net, record = _validated_start(run, model, model_config, data, train, resume, init)
+    model = net.registry_name
     write_run_config(run)  # only now: a refused resume leaves the folder as it was
     if not resume:
         tok.save(run / "tokenizer.json")
