@@ -14,7 +14,8 @@ to rejected, prompts that differ between the two HH dialogues) is reported as
 ``file:line: field 'name': problem``. ``on_error="raise"`` stops at the first one (DataError);
 ``"skip"`` drops them and keeps the messages in ``PreferenceSet.problems``.
 
-Encoding. The prompt is rendered with a ``ChatTemplate`` and tokenized on its own; each response
+Encoding. The prompt is rendered with a ``ChatTemplate`` (or, for a pretrained tokenizer with a
+chat template, that Jinja template as a user turn plus the generation prompt) and tokenized on its own; each response
 is tokenized on its own, followed by the end-of-text token. Tokenizing the parts separately keeps
 the prompt tokens identical in the chosen and rejected sequences (no merge across the boundary).
 
@@ -112,10 +113,55 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+# besides TEMPLATES: "model" is the tokenizer's own Jinja chat template, "auto" is "model" when the
+# tokenizer has one and "chat" otherwise
+MODEL_TEMPLATES = ("auto", "model")
+
+
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ConfigError(f"data.template: unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}")
+        raise ConfigError(f"data.template: unknown chat template {name!r}; choose one of {sorted(TEMPLATES) + list(MODEL_TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def check_template_name(name: str) -> None:
+    """Config-time check of a template name (the model's own template is checked once the tokenizer is known)."""
+    if name not in MODEL_TEMPLATES:
+        get_template(name)
+
+
+def template_name(name: str, tokenizer) -> str:
+    """``"auto"`` resolved for ``tokenizer``: ``"model"`` when it has a chat template, else ``"chat"``."""
+    if name == "auto":
+        return "model" if getattr(tokenizer, "chat_template", None) is not None else "chat"
+    return name
+
+
+class ModelChatTemplate:
+    """The tokenizer's own chat template as a preference template: the prompt is the conversation
+    rendered with ``add_generation_prompt=True`` (``data/chat.py``), the response is its text as it is
+    (``encode_pairs`` appends the eos id, which ends the assistant turn)."""
+
+    def __init__(self, tokenizer):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError("data.template 'model': this tokenizer has no chat template; use 'chat' or 'plain'")
+        self.tokenizer = tokenizer
+
+    def render_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        from rizzearch.data.chat import apply_chat_template
+
+        return apply_chat_template(self.tokenizer, [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+
+    def render_response(self, text: str) -> str:
+        return text
+
+
+def resolve_template(template, tokenizer):
+    """A template name ("auto", "model", "chat", "plain") or object -> the object ``encode_pairs`` uses."""
+    if not isinstance(template, str):
+        return template
+    name = template_name(template, tokenizer)
+    return ModelChatTemplate(tokenizer) if name == "model" else get_template(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,13 +401,17 @@ def check_budget(max_length: int, max_response_length: int | None) -> int:
 def encode_pairs(
     pairs: Sequence[PreferencePair],
     tokenizer,
-    template: ChatTemplate | str = "chat",
+    template: ChatTemplate | str = "auto",
     max_length: int = 512,
     max_response_length: int | None = None,
     on_error: Literal["raise", "skip"] = "raise",
 ) -> PreferenceSet:
-    """Tokenize, truncate (per-response budget) and pad preference pairs -> PreferenceSet."""
-    template = get_template(template) if isinstance(template, str) else template
+    """Tokenize, truncate (per-response budget) and pad preference pairs -> PreferenceSet.
+
+    ``template``: "auto" (the tokenizer's own chat template when it has one, else "chat"), "model",
+    "chat", "plain" or a template object. Padding uses the tokenizer's pad id (its eos id when it has none).
+    """
+    template = resolve_template(template, tokenizer)
     r_budget = check_budget(max_length, max_response_length)
     problems = _Problems(on_error)
     eot = tokenizer.eot_id
