@@ -250,7 +250,7 @@ def check_tokenizer(tok, meta: dict, where: str) -> None:
 INIT_KINDS = "a rizzearch run or checkpoint folder, an HF model folder (config.json + safetensors), a .gguf file, or a short name (smollm2)"
 
 
-def load_any(source: str | Path, device: str | torch.device = "cpu"):
+def load_any(source: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True):
     """Any model source -> ``(model, tokenizer | None, meta)``: a run/checkpoint folder through
     ``load_checkpoint`` (tokenizer checked against the checkpoint), anything else through
     ``models.pretrained.load_pretrained`` (HF folder, .gguf file, short name). ``meta`` has the
@@ -262,9 +262,11 @@ def load_any(source: str | Path, device: str | torch.device = "cpu"):
     if str(source) not in SHORT_NAMES and not p.exists():
         raise ConfigError(f"{source}: not found; a model source is {INIT_KINDS}")
     if p.is_dir() and not (p / "config.json").is_file() and ((p / META_FILE).is_file() or (p / "checkpoints").is_dir() or any(p.glob("step_*"))):
-        return load_checkpoint(p, device=device)
+        return load_checkpoint(p, device=device, tokenizer=tokenizer)
     pre = load_pretrained(source, device=device)
     model = pre.model.train()
-    if pre.tokenizer is not None and pre.tokenizer.chat_template is None and pre.chat_template is not None:
-        pre.tokenizer.chat_template = pre.chat_template
+    if pre.tokenizer is not None:
+        if pre.tokenizer.chat_template is None and pre.chat_template is not None:
+            pre.tokenizer.chat_template = pre.chat_template
+        pre.tokenizer.chat_template_source = f"{source}: chat template"  # errors of a template that raises name it
     return model, pre.tokenizer, model_meta(model, init_source=str(source), init_format=pre.format)
