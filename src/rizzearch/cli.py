@@ -83,6 +83,8 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
 # A parameter of this name, in a command that also takes ``model``, is typed by the registered
 # config dataclass of that model (``--model_config.d_model 128``, YAML ``model_config: {d_model: 128}``).
 MODEL_CONFIG = "model_config"
+# the model a command builds when --model is unset and no --init source fixes it (train, align)
+DEFAULT_MODEL = "gpt"
 
 
 class _Positional(argparse.Action):
@@ -166,10 +168,11 @@ def parse_command(command: str, args: list[str]):
     """
     parser, fn = build_parser(command)
     if _takes_model_config(fn) and any(a in ("-h", "--help") for a in args):
-        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model"))
+        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model") or DEFAULT_MODEL)
     cfg = parser.parse_args(list(args))
-    if _takes_model_config(fn) and cfg.get("model") is not None:
-        parser, fn = build_parser(command, model=cfg.model)
+    model = cfg.get("model") or (None if cfg.get("init") else DEFAULT_MODEL)
+    if _takes_model_config(fn) and model is not None:
+        parser, fn = build_parser(command, model=model)
         cfg = parser.parse_args(list(args))
     return parser, fn, cfg
 
