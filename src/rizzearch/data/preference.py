@@ -14,8 +14,8 @@ to rejected, prompts that differ between the two HH dialogues) is reported as
 ``file:line: field 'name': problem``. ``on_error="raise"`` stops at the first one (DataError);
 ``"skip"`` drops them and keeps the messages in ``PreferenceSet.problems``.
 
-Encoding. The prompt is rendered with a ``ChatTemplate`` (or, for a pretrained tokenizer with a
-chat template, that Jinja template as a user turn plus the generation prompt) and tokenized on its own; each response
+Encoding. The prompt is rendered with a ``ChatTemplate`` (or the tokenizer's own Jinja chat template
+plus its generation prompt) and tokenized on its own; each response
 is tokenized on its own, followed by the end-of-text token. Tokenizing the parts separately keeps
 the prompt tokens identical in the chosen and rejected sequences (no merge across the boundary).
 
@@ -113,8 +113,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-# besides TEMPLATES: "model" is the tokenizer's own Jinja chat template, "auto" is "model" when the
-# tokenizer has one and "chat" otherwise
+# besides TEMPLATES: "model" is the tokenizer's own Jinja chat template; "auto" is "model" when it has one, else "chat"
 MODEL_TEMPLATES = ("auto", "model")
 
 
@@ -132,34 +131,15 @@ def check_template_name(name: str) -> None:
 
 def template_name(name: str, tokenizer) -> str:
     """``"auto"`` resolved for ``tokenizer``: ``"model"`` when it has a chat template, else ``"chat"``."""
-    if name == "auto":
-        return "model" if getattr(tokenizer, "chat_template", None) is not None else "chat"
-    return name
-
-
-class ModelChatTemplate:
-    """The tokenizer's own chat template as a preference template: the prompt is the conversation
-    rendered with ``add_generation_prompt=True`` (``data/chat.py``), the response is its text as it is
-    (``encode_pairs`` appends the eos id, which ends the assistant turn)."""
-
-    def __init__(self, tokenizer):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ConfigError("data.template 'model': this tokenizer has no chat template; use 'chat' or 'plain'")
-        self.tokenizer = tokenizer
-
-    def render_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
-        from rizzearch.data.chat import apply_chat_template
-
-        return apply_chat_template(self.tokenizer, [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
-
-    def render_response(self, text: str) -> str:
-        return text
+    return ("model" if getattr(tokenizer, "chat_template", None) is not None else "chat") if name == "auto" else name
 
 
 def resolve_template(template, tokenizer):
     """A template name ("auto", "model", "chat", "plain") or object -> the object ``encode_pairs`` uses."""
     if not isinstance(template, str):
         return template
+    from rizzearch.data.model_template import ModelChatTemplate
+
     name = template_name(template, tokenizer)
     return ModelChatTemplate(tokenizer) if name == "model" else get_template(name)
 
@@ -406,11 +386,8 @@ def encode_pairs(
     max_response_length: int | None = None,
     on_error: Literal["raise", "skip"] = "raise",
 ) -> PreferenceSet:
-    """Tokenize, truncate (per-response budget) and pad preference pairs -> PreferenceSet.
-
-    ``template``: "auto" (the tokenizer's own chat template when it has one, else "chat"), "model",
-    "chat", "plain" or a template object. Padding uses the tokenizer's pad id (its eos id when it has none).
-    """
+    """Tokenize, truncate (per-response budget) and pad (pad id, else eos) preference pairs -> PreferenceSet.
+    ``template``: "auto" (the tokenizer's own when it has one, else "chat"), "model", "chat", "plain" or an object."""
     template = resolve_template(template, tokenizer)
     r_budget = check_budget(max_length, max_response_length)
     problems = _Problems(on_error)
