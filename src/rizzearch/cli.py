@@ -159,6 +159,20 @@ def _model_in_argv(args: list[str]) -> str | None:
     return None
 
 
+def _bare_flags(fn: Callable, args: list[str]) -> list[str]:
+    """``--flag`` of a bool parameter given without a value means ``--flag true`` (``rizz generate --chat``)."""
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a.startswith("--") and hints.get(a[2:]) is bool and (nxt is None or nxt.startswith("--")):
+            out.append("true")
+    return out
+
+
 def parse_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature -> (parser, function, namespace).
 
@@ -167,6 +181,7 @@ def parse_command(command: str, args: list[str]):
     that registered model's config (so a model registered later needs no CLI change).
     """
     parser, fn = build_parser(command)
+    args = _bare_flags(fn, args)
     if _takes_model_config(fn) and any(a in ("-h", "--help") for a in args):
         parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model") or DEFAULT_MODEL)
     cfg = parser.parse_args(list(args))

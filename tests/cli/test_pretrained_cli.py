@@ -49,8 +49,14 @@ def test_generate_and_eval_take_an_hf_folder_with_init(tiny_hf, capsys):
 
 def test_generate_chat_renders_one_user_turn_and_stops_at_eos(tiny_hf, capsys):
     folder, model, tok = tiny_hf
+    want = greedy_answer(model, tok, [{"role": "user", "content": "hi there"}], 8).strip()
     assert main(["generate", "--init", str(folder), "--prompt", "hi there", "--chat", "true", "--max_new_tokens", "8", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.strip() == greedy_answer(model, tok, [{"role": "user", "content": "hi there"}], 8).strip()
+    assert capsys.readouterr().out.strip() == want
+    # a bare --chat (no value) is --chat true, wherever it stands
+    assert main(["generate", "--init", str(folder), "--chat", "--prompt", "hi there", "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    assert main(["generate", "--init", str(folder), "--prompt", "hi there", "--max_new_tokens", "8", "--temperature", "0", "--chat"]) == 0
+    assert capsys.readouterr().out.strip() == want
 
 
 def test_chat_streams_answers_and_keeps_the_history(tiny_hf, capsys, monkeypatch):
@@ -101,6 +107,9 @@ def test_train_init_saves_the_tokenizer_and_resumes_bit_for_bit(tiny_hf, tmp_pat
     assert pre.model.registry_name == "llama"
     # and the weights changed from the initial ones
     assert not torch.equal(pre.model.lm_head.weight, load_pretrained(folder).model.lm_head.weight)
+    # a run folder is an --init source too: fine-tuning goes on from its weights and tokenizer
+    assert main(["train", "--init", str(tmp_path / "a"), *TRAIN, "--out", str(tmp_path / "c"), "--train.steps", "2"]) == 0
+    assert json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
 
 
 def test_train_init_refuses_our_tokenizer_options_and_another_model(tiny_hf, tmp_path, capsys):
