@@ -29,6 +29,8 @@ from typing import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rizzearch.training.recipes:train", "Pretrain a registered model (gpt, xlstm, rwkv) on a text corpus."),
     "generate": ("rizzearch.training.recipes:generate_text", "Generate text from a checkpoint (greedy, sampling or beam search)."),
+    "chat": ("rizzearch.training.chat:chat", "Chat with a model (--init smollm2, an HF folder, a .gguf or a run) using its chat template."),
+    "export": ("rizzearch.training.recipes:export", "Write a checkpoint as an HF model folder (--format hf) that transformers loads."),
     "eval": ("rizzearch.training.recipes:evaluate", "Validation loss, perplexity and bits-per-byte of a checkpoint on a text file."),
     "align": ("rizzearch.training.align:align", "Preference-align a model with ORPO, DPO or SFT (or SFT then DPO)."),
     "memorization": ("rizzearch.eval.memorization:memorization_command", "Audit how much of its training text a checkpoint regurgitates."),
@@ -82,6 +84,8 @@ POSITIONALS: dict[str, tuple[str, ...]] = {
 # A parameter of this name, in a command that also takes ``model``, is typed by the registered
 # config dataclass of that model (``--model_config.d_model 128``, YAML ``model_config: {d_model: 128}``).
 MODEL_CONFIG = "model_config"
+# the model a command builds when --model is unset and no --init source fixes it (train, align)
+DEFAULT_MODEL = "gpt"
 
 
 class _Positional(argparse.Action):
@@ -156,6 +160,20 @@ def _model_in_argv(args: list[str]) -> str | None:
     return None
 
 
+def _bare_flags(fn: Callable, args: list[str]) -> list[str]:
+    """``--flag`` of a bool parameter given without a value means ``--flag true`` (``rizz generate --chat``)."""
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if a.startswith("--") and hints.get(a[2:]) is bool and (nxt is None or nxt.startswith("--")):
+            out.append("true")
+    return out
+
+
 def parse_command(command: str, args: list[str]):
     """Parse ``args`` against the command's signature -> (parser, function, namespace).
 
@@ -164,11 +182,13 @@ def parse_command(command: str, args: list[str]):
     that registered model's config (so a model registered later needs no CLI change).
     """
     parser, fn = build_parser(command)
+    args = _bare_flags(fn, args)
     if _takes_model_config(fn) and any(a in ("-h", "--help") for a in args):
-        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model"))
+        parser, fn = build_parser(command, model=_model_in_argv(args) or parser.get_defaults().get("model") or DEFAULT_MODEL)
     cfg = parser.parse_args(list(args))
-    if _takes_model_config(fn) and cfg.get("model") is not None:
-        parser, fn = build_parser(command, model=cfg.model)
+    model = cfg.get("model") or (None if cfg.get("init") else DEFAULT_MODEL)
+    if _takes_model_config(fn) and model is not None:
+        parser, fn = build_parser(command, model=model)
         cfg = parser.parse_args(list(args))
     return parser, fn, cfg
 

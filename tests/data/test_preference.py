@@ -180,3 +180,57 @@ def test_split_and_validate_batch(tok):
     with pytest.raises(ConfigError, match="template"):
         encode_pairs(pairs, tok, "fancy")
     assert torch.equal(ps.subset([3]).tensors["chosen_input_ids"][0][:4], ps.tensors["chosen_input_ids"][3][:4])
+
+
+# ----------------------------------------------------------------------------------------------
+# A pretrained tokenizer with its own chat template (and no pad token)
+
+LLAMA3ISH = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+             "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def _templated_tokenizer(template=LLAMA3ISH):
+    from rizzearch.data.gguf import tokenizer_from_gguf_fields
+    from rizzearch.data.tokenizer import _bytes_to_unicode
+
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    tokens = specials + [_bytes_to_unicode()[b] for b in range(256)]
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.token_type": [3] * 4 + [1] * 256, "tokenizer.ggml.merges": [],
+              "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1}
+    if template is not None:
+        fields["tokenizer.chat_template"] = template
+    return tokenizer_from_gguf_fields(fields)
+
+
+def test_templated_tokenizer_pairs_start_with_the_template_rendering_and_pad_with_eos():
+    from rizzearch.data.chat import apply_chat_template
+
+    tok = _templated_tokenizer()
+    assert tok.token(tok.pad_id) == "<|eot_id|>"  # no pad token of its own (and none of ours)
+    pairs = [PreferencePair((("system", "be kind"), ("user", "hi")), "hello there", "go away"),
+             PreferencePair((("user", "2+2?"),), "4", "five, probably")]
+    ps = encode_pairs(pairs, tok, max_length=128)  # template "auto": the model's own
+    for i, pr in enumerate(pairs):
+        prompt = tok.encode(apply_chat_template(tok, [{"role": r, "content": c} for r, c in pr.messages], add_generation_prompt=True))
+        assert prompt[0] == tok.bos_id and tok.decode(prompt).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        for s in ("chosen", "rejected"):
+            want = prompt + tok.encode(getattr(pr, s)) + [tok.eos_id]
+            ids = ps.tensors[f"{s}_input_ids"][i]
+            n = int(ps.tensors[f"{s}_attention_mask"][i].sum())
+            assert ids[:n].tolist() == want
+            assert (ids[n:] == tok.eos_id).all()  # padding is the eos id
+            resp = ps.tensors[f"{s}_response_mask"][i]
+            assert resp[len(prompt):n].all() and not resp[:len(prompt)].any()
+    # "chat" keeps today's plain format; "model" without a template is refused
+    plain = encode_pairs(pairs, tok, template="chat", max_length=128)
+    assert tok.decode(plain.tensors["chosen_input_ids"][1][:10].tolist()).startswith("User: 2+2?")
+    with pytest.raises(ConfigError, match="no chat template"):
+        encode_pairs(pairs, _templated_tokenizer(None), template="model")
+
+
+def test_a_template_that_raises_is_named():
+    tok = _templated_tokenizer("{{ raise_exception('only user turns') }}")
+    tok.chat_template_source = "model.gguf: chat template"
+    with pytest.raises(DataError, match="model.gguf: chat template.*only user turns"):
+        encode_pairs([PreferencePair((("user", "x"),), "a", "b")], tok)

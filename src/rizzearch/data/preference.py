@@ -14,7 +14,8 @@ to rejected, prompts that differ between the two HH dialogues) is reported as
 ``file:line: field 'name': problem``. ``on_error="raise"`` stops at the first one (DataError);
 ``"skip"`` drops them and keeps the messages in ``PreferenceSet.problems``.
 
-Encoding. The prompt is rendered with a ``ChatTemplate`` and tokenized on its own; each response
+Encoding. The prompt is rendered with a ``ChatTemplate`` (or the tokenizer's own Jinja chat template
+plus its generation prompt) and tokenized on its own; each response
 is tokenized on its own, followed by the end-of-text token. Tokenizing the parts separately keeps
 the prompt tokens identical in the chosen and rejected sequences (no merge across the boundary).
 
@@ -112,10 +113,35 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+# besides TEMPLATES: "model" is the tokenizer's own Jinja chat template; "auto" is "model" when it has one, else "chat"
+MODEL_TEMPLATES = ("auto", "model")
+
+
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ConfigError(f"data.template: unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}")
+        raise ConfigError(f"data.template: unknown chat template {name!r}; choose one of {sorted(TEMPLATES) + list(MODEL_TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def check_template_name(name: str) -> None:
+    """Config-time check of a template name (the model's own template is checked once the tokenizer is known)."""
+    if name not in MODEL_TEMPLATES:
+        get_template(name)
+
+
+def template_name(name: str, tokenizer) -> str:
+    """``"auto"`` resolved for ``tokenizer``: ``"model"`` when it has a chat template, else ``"chat"``."""
+    return ("model" if getattr(tokenizer, "chat_template", None) is not None else "chat") if name == "auto" else name
+
+
+def resolve_template(template, tokenizer):
+    """A template name ("auto", "model", "chat", "plain") or object -> the object ``encode_pairs`` uses."""
+    if not isinstance(template, str):
+        return template
+    from rizzearch.data.model_template import ModelChatTemplate
+
+    name = template_name(template, tokenizer)
+    return ModelChatTemplate(tokenizer) if name == "model" else get_template(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,13 +381,14 @@ def check_budget(max_length: int, max_response_length: int | None) -> int:
 def encode_pairs(
     pairs: Sequence[PreferencePair],
     tokenizer,
-    template: ChatTemplate | str = "chat",
+    template: ChatTemplate | str = "auto",
     max_length: int = 512,
     max_response_length: int | None = None,
     on_error: Literal["raise", "skip"] = "raise",
 ) -> PreferenceSet:
-    """Tokenize, truncate (per-response budget) and pad preference pairs -> PreferenceSet."""
-    template = get_template(template) if isinstance(template, str) else template
+    """Tokenize, truncate (per-response budget) and pad (pad id, else eos) preference pairs -> PreferenceSet.
+    ``template``: "auto" (the tokenizer's own when it has one, else "chat"), "model", "chat", "plain" or an object."""
+    template = resolve_template(template, tokenizer)
     r_budget = check_budget(max_length, max_response_length)
     problems = _Problems(on_error)
     eot = tokenizer.eot_id

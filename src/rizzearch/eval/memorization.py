@@ -402,8 +402,8 @@ def write_report(report: MemorizationReport, out: str | Path) -> Path:
 
 
 def memorization_command(
-    checkpoint: str,
-    documents: str,
+    checkpoint: str | None = None,
+    documents: str | None = None,
     heldout: str | None = None,
     prompt_tokens: int = 32,
     new_tokens: int = 32,
@@ -414,6 +414,7 @@ def memorization_command(
     out: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    init: str | None = None,
 ) -> dict:
     """Audit how much of its training text a checkpoint regurgitates; writes a run folder.
 
@@ -424,8 +425,9 @@ def memorization_command(
     per document), summary.json and summary.md, and prints the summary table.
 
     Args:
-        checkpoint: run folder or checkpoint folder of the model to audit.
-        documents: the training documents: a .jsonl file (one {"text": ...} per line), a folder
+        checkpoint: the model to audit: a run or checkpoint folder, an HF model folder, a .gguf
+            file or a short name (smollm2). The same as --init.
+        documents: (required) the training documents: a .jsonl file (one {"text": ...} per line), a folder
             of .txt files, or a text file with documents separated by blank lines.
         heldout: documents the model did not train on (same formats), for membership inference.
         prompt_tokens: P, the number of prompt tokens taken from the start of each document.
@@ -438,6 +440,7 @@ def memorization_command(
         out: run folder (default: runs/memorization-<timestamp>).
         device: cpu or cuda.
         progress: show a progress bar.
+        init: the same as --checkpoint (any model source).
     """
     from rizzearch.data.tokenizer import Tokenizer
     from rizzearch.errors import CheckpointError
@@ -445,12 +448,16 @@ def memorization_command(
     from rizzearch.training import checkpoint as ckpt_io
 
     from rizzearch.training.distributed import check_device
+    from rizzearch.training.recipes import model_source
 
+    if documents is None:
+        raise ConfigError("documents: required (a .jsonl file, a folder of .txt files or a text file)")
+    checkpoint = model_source(checkpoint, init)
     _check_settings(prompt_tokens, new_tokens, num_beams, batch_size)
     check_device(device)
     if max_tokens is not None and max_tokens < prompt_tokens + new_tokens:
         raise ConfigError(f"max_tokens ({max_tokens}) must be >= prompt_tokens + new_tokens ({prompt_tokens + new_tokens})")
-    model, tok, meta = ckpt_io.load_checkpoint(checkpoint, device=device, tokenizer=tokenizer is None)
+    model, tok, meta = ckpt_io.load_any(checkpoint, device=device, tokenizer=tokenizer is None)
     if tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
         ckpt_io.check_tokenizer(tok, meta, tokenizer)
@@ -469,7 +476,7 @@ def memorization_command(
         num_beams=num_beams, tokenizer=tok, ids=[i for i, _ in train_docs], heldout_ids=[i for i, _ in held_docs],
         batch_size=batch_size, device=device, progress=progress,
     )
-    report.config.update({"checkpoint": str(ckpt_io.resolve_checkpoint(checkpoint)), "documents": str(documents),
+    report.config.update({"checkpoint": meta.get("init_source") or str(ckpt_io.resolve_checkpoint(checkpoint)), "documents": str(documents),
                           "heldout": heldout, "max_tokens": max_tokens})
     write_report(report, run)
     print(report.table())

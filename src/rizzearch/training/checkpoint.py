@@ -255,7 +255,7 @@ def _lora_model(ckpt: Path, meta: dict):
     if not init:
         raise CheckpointError(f"{ckpt}: a LoRA checkpoint holds only the adapters and its run had no --init base to rebuild "
                               "(a seeded new model); resume the run, or train LoRA from a checkpoint with --init")
-    base, _, base_meta = load_checkpoint(init, tokenizer=False)
+    base, _, base_meta = load_any(init, tokenizer=False)
     if base_meta["model"] != meta["model"] or base_meta["config"] != meta["config"]:
         raise CheckpointError(f"{ckpt}: its --init base {init} is no longer the model the adapters were trained on")
     lora = meta["lora"]
@@ -319,3 +319,28 @@ def checkpoint_weights(model, fsdp: bool, aliases: set[str]) -> dict | None:
     if lora_layers(model):
         return {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     return None
+
+
+INIT_KINDS = "a rizzearch run or checkpoint folder, an HF model folder (config.json + safetensors), a .gguf file, or a short name (smollm2)"
+
+
+def load_any(source: str | Path, device: str | torch.device = "cpu", tokenizer: bool = True):
+    """Any model source -> ``(model, tokenizer | None, meta)``: a run/checkpoint folder through
+    ``load_checkpoint`` (tokenizer checked against the checkpoint), anything else through
+    ``models.pretrained.load_pretrained`` (HF folder, .gguf file, short name). ``meta`` has the
+    registry name and config, plus ``init_source`` and ``init_format`` for a pretrained source."""
+    from rizzearch.errors import ConfigError
+    from rizzearch.models.pretrained import SHORT_NAMES, load_pretrained
+
+    p = Path(source)
+    if str(source) not in SHORT_NAMES and not p.exists():
+        raise ConfigError(f"{source}: not found; a model source is {INIT_KINDS}")
+    if p.is_dir() and not (p / "config.json").is_file() and ((p / META_FILE).is_file() or (p / "checkpoints").is_dir() or any(p.glob("step_*"))):
+        return load_checkpoint(p, device=device, tokenizer=tokenizer)
+    pre = load_pretrained(source, device=device)
+    model = pre.model.train()
+    if pre.tokenizer is not None:
+        if pre.tokenizer.chat_template is None and pre.chat_template is not None:
+            pre.tokenizer.chat_template = pre.chat_template
+        pre.tokenizer.chat_template_source = f"{source}: chat template"  # errors of a template that raises name it
+    return model, pre.tokenizer, model_meta(model, init_source=str(source), init_format=pre.format)
