@@ -131,3 +131,21 @@ def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     (world / "rwkv_vocab_v20230424.txt").write_text("1 '\\x00' 1\n")
     with pytest.raises(DataError, match="rwkv_vocab_v20230424.txt: the RWKV World tokenizer"):
         load_pretrained(world / "m.pth")
+
+
+def test_hf_rwkv_folder_bad_input(tmp_path):
+    import json
+
+    pytest.importorskip("transformers")
+    to_hf_rwkv(random_rwkv(vocab_size=100)).save_pretrained(tmp_path)
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    with pytest.raises(DataError, match=r"tokenizer\.json: tokenizer has 258 tokens but the model's embedding has 100 rows"):
+        load_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(CheckpointError, match=r"config says vocab_size, hidden_size, num_hidden_layers = \(100, 32, 3\), weights have \(100, 32, 2\)"):
+        load_pretrained(tmp_path)
+    del cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing field 'hidden_size'"):
+        load_pretrained(tmp_path)
