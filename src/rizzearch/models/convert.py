@@ -338,20 +338,25 @@ def to_hf_rwkv(model: RWKV, rescale_every: int = 6):
     return hf.to(model.emb.weight.dtype).eval()
 
 
-def to_official_rwkv(model: RWKV) -> dict:
+def to_official_rwkv(model: RWKV, path=None) -> dict:
     """The weights in the official RWKV-LM v4 ``.pth`` layout (what the ``rwkv`` pip package loads).
 
     Keys ``emb.weight``, ``blocks.0.ln0.*``, ``blocks.i.{ln1,ln2}.*``, ``blocks.i.att.*`` (time_mix_*
-    as (1, 1, C)), ``blocks.i.ffn.*``, ``ln_out.*``, ``head.weight``; float32 CPU tensors.
+    as (1, 1, C)), ``blocks.i.ffn.*``, ``ln_out.*``, ``head.weight``; float32 CPU tensors. With
+    ``path`` the dict is also written there with ``torch.save`` (atomically), readable by
+    ``load_pretrained`` and ``rwkv.model.RWKV``.
     """
-    out = {}
-    for key, t in model.state_dict().items():
-        t = t.detach().float().cpu().clone()
-        if key.startswith("ln0."):
-            key = "blocks.0." + key
-        if "time_mix" in key:
-            t = t.view(1, 1, -1)
-        out[key] = t
+    from pathlib import Path
+
+    from rizzearch.models.rwkv_pth import to_official_state_dict
+
+    out = to_official_state_dict(model)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(out, tmp)
+        tmp.replace(path)
     return out
 
 

