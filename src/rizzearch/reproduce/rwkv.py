@@ -69,7 +69,7 @@ class Size:
     d_model: int = 128
     n_layer: int = 4
     vocab_size: int | None = 512
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
     lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
@@ -278,7 +278,8 @@ def run(out_dir: str, *, full: bool = False, tiny: bool = False, device: str = "
     tok, ds = prepare_data(r.out, r.size)
     decode_rows = measure_decoding(r, make_models(r.size, tok.vocab_size, device), ds)
     t_decode = r.budget.elapsed()
-    training = train_both(tok.vocab_size, ds, r.size, r.out, device, seed, progress=not tiny)
+    with torch_threads(1, device):  # small models: on a shared machine 2 OpenMP threads per process made steps 10x slower
+        training = train_both(tok.vocab_size, ds, r.size, r.out, device, seed, progress=not tiny)
     seconds = r.budget.elapsed()
     par = parity(training)
     claims, ratios = make_claims(decode_rows, training, par, r.size)
