@@ -69,7 +69,7 @@ class Size:
     d_model: int = 128
     n_layer: int = 4
     vocab_size: int | None = 512
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 128
     lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
