@@ -21,8 +21,8 @@ Two measurements, both against the GPT baseline (``rizzearch.models.gpt``, KV-ca
     (RWKV - GPT) / GPT, a paired bootstrap over test windows, lies inside +-``PARITY_TOL`` (5%).
 
 ``run(out_dir, full=False, tiny=False, device="cpu", seed=0)`` writes ``results.json``,
-``report.md`` and ``rwkv.png`` into ``out_dir``. Quick mode is sized for ~3-4 minutes on 2 CPU
-cores; ``tiny`` is a ~20 s smoke run; ``full`` uses larger models, longer training and contexts up
+``report.md`` and ``rwkv.png`` into ``out_dir``. Quick mode is sized for ~5-6 minutes on 2 CPU
+cores (six training runs of 200 steps); ``tiny`` is a ~20 s smoke run; ``full`` uses larger models, longer training and contexts up
 to 8192.
 """
 
