@@ -7,6 +7,7 @@ import torch
 
 from rizzearch.errors import ConfigError
 from rizzearch.eval.tasks import (
+    _gen,
     EVEN,
     IGNORE,
     ODD,
@@ -16,6 +17,7 @@ from rizzearch.eval.tasks import (
     ParityData,
     mqar_accuracy,
     mqar_batch,
+    mqar_scores,
     parity_accuracy,
     parity_batch,
 )
@@ -113,3 +115,25 @@ def test_accuracy_functions_score_an_oracle_and_a_random_model():
     assert 0.3 < acc < 0.7  # an untrained model is at chance
     gpt = build_model("gpt", vocab_size=spec.vocab_size, n_layer=1, d_model=16, n_head=2)
     assert mqar_accuracy(gpt, spec, n=64) < 0.5
+
+
+class _HalfOracle(_Oracle):
+    """Answers the queries of the first half of the value positions right, the rest with token 0."""
+
+    def forward(self, tokens, state=None):
+        probs, _ = super().forward(tokens, state)
+        N = self.spec.n_pairs
+        probs[:, 2 * N + 2 * (N // 2) :] = torch.nn.functional.one_hot(torch.tensor(0), probs.shape[-1]).float()
+        return probs, None
+
+
+def test_mqar_scores_are_per_sequence_and_seeds_give_disjoint_splits():
+    spec = MQARSpec(n_pairs=4, n_keys=8, n_values=8)
+    s = mqar_scores(_HalfOracle("mqar", spec), spec, n=40, batch_size=16)
+    assert s.shape == (40,) and torch.allclose(s, torch.full((40,), 0.5))  # 2 of 4 queries right in every row
+    assert mqar_accuracy(_HalfOracle("mqar", spec), spec, n=40) == pytest.approx(0.5)
+    # the validation split (one seed) and the test split (another) hold different sequences
+    val, test = (mqar_scores(_Oracle("mqar", spec), spec, n=8, seed=s) for s in (1, 2))
+    assert torch.equal(val, test)  # an oracle is perfect on both
+    first = lambda seed: mqar_batch(8, spec, _gen(seed, 10**6))["input_ids"]
+    assert not torch.equal(first(1), first(2)) and torch.equal(first(1), first(1))

@@ -88,3 +88,50 @@ def test_markdown_sections_and_figure(tmp_path):
 def test_environment_is_the_one_machine_record():
     env = environment()
     assert {"python", "platform", "cpu_count", "torch", "torch_threads", "device", "rizzearch"} <= set(env)
+
+
+# -- intervals and the learning-rate sweep ------------------------------------------------------
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    from rizzearch.reproduce.common import rate_ci, wilson_interval
+
+    # 8/10: p = 0.8, centre = (0.8 + 0.19208) / 1.38416 = 0.71679, half = 1.96 sqrt(0.016 + 0.009604) / 1.38416 = 0.22658
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and 0.0 < wilson_interval(0, 20)[1] < 0.2  # sensible at 0 successes
+    assert wilson_interval(20, 20)[1] == pytest.approx(1.0) and wilson_interval(20, 20)[0] > 0.8
+    assert rate_ci(3, 4) == {"rate": 0.75, "ci95": [round(wilson_interval(3, 4)[0], 4), round(wilson_interval(3, 4)[1], 4)], "n": 4}
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+
+
+def test_mean_ci_brackets_the_mean_and_is_reproducible():
+    from rizzearch.reproduce.common import fmt_ci, mean_ci
+
+    x = [0.1 * i for i in range(50)]
+    a, b = mean_ci(x, key="k"), mean_ci(x, key="k")
+    assert a == b and a["n"] == 50 and a["ci95"][0] < a["mean"] < a["ci95"][1]
+    assert mean_ci([1.0] * 10)["ci95"] == [1.0, 1.0]
+    assert fmt_ci(a).startswith(f"{a['mean']:.3f} [")
+
+
+def test_lr_sweep_selects_on_the_validation_score_and_skips_diverged_runs():
+    from rizzearch.reproduce.common import lr_sweep
+
+    val = {1e-3: 0.5, 3e-3: 0.9, 1e-2: float("nan")}
+    trained = []
+
+    def train(lr):
+        trained.append(lr)
+        return f"model@{lr}", {"lr": lr}
+
+    model, rec = lr_sweep([1e-3, 3e-3, 1e-2], train, lambda m, info: val[info["lr"]], higher_is_better=True)
+    assert trained == [1e-3, 3e-3, 1e-2] and model == "model@0.003" and rec["selected_lr"] == 3e-3
+    assert set(rec["runs"]) == {"0.001", "0.003", "0.01"} and rec["grid"] == [1e-3, 3e-3, 1e-2]
+    # losses: lower wins; a diverged first run never stays selected; ties keep the earlier rate
+    loss = {1e-3: float("inf"), 3e-3: 2.0, 1e-2: 2.0}
+    model, rec = lr_sweep([1e-3, 3e-3, 1e-2], train, lambda m, info: loss[info["lr"]], higher_is_better=False)
+    assert rec["selected_lr"] == 3e-3
+    with pytest.raises(ConfigError, match="empty"):
+        lr_sweep([], train, lambda m, i: 0.0, higher_is_better=True)

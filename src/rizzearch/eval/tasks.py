@@ -180,17 +180,30 @@ class MQARData(_SeededBatches):
 
 
 @torch.no_grad()
-def mqar_accuracy(
+def mqar_scores(
     model, spec: MQARSpec = MQARSpec(), n: int = 512, batch_size: int = 128, seed: int = 54321, device: str | torch.device = "cpu"
-) -> float:
-    """Fraction of queries answered correctly (argmax over the whole vocabulary) on held-out data."""
-    correct = total = 0
-    g = _gen(seed, 10**6)  # a stream the training sources (positions from 0) never reach
+) -> Tensor:
+    """Per-sequence fraction of queries answered correctly (argmax over the whole vocabulary) -> (n,).
+
+    Sequences come from the stream ``(seed, 10**6)``, which training sources (positions counted
+    from 0) never reach; different ``seed``s give disjoint held-out splits (the study selects
+    its learning rate on one and reports another). Per-sequence scores let a bootstrap resample
+    sequences (queries inside one sequence are not independent).
+    """
+    g = _gen(seed, 10**6)
+    out = []
     with eval_mode(model):
         for s in range(0, n, batch_size):
             b = mqar_batch(min(batch_size, n - s), spec, g)
             logits, _ = model(b["input_ids"].to(device))
-            keep = b["targets"] != IGNORE
-            correct += int((logits.argmax(-1).cpu()[keep] == b["targets"][keep]).sum())
-            total += int(keep.sum())
-    return correct / total
+            keep = b["targets"] != IGNORE  # (B, T): the N query positions of each row
+            hit = (logits.argmax(-1).cpu() == b["targets"]) & keep
+            out.append(hit.sum(1).float() / keep.sum(1).float())  # (B,)
+    return torch.cat(out)
+
+
+def mqar_accuracy(
+    model, spec: MQARSpec = MQARSpec(), n: int = 512, batch_size: int = 128, seed: int = 54321, device: str | torch.device = "cpu"
+) -> float:
+    """Fraction of queries answered correctly on held-out data (every sequence has ``n_pairs`` queries)."""
+    return float(mqar_scores(model, spec, n, batch_size, seed, device).mean())

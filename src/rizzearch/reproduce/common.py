@@ -362,3 +362,83 @@ def figure(path: str | Path, ncols: int, figsize: tuple[float, float], dpi: int 
         pyplot().close(fig)
         raise
     save_figure(fig, path, dpi)
+
+
+# -- intervals and learning-rate sweeps ---------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (95% for z = 1.96); (nan, nan) when n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0 or n successes.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes must be in 0..n ({n}), got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_ci(successes: int, n: int) -> dict:
+    """``{"rate", "ci95": [lo, hi], "n"}``: a rate with its Wilson 95% interval (rounded to 4 digits)."""
+    lo, hi = wilson_interval(successes, n)
+    return {"rate": round(successes / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)], "n": n}
+
+
+def mean_ci(x: Sequence[float] | torch.Tensor, n_boot: int = 2000, seed: int = 0, key: str = "") -> dict:
+    """``{"mean", "ci95": [lo, hi], "n"}``: a mean with its percentile-bootstrap 95% interval.
+
+    For a paired difference pass the per-item differences (the same items resampled for both).
+    """
+    from rizzearch.audit.metrics import bootstrap_ci
+
+    values = x.tolist() if isinstance(x, torch.Tensor) else list(x)
+    m, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed, key=key)
+    return {"mean": round(m, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(values)}
+
+
+def fmt_ci(v: dict, pct: bool = False) -> str:
+    """``0.918 [0.90, 0.93]`` (or ``91.8% [90.1%, 93.3%]``) from a ``rate_ci`` / ``mean_ci`` dict."""
+    x = v["rate"] if "rate" in v else v["mean"]
+    lo, hi = v["ci95"]
+    if pct:
+        return f"{x:.1%} [{lo:.1%}, {hi:.1%}]"
+    return f"{x:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def lr_sweep(lrs: Sequence[float], train: Any, score: Any, *, higher_is_better: bool) -> tuple[Any, dict]:
+    """Train once per learning rate and keep the run with the best *validation* score.
+
+    The grid is fixed before any held-out (test) number is seen; ``score`` must read a validation
+    split only, so the test number reported for the selected run is not tuned on. Ties keep the
+    earlier learning rate of the grid; a non-finite score (a diverged run) never wins.
+
+    Args:
+        lrs: the learning-rate grid, in the order it is run.
+        train: ``train(lr) -> (model, info: dict)``.
+        score: ``score(model, info) -> float``, the validation score of one run.
+        higher_is_better: True for accuracies, False for losses.
+
+    Returns:
+        ``(model, record)``: the selected run's model and ``{"grid", "selected_lr", "scores", "runs"}``
+        (``scores`` and ``runs`` keyed by ``str(lr)``; every run's ``info`` is kept, only the
+        selected model is).
+    """
+    if not lrs:
+        raise ConfigError("lr_sweep: the learning-rate grid is empty")
+    best = best_lr = best_score = None
+    scores, runs = {}, {}
+    for lr in lrs:
+        model, info = train(lr)
+        s = float(score(model, info))
+        scores[str(lr)], runs[str(lr)] = s, info
+        better = best_score is None or (math.isfinite(s) and (not math.isfinite(best_score) or (s > best_score if higher_is_better else s < best_score)))
+        if better:
+            best, best_lr, best_score = model, lr, s
+        else:
+            del model
+    return best, {"grid": list(lrs), "selected_lr": best_lr, "scores": scores, "runs": runs}

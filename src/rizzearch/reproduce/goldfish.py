@@ -19,13 +19,23 @@ goldfish loss (k = 4, h = 13) it regurgitates none. Our laptop-scale version:
   zlib ratio, training vs held-out documents).
 
 Claims: standard training memorizes >= half of the documents (exact match of the continuation);
-goldfish training memorizes <= 5%; goldfish validation loss on held-out text is within
-``VAL_LOSS_MARGIN`` of the standard run's (the paper: "little cost" in validation loss).
+goldfish training memorizes <= 5% (each rate with its Wilson 95% interval).
+
+The paper's third result, that goldfish training costs little validation loss, is *not* a claim of
+this quick tier. The claim is about the model that does not memorize: its held-out loss should be
+close to the standard model's. Trained on 12,800 tokens, our models reach their lowest held-out
+loss after a few epochs, before either has memorized anything, and at the end of training, where
+the audit measures memorization, both are overfit far past a uniform guess (ln V). So no point of
+the quick run measures the trade-off: the best checkpoints are not the models that were audited,
+and the audited models' held-out losses mean nothing. The real tier (a pretrained model that
+generalizes) measures it. The report still shows both validation curves, the best-checkpoint
+losses (``best_val_loss`` per run) and a unigram reference (``unigram_val_loss``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -41,14 +51,13 @@ from rizzearch.eval.memorization import audit_memorization
 from rizzearch.eval.memorization import write_report as write_audit_report
 from rizzearch.models.base import build_model
 from rizzearch.objectives.goldfish import GoldfishConfig
-from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, load_average, md_table, torch_threads
+from rizzearch.reproduce.common import Claim, Markdown, Modes, StudyRun, figure, fmt_ci, load_average, md_table, rate_ci, torch_threads
 from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
 
 STUDY = "goldfish"
 QUICK_BUDGET_S = 360.0
-VAL_LOSS_MARGIN = 0.05  # "little cost": goldfish validation loss at most 5% above standard
 STANDARD_MIN_EXACT = 0.5
 GOLDFISH_MAX_EXACT = 0.05
 _TITLE = re.compile(r"^ = [^=].* = $")
@@ -72,6 +81,7 @@ class Size:
         new_tokens: N, generated tokens compared with the true continuation (P + N <= tokens + 1).
         num_beams: beam width of the audit's beam-search pass.
         val_tokens: held-out tokens for the validation loss.
+        evals: validation-loss evaluations during training (the curve and the best checkpoint's loss).
         extra_strategies: goldfish strategies run in addition to "hash".
         heldout_documents: held-out articles audited (membership inference and extraction control).
     """
@@ -89,6 +99,7 @@ class Size:
     new_tokens: int = 64
     num_beams: int = 4
     val_tokens: int = 16384
+    evals: int = 12
     extra_strategies: tuple[str, ...] = ()
     heldout_documents: int = 20
 
@@ -97,7 +108,7 @@ QUICK = Size()
 FULL = Size(tokens=256, d_model=192, n_layer=3, n_head=6, steps=480, prompt_tokens=32, new_tokens=128, num_beams=4,
                  val_tokens=65536, extra_strategies=("product", "static"))
 TINY = Size(articles=12, tokens=40, vocab_size=300, d_model=32, n_layer=1, n_head=2, steps=24, batch_size=6,
-                 prompt_tokens=16, new_tokens=16, num_beams=2, val_tokens=2048, heldout_documents=8)
+                 prompt_tokens=16, new_tokens=16, num_beams=2, val_tokens=2048, evals=3, heldout_documents=8)
 MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": QUICK_BUDGET_S, "quick": QUICK_BUDGET_S, "full": QUICK_BUDGET_S})
 
 
@@ -130,17 +141,22 @@ def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor
     data = RowBatches({"input_ids": rows[:, :-1], "targets": rows[:, 1:]}, size.batch_size, seed=seed)
     ev = EvalWindows(eval_tokens, size.batch_size, size.tokens)
     cfg = TrainConfig(steps=size.steps, batch_size=size.batch_size, lr=size.lr, warmup_steps=max(1, size.steps // 12),
-                      weight_decay=0.0, log_every=max(1, size.steps // 40), seed=seed, device=device)
+                      weight_decay=0.0, log_every=max(1, size.steps // 40), eval_every=max(1, size.steps // size.evals), seed=seed, device=device)
     run_dir = out / name
     t0, c0 = time.perf_counter(), time.process_time()
     res = train_loop(model, loss_fn, data, cfg, run_dir, eval_data=ev, eval_loss_fn=lm_loss, meta={"tokenizer": tokenizer_fingerprint(tok), **meta},
                      progress=True)
     tok.save(run_dir / "tokenizer.json")
+    curve = [(e["step"], e["val_loss"]) for e in res.evals]
+    best_step, best_loss = min(curve, key=lambda c: c[1])
     return model, {
         "train_seconds": time.perf_counter() - t0,
         "train_cpu_seconds": time.process_time() - c0,
         "val_loss": res.final_eval["val_loss"],
         "val_tokens": res.final_eval["val_tokens"],
+        "val_curve": curve,
+        "best_val_loss": best_loss,
+        "best_val_step": best_step,
         "final_train_loss": res.final_loss,
         "epochs": size.steps * size.batch_size / rows.shape[0],
         "history": res.history,
@@ -233,25 +249,28 @@ def train_and_audit(r: StudyRun[Size], data: Data, name: str, loss_fn, meta: dic
 
 
 def make_claims(size: Size, results: dict, n_docs: int) -> list[Claim]:
-    std, gf = results["standard"], results["goldfish"]
-    std_exact = std["audit"]["greedy"]["train"]["exact_match_rate"]
-    gf_exact = gf["audit"]["greedy"]["train"]["exact_match_rate"]
-    ratio = gf["val_loss"] / std["val_loss"]
+    """The two memorization claims, each rate with its Wilson 95% interval over the training documents."""
+    std, gf = (results[k]["audit"]["greedy"]["train"] for k in ("standard", "goldfish"))
+    std_exact, gf_exact = std["exact_match_rate"], gf["exact_match_rate"]
     return [
         Claim("standard_memorizes",
-              f"Standard training for {std['epochs']:.0f} epochs on {n_docs} WikiText-2 articles memorizes at least half of them "
+              f"Standard training for {results['standard']['epochs']:.0f} epochs on {n_docs} WikiText-2 articles memorizes at least half of them "
               f"(greedy exact match of the {size.new_tokens}-token continuation after a {size.prompt_tokens}-token prompt)",
               "most of 100 Wikipedia articles regurgitated verbatim (LLaMA-2-7B, 100 epochs); target >= 50%",
-              f"{std_exact:.1%} ({std['audit']['greedy']['train']['exact_match']}/{n_docs})", std_exact >= STANDARD_MIN_EXACT),
+              f"{fmt_ci(rate_ci(std['exact_match'], n_docs), pct=True)} ({std['exact_match']}/{n_docs})", std_exact >= STANDARD_MIN_EXACT),
         Claim("goldfish_does_not_memorize",
               "Goldfish training (k=4, h=13, hashed mask) on identical data and steps memorizes at most 5% of the documents",
               "no article regurgitated verbatim; target <= 5%",
-              f"{gf_exact:.1%} ({gf['audit']['greedy']['train']['exact_match']}/{n_docs})", gf_exact <= GOLDFISH_MAX_EXACT),
-        Claim("goldfish_val_loss_cost",
-              f"Goldfish costs little validation loss: its loss on held-out WikiText-2 text is within {VAL_LOSS_MARGIN:.0%} of standard training's",
-              "validation loss close to the standard loss's (little cost)",
-              f"goldfish {gf['val_loss']:.4f} / standard {std['val_loss']:.4f} = {ratio:.3f}", ratio <= 1 + VAL_LOSS_MARGIN),
+              f"{fmt_ci(rate_ci(gf['exact_match'], n_docs), pct=True)} ({gf['exact_match']}/{n_docs})", gf_exact <= GOLDFISH_MAX_EXACT),
     ]
+
+
+def unigram_loss(rows: torch.Tensor, val_stream: torch.Tensor, vocab_size: int) -> float:
+    """Held-out loss (nats/token) of the add-one unigram model of the training tokens: the level a model
+    reaches by learning token frequencies only."""
+    counts = torch.bincount(rows[:, 1:].flatten(), minlength=vocab_size).double() + 1.0  # (V,)
+    logp = (counts / counts.sum()).log()
+    return float(-logp[val_stream[1:]].mean())
 
 
 def collect_metrics(r: StudyRun[Size], data: Data, results: dict, model_params: int) -> dict:
@@ -273,6 +292,8 @@ def collect_metrics(r: StudyRun[Size], data: Data, results: dict, model_params: 
         "standard_exact_match_rate": std["audit"]["greedy"]["train"]["exact_match_rate"],
         "goldfish_exact_match_rate": gf["audit"]["greedy"]["train"]["exact_match_rate"],
         "val_loss_ratio": gf["val_loss"] / std["val_loss"],
+        "best_val_loss_ratio": gf["best_val_loss"] / std["best_val_loss"],
+        "unigram_val_loss": unigram_loss(data.rows, data.val_stream, data.tok.vocab_size),
         "wall_seconds": r.budget.elapsed(),
         "cpu_seconds": r.budget.cpu_elapsed(),
         "quick_budget_seconds": r.budget.seconds,
@@ -295,14 +316,23 @@ def write_report(path: Path, claims: list[Claim], results: dict, metrics: dict, 
         mia = a.get("membership") or {}
         rows.append([name, f"{g['exact_match_rate']:.1%}", f"{b.get('exact_match_rate', float('nan')):.1%}", f"{g['token_match']:.3f}",
                      f"{g['rougeL']:.3f}", f"{g['longest_run']:.1f}", f"{a['greedy'].get('heldout', {}).get('exact_match_rate', float('nan')):.1%}",
-                     f"{mia.get('loss_auc', float('nan')):.3f}", f"{mia.get('zlib_auc', float('nan')):.3f}", f"{res['val_loss']:.4f}",
-                     f"{res['train_seconds']:.0f}"])
+                     f"{mia.get('loss_auc', float('nan')):.3f}", f"{mia.get('zlib_auc', float('nan')):.3f}",
+                     f"{res['best_val_loss']:.3f} (step {res['best_val_step']})", f"{res['val_loss']:.3f}", f"{res['train_seconds']:.0f}"])
     table = md_table(["run", "greedy exact", "beam exact", "token match", "RougeL", "longest run", "held-out exact", "loss AUC", "zlib AUC",
-                      "val loss", "train s"], rows, "l" + "r" * 10)
+                      "best val loss", "final val loss", "train s"], rows, "l" + "r" * 11)
     clock = (f"Wall time {metrics['wall_seconds']:.0f} s ({metrics['cpu_seconds']:.0f} s CPU), 1-min load average "
              f"{metrics['loadavg_1min_start']:.1f} at start and {metrics['loadavg_1min_end']:.1f} at the end.")
     doc = Markdown("Goldfish loss: memorization with and without goldfish training").section(None, setup).claims(claims)
-    doc.section("Memorization audit", table, clock).image("goldfish.png", "goldfish").write(path)
+    doc.section("Memorization audit", table, clock)
+    doc.section("Validation loss: not a claim in the quick tier",
+                f"Held-out WikiText-2 loss: best checkpoint standard {results['standard']['best_val_loss']:.3f} (step "
+                f"{results['standard']['best_val_step']}), goldfish {results['goldfish']['best_val_loss']:.3f} (step {results['goldfish']['best_val_step']}), "
+                f"ratio {metrics['best_val_loss_ratio']:.3f}; after the last step {results['standard']['val_loss']:.3f} and {results['goldfish']['val_loss']:.3f}. "
+                f"A unigram model of the training tokens scores {metrics['unigram_val_loss']:.3f}, a uniform guess {math.log(size.vocab_size):.3f}. "
+                "The claim is about the model that does not memorize; but the best checkpoints come early, before either model has "
+                "memorized anything (not the models the audit measures), and the audited models are overfit past a uniform guess. "
+                "No point of this run measures the trade-off, so the claim is left to the real tier (a pretrained model).")
+    doc.image("goldfish.png", "goldfish").write(path)
 
 
 AUDIT_BARS = (("greedy exact", lambda a: a["greedy"]["train"]["exact_match_rate"]),
@@ -318,10 +348,12 @@ def plot(results: dict, path: Path, size: Size) -> None:
             (line,) = ax1.plot(steps, [h.get("all_token_loss", h["loss"]) for h in res["history"]], label=f"{name}: all tokens")
             if "all_token_loss" in res["history"][-1]:
                 ax1.plot(steps, [h["loss"] for h in res["history"]], "--", color=line.get_color(), label=f"{name}: kept tokens")
+            ax1.plot([st for st, _ in res["val_curve"]], [v for _, v in res["val_curve"]], ":o", ms=3, color=line.get_color(),
+                     label=f"{name}: held-out (validation)")
         ax1.set_yscale("log")
         ax1.set_xlabel("step")
-        ax1.set_ylabel("training loss (nats/token)")
-        ax1.set_title("training loss on the memorized documents")
+        ax1.set_ylabel("loss (nats/token)")
+        ax1.set_title("training and held-out loss")
         ax1.legend(fontsize=8)
         names = list(results)
         width = 0.8 / len(names)

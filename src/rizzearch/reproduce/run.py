@@ -41,7 +41,7 @@ class Study:
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in (
-        Study("xlstm", "rizzearch.reproduce.xlstm", "xLSTM: Extended Long Short-Term Memory (Beck et al. 2024)", 5),
+        Study("xlstm", "rizzearch.reproduce.xlstm", "xLSTM: Extended Long Short-Term Memory (Beck et al. 2024)", 9),
         Study("rwkv", "rizzearch.reproduce.rwkv", "RWKV: Reinventing RNNs for the Transformer Era (Peng et al. 2023)", 5),
         Study("goldfish", "rizzearch.reproduce.goldfish", "Be like a Goldfish, Don't Memorize! (Hans et al. 2024)", 6),
         Study("orpo", "rizzearch.reproduce.orpo", "ORPO: Monolithic Preference Optimization without Reference Model (Hong et al. 2024)", 6),
