@@ -401,6 +401,21 @@ def write_report(report: MemorizationReport, out: str | Path) -> Path:
     return out
 
 
+def _model_and_tokenizer(checkpoint: str, tokenizer: str | None, device: str):
+    """The audited model and its tokenizer (the source's own, or ``tokenizer`` checked against it) -> (model, tok, meta)."""
+    from rizzearch.data.tokenizer import Tokenizer
+    from rizzearch.errors import CheckpointError
+    from rizzearch.training import checkpoint as ckpt_io
+
+    model, tok, meta = ckpt_io.load_any(checkpoint, device=device, tokenizer=tokenizer is None)
+    if tokenizer is not None:
+        tok = Tokenizer.load(tokenizer)
+        ckpt_io.check_tokenizer(tok, meta, tokenizer)
+    if tok is None:
+        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint; pass --tokenizer")
+    return model, tok, meta
+
+
 def memorization_command(
     checkpoint: str | None = None,
     documents: str | None = None,
@@ -442,11 +457,8 @@ def memorization_command(
         progress: show a progress bar.
         init: the same as --checkpoint (any model source).
     """
-    from rizzearch.data.tokenizer import Tokenizer
-    from rizzearch.errors import CheckpointError
     from rizzearch.runs import make_run_dir
     from rizzearch.training import checkpoint as ckpt_io
-
     from rizzearch.training.distributed import check_device
     from rizzearch.training.recipes import model_source
 
@@ -457,12 +469,7 @@ def memorization_command(
     check_device(device)
     if max_tokens is not None and max_tokens < prompt_tokens + new_tokens:
         raise ConfigError(f"max_tokens ({max_tokens}) must be >= prompt_tokens + new_tokens ({prompt_tokens + new_tokens})")
-    model, tok, meta = ckpt_io.load_any(checkpoint, device=device, tokenizer=tokenizer is None)
-    if tokenizer is not None:
-        tok = Tokenizer.load(tokenizer)
-        ckpt_io.check_tokenizer(tok, meta, tokenizer)
-    if tok is None:
-        raise CheckpointError(f"{checkpoint}: no tokenizer.json next to the checkpoint; pass --tokenizer")
+    model, tok, meta = _model_and_tokenizer(checkpoint, tokenizer, device)
     train_docs = read_documents(documents)
     held_docs = read_documents(heldout) if heldout else []
 
