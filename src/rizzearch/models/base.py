@@ -183,6 +183,20 @@ class CausalLM(nn.Module):
         mask = attention_mask.bool()
         return None if bool(mask.all()) else mask
 
+    def _recurrent_forward(self, tokens: Tensor, state: State, attention_mask: Tensor | None):
+        """``forward`` of a recurrent model whose ``_run(tokens, state, mask)`` runs its blocks: checks
+        the inputs; one padded token is computed unmasked and its row keeps the old state."""
+        self._check_tokens(tokens, attention_mask)
+        B, T = tokens.shape
+        if state is not None:
+            self._check_state(state, B)
+        mask = self._padding_mask(attention_mask)
+        if mask is not None and T == 1:
+            old = state if state is not None else self.init_state(B, tokens.device)
+            logits, new = self._run(tokens, old, None)
+            return logits, where_state(mask[:, 0], new, old)
+        return self._run(tokens, state, mask)
+
 
 # ----------------------------------------------------------------------------------------------
 # Registry

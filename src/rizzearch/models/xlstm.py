@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
-from rizzearch.models.base import CausalLM, register_model, where_state
+from rizzearch.models.base import CausalLM, register_model
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_step
 from rizzearch.ops.slstm import slstm_forward, slstm_step
 
@@ -462,16 +462,7 @@ class XLSTM(CausalLM):
 
     def forward(self, tokens: Tensor, state=None, attention_mask: Tensor | None = None):
         """tokens (B, T) -> logits (B, T, V) and the state after the last token."""
-        self._check_tokens(tokens, attention_mask)
-        B, T = tokens.shape
-        if state is not None:
-            self._check_state(state, B)
-        mask = self._padding_mask(attention_mask)
-        if mask is not None and T == 1:  # one token: compute, then keep the old state where padded
-            old = state if state is not None else self.init_state(B, tokens.device)
-            logits, new = self._run(tokens, old, None)
-            return logits, where_state(mask[:, 0], new, old)
-        return self._run(tokens, state, mask)
+        return self._recurrent_forward(tokens, state, attention_mask)
 
     def _run(self, tokens: Tensor, state, mask: Tensor | None):
         x = self.embed(tokens)  # (B, T, E)
