@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "memorization": ("rizzearch.eval.memorization:memorization_command", "Audit how much of its training text a checkpoint regurgitates."),
     "rag index": ("rizzearch.rag.cli:index", "Build the legal RAG index (SQLite FTS5 + dense vectors) over the bundled corpus."),
     "rag ask": ("rizzearch.rag.cli:ask", "Answer a legal question with citations and the passages used."),
-    "audit": ("rizzearch.audit.cli:audit", "Run the Magesh et al. hallucination audit over RAG systems and write a report."),
+    "audit": ("rizzearch.commands.audit:audit", "Run the Magesh et al. hallucination audit over RAG systems and write a report."),
     "audit agreement": ("rizzearch.audit.agreement:agreement_command", "Cohen's kappa of our labeller against expert labels (reglab/legal_rag_hallucinations CSVs)."),
     "bench": ("rizzearch.bench:bench", "Run the speed benchmarks against the reference implementations."),
     "reproduce": ("rizzearch.reproduce.run:reproduce", "Reproduce the papers' main claims (all studies, or one) and write a report."),

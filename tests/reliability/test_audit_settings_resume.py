@@ -99,7 +99,7 @@ def test_audit_set_aside_never_replaces_a_file(tmp_path):
 
 
 def test_audit_settings_name_the_endpoint_but_never_its_key(monkeypatch):
-    from rizzearch.audit.cli import _system_settings
+    from rizzearch.commands.audit import _system_settings
     from rizzearch.rag.endpoint import EndpointGenerator
     from rizzearch.rag.systems import ClosedBook
 

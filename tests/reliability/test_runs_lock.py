@@ -111,7 +111,7 @@ def test_second_writer_message_through_the_cli(tmp_path, capsys):
 
 
 def test_align_audit_and_reproduce_refuse_a_locked_folder(tmp_path):
-    from rizzearch.audit.cli import audit
+    from rizzearch.commands.audit import audit
     from rizzearch.reproduce.run import reproduce
     from rizzearch.training.align import align
 

@@ -15,5 +15,5 @@
 
 Nothing here judges an answer: the audit's labels and support scorer live in ``audit.labels``, the
 verified system's own support check in ``rag.support``. ``rag`` and ``audit`` import this package and
-never each other (``audit.cli``, the command that wires systems to the judge, excepted).
+never each other; the command that wires systems to the judge is ``commands.audit``, above both.
 """

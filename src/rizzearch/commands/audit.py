@@ -1,4 +1,6 @@
-"""``rizz audit``: run systems over the query set, label, report (resumable)."""
+"""``rizz audit``: run RAG systems over the query set, label their answers with the audit, report (resumable).
+
+The one place that imports both the systems (``rizzearch.rag``) and their judge (``rizzearch.audit``)."""
 
 from __future__ import annotations
 
