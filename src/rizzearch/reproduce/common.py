@@ -15,8 +15,10 @@ from the same parts: a ``Modes`` table (its sizes and wall-clock budget per mode
 ``StudyRun`` started from it (folder, mode, sizes, device, seed, clock), then data, train,
 evaluate and claims steps, and the shared writers (``Markdown`` for report.md, ``figure`` for
 plots, ``claims_table`` for claims). Tiers: every study has the ``quick`` tier (models trained from
-scratch); a tier is one ``Modes`` table, so a later ``real`` tier (pretrained models) is a second
-table the same ``StudyRun`` selects from.
+scratch), and the ORPO, Goldfish and legal-RAG studies have a ``real`` tier (the pretrained
+SmolLM2-135M-Instruct, ``real_model``) in a module of its own (``orpo_real``, ...) with its own
+``Modes`` table (``tier="real"``); both tiers write the same schema, and every real-tier claim
+records its ``model``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from rizzearch.runs import atomic_write_text
 
 CLAIM_KEYS = ("id", "statement", "paper_value", "our_value", "holds")
 MODES = ("tiny", "quick", "full")
-TIERS = ("quick",)  # issue 16 adds "real" (pretrained models): one more Modes table per study
+TIERS = ("quick", "real")  # quick: models trained from scratch; real: the pretrained SmolLM2-135M-Instruct
+REAL_MODEL = "SmolLM2-135M-Instruct (Q4_1, dequantized)"  # the "model" of every real-tier claim
+TINY_REAL_MODEL = "random tiny llama with SmolLM2's tokenizer (tiny mode: smoke test, numbers meaningless)"
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Claim:
         paper_value: the paper's own number or wording (str or number).
         our_value: what we measured (str or number).
         holds: whether the claim holds at our scale.
+        model: the model it was measured on (every real-tier claim names it, e.g. ``REAL_MODEL``).
     """
 
     id: str
@@ -60,6 +65,7 @@ class Claim:
     paper_value: Any
     our_value: Any
     holds: bool
+    model: str | None = None
 
 
 # -- environment and clocks ---------------------------------------------------------------------
@@ -135,7 +141,8 @@ class Modes(Generic[S]):
         quick: the default sizes (``make demo``), each study within its minutes on 2 CPU cores.
         full: larger models and longer runs.
         budget_s: wall-clock budget in seconds per mode (``{"tiny": .., "quick": .., "full": ..}``).
-        tier: the tier this table belongs to (``"quick"``; issue 16 adds ``"real"``).
+        tier: the tier this table belongs to: ``"quick"`` (models trained from scratch) or ``"real"``
+            (the pretrained SmolLM2-135M-Instruct; ``real_model`` loads it).
     """
 
     tiny: S
@@ -200,6 +207,31 @@ def torch_threads(n: int, device: str | None = None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def real_model(run: "StudyRun", dtype: torch.dtype | None = None):
+    """The real tier's model: SmolLM2-135M-Instruct (``load_pretrained("smollm2")``) on ``run.device``.
+
+    In tiny mode (the default test suite) a random 2-layer llama with SmolLM2's own tokenizer and
+    chat template stands in, so every code path of a real-tier study runs in seconds. Returns
+    ``(pretrained, model_name)``; ``model_name`` is what each claim records as its ``model``.
+    """
+    from rizzearch.models.llama import Llama, LlamaConfig
+    from rizzearch.models.pretrained import Pretrained, load_pretrained
+
+    if run.mode != "tiny":
+        return load_pretrained("smollm2", dtype=dtype, device=run.device), REAL_MODEL
+    from rizzearch.data.gguf import tokenizer_from_gguf_fields
+    from rizzearch.models.gguf import field_values, open_gguf
+    from rizzearch.models.pretrained import bundled_path
+
+    torch.manual_seed(run.seed)
+    path = bundled_path("smollm2")
+    fields = field_values(open_gguf(path))
+    tok, template = tokenizer_from_gguf_fields(fields, where=str(path)), fields.get("tokenizer.chat_template")
+    cfg = LlamaConfig(vocab_size=49152, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64)
+    model = Llama(cfg).to(device=run.device, dtype=dtype or torch.float32).eval()
+    return Pretrained(model, tok, template, "tiny-random-llama", "random"), TINY_REAL_MODEL
+
+
 # -- results.json -------------------------------------------------------------------------------
 
 
@@ -234,6 +266,8 @@ def validate_results(data: Any, source: str = "results.json") -> dict:
             raise DataError(f"{source}: claims[{i}] misses field(s) {missing}")
         if not isinstance(claim["holds"], bool):
             raise DataError(f"{source}: claims[{i}].holds must be true or false, got {claim['holds']!r}")
+        if claim.get("model") is not None and not isinstance(claim["model"], str):
+            raise DataError(f"{source}: claims[{i}].model must be a string, got {claim['model']!r}")
     return data
 
 
