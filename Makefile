@@ -1,5 +1,7 @@
 # rizzearch: two commands on a fresh machine.
-#   make demo   reproduce the five papers' main claims (quick mode) and write one report
+#   make demo   reproduce the five papers' main claims (quick tier: models trained from scratch) and write one report
+#   make demo-real  the real tier: ORPO, Goldfish and the legal audit on the pretrained SmolLM2-135M-Instruct
+#               (<= 75 min on 2 CPU cores); into the same folder as make demo, so the report shows both tiers
 #   make test   run the test suite (CPU; includes the parity tests against the reference packages)
 #   make gpu-check  on a CUDA machine: gpu tests + CUDA benchmark sections -> runs/gpu-check/report.md (< 8 min)
 # Each target installs what it needs into .venv first.
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench gpu-check clean
+.PHONY: install demo demo-real test test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -28,6 +30,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/rizz reproduce --out $(OUT)
+
+demo-real: install
+	$(VENV)/bin/rizz reproduce --tier real --out $(OUT)
 
 test: install
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)

@@ -123,3 +123,45 @@ def test_study_mode():
     assert [study_mode(False, False), study_mode(True, False), study_mode(False, True)] == ["quick", "full", "tiny"]
     with pytest.raises(ConfigError, match="at most one"):
         study_mode(True, True)
+
+
+def test_both_tiers_share_a_folder_and_the_report_shows_them_side_by_side(fake_studies, tmp_path, monkeypatch, capsys):
+    real = {"good": rr.Study("good", "fakestudies.good", "Good paper (2024)", 2, "real")}
+    monkeypatch.setattr(rr, "REAL_STUDIES", real)
+    out = tmp_path / "run"
+    rr.reproduce(out=str(out), parity=False)  # quick tier: good + bad
+    combined = rr.reproduce(out=str(out), parity=False, tier="real")
+    assert "estimated at most 2 min" in capsys.readouterr().err
+    assert (out / "real" / "good" / "results.json").is_file() and (out / "good" / "results.json").is_file()
+    ids = [(c["id"], c["tier"]) for c in combined["claims"]]
+    assert ids == [("good/c1", "quick"), ("good/c2", "quick"), ("good/real/c1", "real"), ("good/real/c2", "real")]
+    assert set(combined["metrics"]["studies"]) == {"good", "bad", "good/real"}
+    assert set(combined["metrics"]["tier_seconds"]) == {"quick", "real"}
+    md = (out / "report.md").read_text()
+    assert "quick tier: status | claims holding | wall time | real tier: status" in md
+    assert "### Quick tier: models trained from scratch" in md and "### Real tier: SmolLM2-135M-Instruct (pretrained)" in md
+    assert "rizz reproduce good --tier real --out runs/good-real" in md and "![plot](real/good/plot.png)" in md
+    html = (out / "report.html").read_text()
+    assert "<th colspan='3'>real tier</th>" in html and "id='good/real'" in html
+    # the real tier alone does not rerun the quick studies, and a rerun resumes
+    rr.reproduce(out=str(out), parity=False, tier="real")
+    assert (out / "real" / "good" / "runs.txt").read_text() == "1" and (out / "good" / "runs.txt").read_text() == "1"
+
+
+def test_unknown_tier_and_study_of_another_tier_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown tier 'huge'"):
+        rr.reproduce(out=str(tmp_path / "x"), tier="huge")
+    with pytest.raises(ConfigError, match="unknown study 'xlstm' in the real tier"):
+        rr.reproduce(study="xlstm", out=str(tmp_path / "y"), tier="real")
+    assert set(rr.REAL_STUDIES) == {"orpo", "goldfish", "legal-rag"}
+    assert all(s.module.endswith("_real") and s.tier == "real" for s in rr.REAL_STUDIES.values())
+    assert sum(s.budget_min for s in rr.REAL_STUDIES.values()) + rr.PARITY_MIN <= rr.REAL_TIER_BUDGET_MIN
+
+
+def test_claim_model_field_is_checked():
+    ok = {"study": "s", "claims": [{"id": "a", "statement": "", "paper_value": 1, "our_value": 1, "holds": True, "model": "SmolLM2"}],
+          "metrics": {}, "environment": {}}
+    validate_results(ok)
+    ok["claims"][0]["model"] = 3
+    with pytest.raises(DataError, match=r"claims\[0\].model must be a string"):
+        validate_results(ok)

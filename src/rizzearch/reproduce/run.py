@@ -35,7 +35,8 @@ class Study:
     name: str
     module: str
     paper: str
-    budget_min: float  # quick-mode wall-clock budget on 2 CPU cores
+    budget_min: float  # wall-clock budget of its default mode on 2 CPU cores
+    tier: str = "quick"
 
 
 STUDIES: dict[str, Study] = {
@@ -48,6 +49,25 @@ STUDIES: dict[str, Study] = {
         Study("legal-rag", "rizzearch.reproduce.legal_rag", "Hallucination-Free? Assessing the Reliability of Leading AI Legal Research Tools (Magesh et al. 2024)", 5),
     )
 }
+# the real tier: the same papers' claims measured on the pretrained SmolLM2-135M-Instruct (issue 16, 17)
+REAL_STUDIES: dict[str, Study] = {
+    s.name: Study(s.name, f"{s.module}_real", s.paper, minutes, "real")
+    for s, minutes in ((STUDIES["goldfish"], 18), (STUDIES["orpo"], 25), (STUDIES["legal-rag"], 15))
+}
+REAL_TIER_BUDGET_MIN = 75  # the whole real tier on 2 CPU cores (issue 16)
+PARITY_MIN = 3  # the anchors-marked parity tests, about
+
+
+def studies_of(tier: str) -> dict[str, Study]:
+    """The studies of one tier (read at call time, so tests can swap the tables)."""
+    if tier not in ("quick", "real"):
+        raise ConfigError(f"tier: unknown tier {tier!r}; choose quick (models trained from scratch) or real (SmolLM2-135M-Instruct)")
+    return STUDIES if tier == "quick" else REAL_STUDIES
+
+
+def study_folder(run: Path, study: Study) -> Path:
+    """Where a study of a multi-study run writes: ``RUN/<study>`` (quick tier), ``RUN/real/<study>`` (real tier)."""
+    return run / study.name if study.tier == "quick" else run / "real" / study.name
 
 
 def _is_done(study_dir: Path) -> bool:
@@ -73,10 +93,10 @@ def _run_child(study: Study, study_dir: Path, full: bool, tiny: bool, device: st
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
-                sys.stderr.write(f"[{study.name}] {line}")
+                sys.stderr.write(f"[{study.name if study.tier == 'quick' else study.name + ' real'}] {line}")
             proc.wait()
     seconds = time.perf_counter() - t0
-    status = {"study": study.name, "seconds": seconds, "returncode": proc.returncode}
+    status = {"study": study.name, "tier": study.tier, "seconds": seconds, "returncode": proc.returncode}
     if proc.returncode == 0 and _is_done(study_dir):
         status["status"] = "ok"
     else:
@@ -156,26 +176,34 @@ def reproduce(
     seed: int = 0,
     force: bool = False,
     parity: bool = True,
+    tier: str = "quick",
 ) -> dict:
-    """Reproduce the papers' main claims: all five studies (or one) and one report.
+    """Reproduce the papers' main claims: all studies of a tier (or one) and one report.
 
-    ``rizz reproduce`` runs xlstm, rwkv, goldfish, orpo and legal-rag in quick mode (about 30
-    minutes on 2 CPU cores) and writes OUT/report.html, OUT/report.md and OUT/results.json.
-    ``rizz reproduce rwkv --out DIR`` runs one study. Rerunning with the same --out resumes:
-    finished studies are kept.
+    ``rizz reproduce`` runs the quick tier: xlstm, rwkv, goldfish, orpo and legal-rag on models
+    trained from scratch in the run (about 15 minutes on 2 CPU cores; ``make demo``).
+    ``rizz reproduce --tier real`` runs the real tier: goldfish, orpo and legal-rag on the
+    pretrained SmolLM2-135M-Instruct (at most 75 minutes on 2 CPU cores, minutes on one GPU with
+    ``--device cuda``; ``make demo-real``). Both tiers can share one ``--out`` folder (quick-tier
+    studies in OUT/<study>, real-tier ones in OUT/real/<study>); the report then shows the two tiers
+    side by side. ``rizz reproduce rwkv --out DIR`` runs one study into DIR. Rerunning with the
+    same --out resumes: finished studies are kept.
 
     Args:
-        study: one of xlstm, rwkv, goldfish, orpo, legal-rag (None: all five).
+        study: one study of the tier (quick: xlstm, rwkv, goldfish, orpo, legal-rag; real:
+            goldfish, orpo, legal-rag); None: all of them.
         out: run folder (default: runs/reproduce-<timestamp>).
-        full: larger models and longer runs instead of quick mode.
+        full: larger models and longer runs than the tier's default.
         tiny: smoke-test sizes (seconds per study; numbers are not meaningful).
         device: cpu or cuda.
         seed: random seed for every study.
         force: rerun studies that already have results in ``out``.
         parity: also run the parity tests against the reference implementations.
+        tier: quick (models trained from scratch) or real (the pretrained SmolLM2-135M-Instruct).
     """
-    if study is not None and study not in STUDIES:
-        raise ConfigError(f"study: unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    table = studies_of(tier)
+    if study is not None and study not in table:
+        raise ConfigError(f"study: unknown study {study!r} in the {tier} tier; choose one of {', '.join(table)}")
     study_mode(full, tiny)  # both flags: fail here, not in every study
     if device.startswith("cuda"):
         import torch
@@ -185,10 +213,14 @@ def reproduce(
     run = make_run_dir(out, "reproduce", write_config=False)
     run_lock = lock_run_dir(run, "reproduce")  # one writer per run folder (released on return or error)
     write_run_config(run)
-    # one study into its own folder: `rizz reproduce rwkv --out DIR` writes DIR/results.json
-    single = study is not None
+    single = study is not None  # one study into its own folder: `rizz reproduce rwkv --out DIR` writes DIR/results.json
+    chosen = [table[study]] if single else list(table.values())
+    if tier == "real" and not single:
+        estimate = sum(s.budget_min for s in chosen) + (PARITY_MIN if parity else 0)
+        print(f"real tier: {len(chosen)} studies on SmolLM2-135M-Instruct, estimated at most {estimate:g} min on 2 CPU cores "
+              f"(budget {REAL_TIER_BUDGET_MIN} min; minutes on a GPU)", file=sys.stderr)
     t_all = time.perf_counter()
-    statuses = _run_studies([STUDIES[study]] if single else list(STUDIES.values()), run, single, full, tiny, device, seed, force)
+    statuses = _run_studies(chosen, run, single, full, tiny, device, seed, force)
     parity_result = None
     if parity and not single:
         print("parity tests against the reference implementations (pytest -m anchors) ...", file=sys.stderr)
@@ -198,29 +230,47 @@ def reproduce(
             print(f"parity tests skipped: {parity_result['reason']}", file=sys.stderr)
     if single:
         return {"statuses": statuses}
+    statuses = _with_other_tiers(run, tier, statuses)
     combined = build_report(run, statuses, parity_result, wall_seconds=time.perf_counter() - t_all, full=full, device=device,
                             papers={s.name: s.paper for s in STUDIES.values()})
     print(f"report: {run / 'report.html'} (and report.md, results.json)", file=sys.stderr)
     held = sum(c["holds"] for c in combined["claims"])
-    print(f"{held}/{len(combined['claims'])} claims hold; studies: " + ", ".join(f"{s['study']} {s['status']}" for s in statuses))
+    print(f"{held}/{len(combined['claims'])} claims hold; studies: " + ", ".join(f"{s['study']}{'' if s.get('tier', 'quick') == 'quick' else ' (real)'} {s['status']}" for s in statuses))
     return combined
 
 
+def _with_other_tiers(run: Path, tier: str, statuses: list[dict]) -> list[dict]:
+    """This run's statuses plus those of the other tier's studies already run in the same folder.
+
+    ``make demo`` then ``make demo-real`` into one folder give one report with both tiers side by side.
+    """
+    other = "real" if tier == "quick" else "quick"
+    found = []
+    for s in studies_of(other).values():
+        folder = study_folder(run, s)
+        prev = folder / "status.json"
+        if prev.is_file():  # finished or failed: both are shown
+            found.append({**json.loads(prev.read_text()), "tier": other})
+        elif _is_done(folder):
+            found.append({"study": s.name, "status": "ok", "seconds": None, "tier": other})
+    return sorted(statuses + found, key=lambda st: st.get("tier", "quick") != "quick")
 
 
 def _run_studies(chosen: list[Study], run: Path, single: bool, full: bool, tiny: bool, device: str, seed: int, force: bool) -> list[dict]:
     """Run each chosen study in its own process, skipping those already done (unless ``force``); their statuses."""
     statuses = []
     for i, s in enumerate(chosen, 1):
-        study_dir = run if single else run / s.name
+        study_dir = run if single else study_folder(run, s)
+        label = s.name if s.tier == "quick" else f"{s.name} (real tier)"
         if not force and _is_done(study_dir):
-            print(f"[{i}/{len(chosen)}] {s.name}: already done in {study_dir}, skipping (use --force true to rerun)", file=sys.stderr)
+            print(f"[{i}/{len(chosen)}] {label}: already done in {study_dir}, skipping (use --force true to rerun)", file=sys.stderr)
             prev = study_dir / "status.json"
-            statuses.append(json.loads(prev.read_text()) if prev.is_file() else {"study": s.name, "status": "ok", "seconds": None})
+            st = json.loads(prev.read_text()) if prev.is_file() else {"study": s.name, "status": "ok", "seconds": None}
+            statuses.append({**st, "tier": s.tier})
             continue
-        print(f"[{i}/{len(chosen)}] {s.name}: {s.paper} (quick budget {s.budget_min:g} min)", file=sys.stderr)
+        print(f"[{i}/{len(chosen)}] {label}: {s.paper} (budget {s.budget_min:g} min)", file=sys.stderr)
         st = _run_child(s, study_dir, full, tiny, device, seed)
-        print(f"[{i}/{len(chosen)}] {s.name}: {st['status']} in {st['seconds']:.0f}s", file=sys.stderr)
+        print(f"[{i}/{len(chosen)}] {label}: {st['status']} in {st['seconds']:.0f}s", file=sys.stderr)
         statuses.append(st)
     return statuses
 
