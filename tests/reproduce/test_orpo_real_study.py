@@ -45,6 +45,7 @@ def test_tiny_run_writes_results_report_and_plots(tiny_run):
     for curve in m["curves"].values():
         steps = [p["step"] for p in curve]
         assert steps[0] == 0 and steps[-1] == sz["steps"] and steps == sorted(steps) and len(steps) >= 3
+    assert set(m["curves"]) == set(orpo_real.CURVE_METHODS)
     assert m["curves"]["sft"][0] == m["curves"]["orpo"][0]  # the same base point
     assert {"load_model", "data", "train", "evaluate"} <= set(m["phase_seconds"]) and m["load_average"] is not None
     assert (out / "report.md").read_text().startswith("# ORPO study, real tier (tiny mode)")
