@@ -343,10 +343,11 @@ def collect_metrics(r, model_name, splits, plan, t, results, curves, sweeps, com
             "compute": compute, "paired_differences": diffs, "estimate_quiet_seconds": plan["quiet_seconds"],
             "phase_seconds": clock, "wall_seconds": wall, "cpu_seconds": r.budget.cpu_elapsed(), "budget_seconds": r.budget.seconds,
             "within_budget": wall <= r.budget.seconds, "torch_threads": torch.get_num_threads(),
-            "load_average_start": r.budget.load_start, "load_average": None if loads is None else [round(x, 2) for x in loads]}
+            "load_average_start": None if r.budget.load_start is None else round(r.budget.load_start, 2), "load_average": None if loads is None else [round(x, 2) for x in loads]}
 
 
-LABELS = {"base": "base (no fine-tuning)", "sft": "SFT", "sft+dpo": "SFT then DPO", "orpo": "ORPO", "orpo_lam1": "ORPO (ablation)"}
+LABELS = {"base": "base (no fine-tuning)", "sft": "SFT", "sft+dpo": "SFT then DPO", "orpo": "ORPO (lambda {lam:g})",
+          "orpo_lam1": "ORPO (lambda {lam:g}, ablation)"}
 
 
 def write_report(out: Path, claims: list[Claim], metrics: dict) -> None:
@@ -355,7 +356,7 @@ def write_report(out: Path, claims: list[Claim], metrics: dict) -> None:
     for m in METHODS:
         x, c = res[m], comp.get(m, {})
         sel = lr.get("sft" if m == "sft" else m, {}).get("selected_lr", "")
-        label = LABELS[m] + (f" (lambda {sz['lam'] if m == 'orpo' else sz['lam_ablation']:g})" if m.startswith("orpo") else "")
+        label = LABELS[m].format(lam=sz["lam"] if m == "orpo" else sz["lam_ablation"])
         rows.append([label, fmt_ci(x["accuracy_ci"]), f"{x['chosen_logp']:.3f}", f"{x['rejected_logp']:.3f}", fmt_ci(x["margin_ci"]),
                      str(sel), f"{c.get('forward_sequences', 0):,}"])
     table = md_table(["method", "test preference accuracy", "chosen logp", "rejected logp", "logp margin", "selected lr",
