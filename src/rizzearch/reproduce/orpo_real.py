@@ -91,7 +91,7 @@ class Size:
 
 
 QUICK = Size()
-TINY = Size(max_tokens=96, steps=2, batch=2, val_pairs=4, test_pairs=6, curve_pairs=4, curve_points=2, read_limit=200, bootstrap=200)
+TINY = Size(max_tokens=80, steps=2, batch=2, val_pairs=2, test_pairs=4, curve_pairs=2, curve_points=2, read_limit=200, bootstrap=200)
 FULL = Size(max_tokens=192, steps=160, val_pairs=128, test_pairs=400, curve_pairs=64)  # estimated ~2 h on 2 quiet cores
 MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": 60, "quick": 25 * 60, "full": 3 * 60 * 60}, tier="real")
 
