@@ -137,6 +137,21 @@ def test_claim_forwards_fails_with_a_reference_pass_or_more_sequences():
     assert not orpo_real.claim_forwards(compute, "m").holds
 
 
+def test_trainer_refuses_adapters_of_another_model():
+    from types import SimpleNamespace
+
+    from rizzearch.errors import CheckpointError
+    from rizzearch.models.llama import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig(vocab_size=64, d_model=32, n_layer=1, n_head=4, n_kv_head=2, d_ff=64))
+    run = SimpleNamespace(seed=0, size=SZ, device="cpu")
+    t = orpo_real.Trainer(run, model, None, None)
+    assert t.trainable > 0 and all(".lora_" in k for k in t.init)
+    t.load(t.init)  # its own adapters load
+    with pytest.raises(CheckpointError, match="does not match"):
+        t.load({"blocks.7.attn.qkv.lora_A.0": torch.zeros(16, 32)})
+
+
 def test_summarize_counts_ties_as_wrong():
     s = summarize(*_logps([-1.0, -2.0, -1.0], [-2.0, -1.0, -1.0]))
     assert s["pref_accuracy"] == pytest.approx(1 / 3) and s["logp_margin"] == pytest.approx(0.0) and s["n"] == 3

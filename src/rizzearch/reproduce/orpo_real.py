@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from rizzearch.data.batches import RowBatches
+from rizzearch.errors import CheckpointError
 from rizzearch.objectives.dpo import DPOConfig
 from rizzearch.objectives.orpo import ORPOConfig
 from rizzearch.reproduce.common import (
@@ -145,7 +146,8 @@ class Trainer:
     def load(self, state: dict) -> None:
         res = self.model.load_state_dict(state, strict=False)
         if res.unexpected_keys or any(".lora_" in k for k in res.missing_keys):
-            raise RuntimeError(f"adapter state does not match the model: {res.unexpected_keys[:3]} {res.missing_keys[:3]}")
+            raise CheckpointError(f"LoRA adapter state does not match the model: unexpected {res.unexpected_keys[:3]}, "
+                                  f"missing {[k for k in res.missing_keys if '.lora_' in k][:3]}")
 
     def score(self, ps) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_logps(self.model, ps.tensors, self.run.size.eval_batch, self.run.device)
