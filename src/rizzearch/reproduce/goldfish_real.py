@@ -100,8 +100,13 @@ class Size:
         return self.epochs * self.articles // self.batch_size
 
 
-QUICK = Size(articles=32, tokens=128, epochs=12, batch_size=4, lr=1e-4)
-FULL = Size(articles=48, tokens=256, epochs=20, batch_size=4, lr=1e-4, val_windows=64)
+# lr 3e-4: a pilot (standard loss only, 8 articles x 128 tokens, batch 4, constant lr 2e-4; exact match
+# read from teacher-forced argmaxes, which equals greedy exact match) reached 4/8 exact after 7 epochs
+# at 99.1% token accuracy (loss 0.11, falling ~0.6x per epoch): near-total regurgitation needs about
+# 12 epochs at 2e-4 (a cumulative per-article lr of ~2.4e-3). With warmup and cosine decay to 10%
+# the quick run gives each article 20 epochs at a mean lr of ~1.65e-4 (cumulative ~3.3e-3).
+QUICK = Size(articles=20, tokens=128, epochs=20, batch_size=4, lr=3e-4)
+FULL = Size(articles=48, tokens=256, epochs=20, batch_size=4, lr=3e-4, val_windows=64)
 TINY = Size(articles=6, tokens=40, epochs=2, batch_size=3, lr=1e-3, prompt_tokens=16, heldout_documents=3, val_windows=4,
             val_window_tokens=32, audit_batch=4)
 MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": 120.0, "quick": 18 * 60.0, "full": 90 * 60.0}, tier="real")
@@ -387,7 +392,8 @@ def plot_rouge(results: dict, path: Path, size: Size) -> None:
         for ax, name in zip(axes, names):
             ax.hist(results[name]["audit"]["rougeL"], bins=[i / 10 for i in range(11)], color="tab:red" if name == "standard" else "tab:blue")
             ax.set_xlim(0, 1)
-            ax.set_title(name, fontsize=9)
+            a = results[name]["audit"]
+            ax.set_title(f"{name}: {sum(a['exact'])}/{len(a['exact'])} exact", fontsize=9)
             ax.set_xlabel("RougeL")
         axes[0].set_ylabel(f"articles (of {size.articles})")
 
