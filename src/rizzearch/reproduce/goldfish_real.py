@@ -31,6 +31,8 @@ of goldfish - standard over validation windows is below the margin); memorizatio
 from __future__ import annotations
 
 import copy
+import json
+import math
 import re
 import sys
 import time
@@ -147,8 +149,6 @@ class Data:
 def prepare_data(size: Size, tok, seed: int, out: Path) -> Data:
     """Choose the articles (seeded permutation of the long-enough test-split articles), cut the
     validation windows and write documents.jsonl / heldout.jsonl (the exact training text)."""
-    import json
-
     arts = split_articles(corpora.path("wikitext-2-test").read_text(encoding="utf-8"))
     enc = [tok.encode(t) for _, t in arts]
     long = [i for i, e in enumerate(enc) if len(e) >= size.tokens + 1]
@@ -194,8 +194,9 @@ class Progress:
         self.done += self.phases[phase]
         left = sum(self.phases.values()) - self.done
         el = self.r.budget.elapsed()
-        eta = el / max(self.done, 1e-9) * left
-        print(f"[goldfish real] {phase} done; {el:.0f}s elapsed, ETA {eta:.0f}s (load {load_averages()[0] if load_averages() else float('nan'):.1f})",
+        eta = el / max(self.done, 1e-9) * left  # the estimate's phase weights, scaled by the speed measured so far
+        loads = load_averages()
+        print(f"[goldfish real] {phase} done; {el:.0f}s elapsed, ETA {eta:.0f}s (1-min load {loads[0] if loads else math.nan:.1f})",
               file=sys.stderr, flush=True)
 
 
