@@ -381,7 +381,8 @@ class PretrainedGenerator:
             text = messages_to_text(request.messages)
         return self.tokenizer.encode(text)[-self.max_context:]
 
-    def _answer(self, toks: list[int]) -> str:
+    def answer_text(self, toks: list[int]) -> str:
+        """The answer in generated tokens ``toks``: decoded up to the first eos, special tokens skipped."""
         eos = self.tokenizer.eos_id
         return self.tokenizer.decode(toks[: toks.index(eos)] if eos in toks else toks, skip_special_tokens=True).strip()
 
@@ -417,7 +418,7 @@ class PretrainedGenerator:
             for i in range(0, len(todo), self.batch_size):
                 chunk = todo[i : i + self.batch_size]
                 for p, toks in zip(chunk, self._greedy([list(p) for p in chunk])):
-                    self._memo[p] = self._answer(toks)
+                    self._memo[p] = self.answer_text(toks)
         finally:
             _set_threads(old)
         return [self._memo[p] for p in prompts]
