@@ -261,7 +261,7 @@ def run_study(modes: Modes[Size], out_dir: str, *, full: bool, tiny: bool, devic
                "paired": paired, "timing": res["timing"], "simulated_ablation": simulated,
                "labels_deterministic": _deterministic(rows, queries, auth),
                "seconds": {"index": round(t_index, 2), "audit": res["timing"]["wall_s"], "simulated_ablation": round(t_sim, 2),
-                           "total": round(run.budget.elapsed(), 2)},
+                           "total": round(run.budget.elapsed(), 2), "process_cpu": round(run.budget.cpu_elapsed(), 2)},
                "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]}}
     _report(run.out, m, rows, queries, claims, metrics)
     return run.finish(claims, metrics)
