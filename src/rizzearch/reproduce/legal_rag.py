@@ -33,7 +33,10 @@ from rizzearch.reproduce.common import Claim, Modes, StudyRun, claims_table, fmt
 STUDY = "legal-rag"
 SYSTEMS = ("closed_book", "naive_rag", "verified_rag")
 SIMULATED = "simulated"
-EST_S_PER_QUERY = 2.6  # three answers of SmolLM2 on 2 quiet cores (measured per batch of 8, loaded machine rescaled)
+# Three answers of SmolLM2 per query on 2 quiet cores, estimated from the quiet-machine forward cost (8 x 128 tokens in
+# ~1.4 s, ~730 tokens/s): ~1.3 RAG prompts of ~800 tokens to prefill (verified RAG's usually equals naive RAG's and is
+# generated once) plus 64 greedy steps in batches of 8. Not yet checked on a quiet machine (see docs/legal_rag.md).
+EST_S_PER_QUERY = 2.6
 
 
 @dataclass(frozen=True)
