@@ -95,8 +95,3 @@ void xl_swiglu(int64_t B, int64_t F, const float* gu, float* out) {
     for (int64_t j = 0; j < F; ++j) ob[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
   }
 }
-
-/* in place x = cap tanh(x / cap) over N values */
-void xl_soft_cap(int64_t N, float cap, float* x) {
-  for (int64_t j = 0; j < N; ++j) x[j] = cap * tanhf(x[j] / cap);
-}

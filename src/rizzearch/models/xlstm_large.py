@@ -354,7 +354,10 @@ class XLSTMLarge(CausalLM):
             states.append(st)
         if self.out_norm is not None:
             x = rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        return soft_cap(self.lm_head(x), self.config.logit_soft_cap), {"blocks": states}  # (B, T, V)
+        logits, cap = self.lm_head(x), self.config.logit_soft_cap  # (B, T, V)
+        if cap is not None and not torch.is_grad_enabled():  # in place: no (B, T, V) temporaries
+            return nat.soft_cap_(logits, cap), {"blocks": states}
+        return soft_cap(logits, cap), {"blocks": states}
 
     # -- sizes ----------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ inputs once and writes fresh outputs (the caller's state is never modified):
 - ``mlstm_layer_step(proj, gates, state, ...)``: soft-capped gates, the mLSTM step, per-head
   LayerNorm and ``sigmoid(o) *``: (B, 2 qk + 2 v) projections -> (B, v) and the new state.
 - ``swiglu(gu)``: ``silu(gate) * up`` of a (B, 2F) ``[gate | up]`` projection.
-- ``soft_cap_(x, cap)``: ``cap tanh(x / cap)`` in place.
+- ``soft_cap_(x, cap)``: ``cap tanh(x / cap)`` in place (three in-place torch ops: torch's
+  vectorised tanh is ~15x faster than libm's ``tanhf`` over a vocabulary of logits).
 
 Inference only: float32, contiguous, CPU tensors, no gradient. ``decode_lib()`` is None when no C
 compiler is there; callers then take the torch path (``models/xlstm_large.py``), which the tests
@@ -34,7 +35,6 @@ _SIGNATURES = {
     "xl_rms_norm": [_I, _I, _F, _P, _P, _P, _P],
     "xl_mlstm_layer_step": [_I, _I, _I, _I, _F, _F] + [_P] * 11,
     "xl_swiglu": [_I, _I, _P, _P],
-    "xl_soft_cap": [_I, _F, _P],
 }
 
 
@@ -104,6 +104,5 @@ def swiglu(gu: Tensor) -> Tensor:
 
 
 def soft_cap_(x: Tensor, cap: float) -> Tensor:
-    """x = cap tanh(x / cap), in place (x contiguous)."""
-    _lib.xl_soft_cap(x.numel(), cap, x.data_ptr())
-    return x
+    """x = cap tanh(x / cap), in place."""
+    return x.div_(cap).tanh_().mul_(cap)
