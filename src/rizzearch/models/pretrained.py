@@ -83,12 +83,12 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None, 
             out = _load_rwkv_pth(path, dtype)
         elif path.is_file():
             raise ConfigError(f"{path}: expected a .gguf file, an RWKV-4 .pth, an HF model folder or a rizzearch run folder")
-        elif (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-            out = _load_official_xlstm(path, dtype)
         elif (path / "config.json").is_file():
             out = _load_hf_folder(path, dtype)
         elif (path / "checkpoints").is_dir() or (path / "model.json").is_file():
-            out = _load_run(path, dtype)
+            out = _load_run(path, dtype)  # run folders hold a config.yaml too (the command's config)
+        elif (path / "config.yaml").is_file():
+            out = _load_official_xlstm(path, dtype)
         else:
             raise ConfigError(
                 f"{path}: no config.json (not an HF model folder), no config.yaml (not an official xLSTM folder) "
