@@ -221,18 +221,21 @@ class XLSTMLargeBlock(nn.Module):
         state (the same function as ``forward`` at T = 1; tests/models/test_xlstm_large.py)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
         xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
-        proj = F.linear(xn, self.qkvo.weight, self.qkvo.bias)  # (B, 2 qk + 2 v)
-        gates = F.linear(xn, self.if_gate.weight, self.if_gate.bias)  # (B, 2 NH)
+        proj = self.qkvo(xn)  # (B, 2 qk + 2 v); the modules, not their weights: adapters (LoRA) wrap them
+        gates = self.if_gate(xn)  # (B, 2 NH)
         h, new_state = nat.mlstm_layer_step(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps
         )  # (B, v)
         x = _add_linear(x, h, self.out_proj)
-        gu = F.linear(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps), self.ffn_up.weight, self.ffn_up.bias)
+        gu = self.ffn_up(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps))  # (B, 2 ffn)
         return _add_linear(x, nat.swiglu(gu), self.ffn_down), new_state
 
 
 def _add_linear(x: Tensor, h: Tensor, lin: nn.Linear) -> Tensor:
-    """x + lin(h) as one addmm (the residual add fused into the matmul)."""
+    """x + lin(h), as one addmm (the residual add fused into the matmul) for a plain ``nn.Linear``;
+    any other module (a LoRA-wrapped projection) through its own forward."""
+    if type(lin) is not nn.Linear:
+        return x + lin(h)
     return torch.addmm(x if lin.bias is None else x + lin.bias, h, lin.weight.t())
 
 
@@ -321,10 +324,11 @@ class XLSTMLarge(CausalLM):
 
     def _fast_decode_ok(self, T: int, mask) -> bool:
         """One token, no gradient, fp32 weights on the CPU, the C kernels built, op ``mlstm_step`` on ``fast``."""
-        w = self.lm_head.weight
+        w = self.embed.weight  # (the projections may be wrapped, e.g. by LoRA: they run as modules)
         return (
             T == 1 and mask is None and not torch.is_grad_enabled() and w.dtype == torch.float32 and w.device.type == "cpu"
-            and self.embed.weight.dtype == torch.float32 and backends.resolve("mlstm_step") == "fast" and nat.decode_lib() is not None
+            and self.blocks[0].head_norm.dtype == torch.float32  # the C kernels read the norm weights as fp32
+            and backends.resolve("mlstm_step") == "fast" and nat.decode_lib() is not None
         )
 
     def _decode(self, tokens: Tensor, state) -> tuple[Tensor, dict]:
@@ -339,7 +343,7 @@ class XLSTMLarge(CausalLM):
             states.append(st)
         if self.out_norm is not None:
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        logits = F.linear(x, self.lm_head.weight)  # (B, V)
+        logits = self.lm_head(x)  # (B, V)
         if self.config.logit_soft_cap is not None:
             nat.soft_cap_(logits, self.config.logit_soft_cap)
         return logits[:, None], {"blocks": states}
