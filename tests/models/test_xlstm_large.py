@@ -93,6 +93,37 @@ def test_step_with_gradient_matches_the_no_grad_step():
     assert_close(sb["blocks"][0]["m"], sa["blocks"][0]["m"], atol=1e-6, rtol=1e-6, name="state m")
 
 
+@pytest.mark.parametrize("kw", [{}, dict(use_bias=True, qk_dim_factor=0.5, gate_soft_cap=None, logit_soft_cap=None, add_out_norm=False)])
+def test_native_decode_equals_the_torch_step(kw):
+    """The C decode path (``XLSTMLarge._decode``) against the torch step (op ``mlstm_step`` on
+    ``reference``) for several tokens with the state carried, biases and caps on and off; the
+    caller's state is never modified."""
+    from rizzearch.ops.mlstm import native
+
+    if native.decode_lib() is None:
+        pytest.skip("no C compiler")
+    m = make(**kw)
+    x = torch.randint(0, V, (3, 10))
+    with torch.no_grad():
+        _, start = m(x[:, :4])
+        before = {k: t.clone() for k, t in start["blocks"][0].items()}
+        assert m._fast_decode_ok(1, None)
+        sa = sb = start
+        for t in range(4, 10):
+            a, sa = m.step(x[:, t], sa)
+            with use_backend("mlstm_step", "reference"):
+                assert not m._fast_decode_ok(1, None)
+                b, sb = m.step(x[:, t], sb)
+            assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"native decode logits, token {t}")
+        for i, (ba, bb) in enumerate(zip(sa["blocks"], sb["blocks"])):
+            for k in ("C", "n", "m"):
+                assert_close(ba[k], bb[k], atol=1e-5, rtol=1e-5, name=f"native decode state block {i} {k}")
+        full, _ = m(x)
+    assert_close(a, full[:, -1], atol=1e-5, rtol=1e-5, name="native decode vs full forward")
+    for k, t in before.items():
+        assert torch.equal(start["blocks"][0][k], t), f"decode modified the input state {k}"
+
+
 def test_bfloat16_weights_keep_fp32_states():
     m = make().to(torch.bfloat16)
     x = torch.randint(0, V, (2, 20))

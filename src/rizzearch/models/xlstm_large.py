@@ -52,7 +52,9 @@ from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model
+from rizzearch.ops import backends
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_step
+from rizzearch.ops.mlstm import native as nat
 
 # A closed input gate / open forget gate for padded positions: exp(-1e4 - m) is exactly 0 in fp32.
 _PAD_IGATE = -1e4
@@ -214,6 +216,32 @@ class XLSTMLargeBlock(nn.Module):
         gate, up = self.ffn_up(rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps)).chunk(2, -1)  # (B, T, ffn)
         return x + self.ffn_down(F.silu(gate) * up), new_state
 
+    def decode(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
+        """One token, no gradient, fp32 CPU, C kernels between the matmuls: x (B, d) -> (B, d), new
+        state (the same function as ``forward`` at T = 1; tests/models/test_xlstm_large.py)."""
+        cfg, eps = self.cfg, self.cfg.norm_eps
+        xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
+        proj = self.qkvo(xn)  # (B, 2 qk + 2 v); the modules, not their weights: adapters (LoRA) wrap them
+        gates = self.if_gate(xn)  # (B, 2 NH)
+        h, new_state = nat.mlstm_layer_step(
+            proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps
+        )  # (B, v)
+        x = _add_linear(x, h, self.out_proj)
+        gu = self.ffn_up(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps))  # (B, 2 ffn)
+        return _add_linear(x, nat.swiglu(gu), self.ffn_down), new_state
+
+
+def _add_linear(x: Tensor, h: Tensor, lin: nn.Linear) -> Tensor:
+    """x + lin(h), as one addmm (the residual add fused into the matmul) for a plain ``nn.Linear``;
+    any other module (a LoRA-wrapped projection) through its own forward."""
+    if type(lin) is not nn.Linear:
+        return x + lin(h)
+    return torch.addmm(x if lin.bias is None else x + lin.bias, h, lin.weight.t())
+
+
+def _fp32_state(st: dict) -> dict:
+    return {k: t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous() for k, t in st.items()}
+
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -294,7 +322,35 @@ class XLSTMLarge(CausalLM):
         """tokens (B, T) -> soft-capped logits (B, T, V) and the state after the last token."""
         return self._recurrent_forward(tokens, state, attention_mask)
 
+    def _fast_decode_ok(self, T: int, mask) -> bool:
+        """One token, no gradient, fp32 weights on the CPU, the C kernels built, op ``mlstm_step`` on ``fast``."""
+        w = self.embed.weight  # (the projections may be wrapped, e.g. by LoRA: they run as modules)
+        return (
+            T == 1 and mask is None and not torch.is_grad_enabled() and w.dtype == torch.float32 and w.device.type == "cpu"
+            and self.blocks[0].head_norm.dtype == torch.float32  # the C kernels read the norm weights as fp32
+            and backends.resolve("mlstm_step") == "fast" and nat.decode_lib() is not None
+        )
+
+    def _decode(self, tokens: Tensor, state) -> tuple[Tensor, dict]:
+        """tokens (B, 1) -> logits (B, 1, V) and the state: ``_run`` at T = 1 with C kernels between the
+        matmuls and no (B, T, ...) reshapes (decoding at small widths is per-op overhead)."""
+        B = tokens.shape[0]
+        state = state if state is not None else self.init_state(B, tokens.device)
+        x = F.embedding(tokens[:, 0], self.embed.weight)  # (B, d)
+        states = []
+        for block, st in zip(self.blocks, state["blocks"]):
+            x, st = block.decode(x, _fp32_state(st))
+            states.append(st)
+        if self.out_norm is not None:
+            x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
+        logits = self.lm_head(x)  # (B, V)
+        if self.config.logit_soft_cap is not None:
+            nat.soft_cap_(logits, self.config.logit_soft_cap)
+        return logits[:, None], {"blocks": states}
+
     def _run(self, tokens: Tensor, state, mask: Tensor | None):
+        if self._fast_decode_ok(tokens.shape[1], mask):
+            return self._decode(tokens, state)
         x = self.embed(tokens)  # (B, T, d)
         states = []
         for i, block in enumerate(self.blocks):
@@ -302,7 +358,10 @@ class XLSTMLarge(CausalLM):
             states.append(st)
         if self.out_norm is not None:
             x = rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        return soft_cap(self.lm_head(x), self.config.logit_soft_cap), {"blocks": states}  # (B, T, V)
+        logits, cap = self.lm_head(x), self.config.logit_soft_cap  # (B, T, V)
+        if cap is not None and not torch.is_grad_enabled():  # in place: no (B, T, V) temporaries
+            return nat.soft_cap_(logits, cap), {"blocks": states}
+        return soft_cap(logits, cap), {"blocks": states}
 
     # -- sizes ----------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """``rizz import SOURCE --out RUN``: any ``load_pretrained`` source as a rizzearch run folder.
 
-The source (an HF model folder, a ``.gguf`` file, a BlinkDL RWKV-4 ``.pth``, the bundled
-``"smollm2"``) is read into our own model by ``models.pretrained.load_pretrained`` and written in the
+The source (an HF model folder, a ``.gguf`` file, a BlinkDL RWKV-4 ``.pth``, an official xLSTM-7B
+checkpoint folder in the ``xlstm.xlstm_large`` layout (config.yaml or a config.json of
+``xLSTMLargeConfig`` fields + model.safetensors or model_0/1/... shards; unknown config keys are a
+``ConfigError`` naming the file and key), the bundled ``"smollm2"``) is read into our own model by ``models.pretrained.load_pretrained`` and written in the
 checkpoint layout of ``training/checkpoint.py``::
 
     RUN/config.yaml                    the import command's resolved config
@@ -28,7 +30,8 @@ def import_checkpoint(source: str, out: str, dtype: str = "float32") -> dict:
     """Import a pretrained checkpoint into the run folder ``out``; prints and returns a summary.
 
     Args:
-        source: HF model folder, .gguf file, RWKV-4 .pth file, or a short name ("smollm2").
+        source: HF model folder, .gguf file, RWKV-4 .pth file, official xLSTM checkpoint folder, or a
+            short name ("smollm2").
         out: the run folder to create (must not exist or be empty).
         dtype: weight dtype written to model.safetensors (float32, bfloat16, float16).
     """
