@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("rizzearch.training.recipes:export", "Write a checkpoint as an HF model folder (--format hf) that transformers loads."),
     "eval": ("rizzearch.training.recipes:evaluate", "Validation loss, perplexity and bits-per-byte of a checkpoint on a text file."),
     "align": ("rizzearch.training.align:align", "Preference-align a model with ORPO, DPO or SFT (or SFT then DPO)."),
-    "import": ("rizzearch.training.importer:import_checkpoint", "Turn an HF folder, .gguf, RWKV-4 .pth (or smollm2) into a rizzearch run folder."),
+    "import": ("rizzearch.training.importer:import_checkpoint", "Turn an HF folder, .gguf, RWKV-4 .pth, official xLSTM folder (or smollm2) into a rizzearch run folder."),
     "memorization": ("rizzearch.eval.memorization:memorization_command", "Audit how much of its training text a checkpoint regurgitates."),
     "rag index": ("rizzearch.rag.cli:index", "Build the legal RAG index (SQLite FTS5 + dense vectors) over the bundled corpus."),
     "rag ask": ("rizzearch.rag.cli:ask", "Answer a legal question with citations and the passages used."),
