@@ -118,15 +118,21 @@ def test_bad_format_and_shapes_fail_clearly():
         W.linear(torch.zeros(1, 2), W.pack(torch.zeros(4, 2), "fp32"), backend="turbo")
 
 
-def test_packed_for_follows_in_place_edits_and_new_storage():
+def test_packed_for_follows_optimizer_steps_forget_and_new_storage():
     lin = torch.nn.Linear(32, 16)
     w = lin.weight
     p1 = W.packed_for(w, "int8")
     assert W.packed_for(w, "int8") is p1  # cached
-    with torch.no_grad():
-        w.mul_(2.0)  # bumps the version counter
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    lin(torch.randn(4, 32)).square().sum().backward()
+    opt.step()
     p2 = W.packed_for(w, "int8")
     assert p2 is not p1
+    with torch.no_grad():
+        w.mul_(2.0)  # a snapshot: not seen until forget
+    assert W.packed_for(w, "int8") is p2
+    W.forget(w)
+    p2 = W.packed_for(w, "int8")
     assert_close(W.dequantize(p2), w.detach(), atol=w.abs().max().item() / 127, rtol=0, name="re-packed")
     lin.weight = torch.nn.Parameter(torch.randn(16, 32))  # new storage
     assert_close(W.dequantize(W.packed_for(lin.weight, "int8")), lin.weight.detach(), atol=0.05, rtol=0, name="new")

@@ -15,8 +15,9 @@ Forms (op ``"wlinear"`` of ``rizzearch.ops.backends``, table in ``docs/backends.
   reference form (no C compiler, a failed build, other devices, more rows).
 
 A ``Packed`` weight reads fp32 and bf16 parameters in place (no copy: in-place edits are seen);
-``pack(w, "int8")`` and ``pack(fp32_w, "bf16")`` are copies, refreshed by ``packed_for`` when the
-parameter changes (new storage or an in-place op that bumps its version counter).
+``pack(w, "int8")`` and ``pack(fp32_w, "bf16")`` are copies, snapshots that ``packed_for`` refreshes
+when the parameter gets new storage and after any optimizer step (a public global step hook); other
+in-place edits need ``forget(w)`` (the models' ``clear_decode_cache``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rizzearch.errors import ConfigError
 from rizzearch.ops import backends
@@ -171,19 +173,35 @@ def _fast(lib, x: Tensor, p: Packed, bias: Tensor | None, rows: int) -> Tensor:
 # Packed copies of parameters, kept current
 
 
+_steps = 0  # optimizer steps taken anywhere since import: packed copies older than the last one are stale
+
+
+def _count_step(*_args) -> None:
+    global _steps
+    _steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps were taken in this process (packed copies watch this)."""
+    return _steps
+
+
 _ATTR = "_rizz_packed"  # the cache lives on the parameter itself: {fmt: (key, Packed)} (tensors are not hashable keys)
 
 
 def _key(w: Tensor) -> tuple:
-    return (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+    return (w.data_ptr(), _steps, tuple(w.shape), w.dtype)
 
 
 def packed_for(w: Tensor, fmt: str | None = None) -> Packed:
     """``w`` (a 2-D parameter) packed in ``fmt`` (None: its own dtype, fp32 or bf16, read in place).
 
-    A copy (int8, or bf16 of an fp32 weight) is cached and rebuilt when ``w`` gets new storage or an
-    in-place op bumps its version counter; edits through ``w.data`` bypass that counter: call
-    ``forget(w)`` (or the model's ``clear_decode_cache``) after them.
+    A copy (int8, or bf16 of an fp32 weight) is cached on ``w`` and rebuilt when ``w`` gets new
+    storage, a new shape or dtype, or after an optimizer step; after any other in-place edit call
+    ``forget(w)`` (or the model's ``clear_decode_cache``).
     """
     if fmt is None or (fmt == "fp32" and w.dtype == torch.float32) or (fmt == "bf16" and w.dtype == torch.bfloat16):
         if w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
