@@ -140,3 +140,14 @@ def test_packed_for_follows_optimizer_steps_forget_and_new_storage():
     assert same.fmt == "fp32" and same.data.data_ptr() == lin.weight.data_ptr()
     bf = torch.nn.Linear(8, 4).to(torch.bfloat16).weight
     assert W.packed_for(bf, "bf16").data.data_ptr() == bf.data_ptr()
+
+
+def test_threads_drop_to_one_on_an_oversubscribed_machine(monkeypatch):
+    needs_kernel()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(W.os, "cpu_count", lambda: 2)
+    for load, want in ((0.5, 2), (2.9, 2), (3.0, 1), (18.0, 1)):
+        monkeypatch.setattr(W, "_load", [-1e9, 0.0])
+        monkeypatch.setattr(W.os, "getloadavg", lambda load=load: (load, load, load))
+        assert W.threads_for(10**6) == (want if W.library().openmp else 1), load
+    assert W.threads_for(10) == 1  # small weights: one thread

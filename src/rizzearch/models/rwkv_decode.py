@@ -281,11 +281,13 @@ def cached(model) -> FusedModel | None:
 
 
 def decode_threads(fm: FusedModel) -> int:
-    """Threads for one fused call: torch's thread count for layers big enough to gain, else 1."""
+    """Threads for one fused call: torch's thread count for layers big enough to gain while the cores
+    are free (``rizzearch.ops.wlinear.cores_are_free``: not on an oversubscribed machine), else 1."""
     if _THREADS is not None:
         return _THREADS
     n = torch.get_num_threads()
-    return n if n > 1 and fm.layer_elements >= THREADED_MIN_ELEMENTS and _LIB and _LIB.openmp else 1
+    big = fm.layer_elements >= THREADED_MIN_ELEMENTS
+    return n if n > 1 and big and _LIB and _LIB.openmp and wlinear.cores_are_free() else 1
 
 
 @contextlib.contextmanager

@@ -23,8 +23,10 @@ in-place edits need ``forget(w)`` (the models' ``clear_decode_cache``).
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +133,29 @@ def library():
 backends.register_probe("wlinear", lambda: library() is not None)
 
 
+_load = [-1e9, 0.0]  # (when read, 1-minute load average): read at most once a second
+
+
+def cores_are_free() -> bool:
+    """False while the machine is oversubscribed (1-minute load average >= cores + 1). Then a
+    multi-threaded call waits at its join for a descheduled thread, often for a whole time slice
+    (decoding SmolLM2 on 2 threads at load 18 took 2.4 s a token instead of 0.2 s on one), so the
+    kernels run on one thread. Every output is computed by one thread in the same order whatever the
+    thread count, so this changes the time, never the numbers."""
+    now = time.monotonic()
+    if now - _load[0] > 1.0:
+        try:
+            _load[:] = [now, os.getloadavg()[0]]
+        except OSError:  # no load average on this platform
+            _load[:] = [now, 0.0]
+    return _load[1] < (os.cpu_count() or 1) + 1
+
+
 def threads_for(n_elements: int) -> int:
-    """Threads for one product: torch's thread count for big weights (with OpenMP), else 1."""
+    """Threads for one product: torch's thread count for big weights (with OpenMP) while the cores
+    are free (``cores_are_free``), else 1."""
     n = torch.get_num_threads()
-    return n if n > 1 and n_elements >= THREADED_MIN_ELEMENTS and _LIB and _LIB.openmp else 1
+    return n if n > 1 and n_elements >= THREADED_MIN_ELEMENTS and _LIB and _LIB.openmp and cores_are_free() else 1
 
 
 def linear(x: Tensor, p: Packed, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
