@@ -238,6 +238,11 @@ class Block(nn.Module):
 # The model
 
 
+def _forget_decode_copies(module, _incompatible_keys) -> None:
+    """``load_state_dict`` copies in place: drop the weight-only copies made from the old values."""
+    module.clear_decode_cache()
+
+
 @register_model("llama", LlamaConfig, tiny=dict(vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=160))
 class Llama(CausalLM):
     """Llama-family decoder; its state is a KV cache (see the module docstring)."""
@@ -253,7 +258,7 @@ class Llama(CausalLM):
             self.lm_head.weight = self.embed.weight
         self._inv_freq: dict = {}
         self.decode_weights: str | None = None  # see set_decode_weights
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_decode_cache())
+        self.register_load_state_dict_post_hook(_forget_decode_copies)  # a module-level function: models pickle
         self.init_weights()
 
     def init_weights(self) -> None:
