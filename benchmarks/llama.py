@@ -10,6 +10,11 @@ Targets (issue 14), measured in this process, interleaved, median of several run
   the bandwidth measured here by summing a tensor larger than the caches;
 - bf16 weights: decode time at most 0.6x fp32.
 
+Decoding runs every product through ``rizzearch.ops.wlinear`` (weight-only, fp32 activations). Below the
+fp32 bound only fewer weight bytes go: the table also reports weight-only bf16 and int8 (per-channel
+scales) copies of the fp32 model (``set_decode_weights``), each with tokens/s beside its own bound, its
+time against transformers' fp32 ``generate`` and its logits error against fp32.
+
 Both sides first compute the same logits. Multi-threaded timings are only meaningful on a quiet
 machine: with other jobs on the cores every OpenMP barrier waits for a descheduled thread.
 
@@ -35,6 +40,7 @@ from rizzearch.models.convert import to_hf_llama  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
 
 TARGETS = {"decode_time_ratio": 0.5, "prefill_speedup": 1.0, "batch8_throughput": 4.0, "bound_ratio": 1.3, "bf16_time_ratio": 0.6}
+FORMATS = ("fp32", "bf16 model", "bf16", "int8")  # the parameters' dtype, then weight-only copies of the fp32 model
 
 
 def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
@@ -116,13 +122,50 @@ def run(a) -> dict:
         t = interleaved({"b1": lambda: generate(ours, x1, a.tokens), "b8": lambda: generate(ours, x8, a.tokens)}, repeats=a.repeats, warmup=1)
     res["batch8_throughput"] = 8 * statistics.median(t["b1"]) / statistics.median(t["b8"])
     print(f"batch 8: {res['batch8_throughput']:.2f}x the throughput of batch 1", flush=True)
-    bf = copy.deepcopy(ours).to(torch.bfloat16)
-    with torch.no_grad():
-        t = interleaved({"fp32": lambda: generate(ours, x1, a.tokens), "bf16": lambda: generate(bf, x1, a.tokens)}, repeats=a.repeats, warmup=1)
-    res["bf16_time_ratio"] = statistics.median(t["bf16"]) / statistics.median(t["fp32"])
-    res["fp32_ms_per_token"] = 1e3 * statistics.median(t["fp32"]) / a.tokens
-    res["bound_ratio"] = res["fp32_ms_per_token"] / res["bound_ms"]
+    res.update(bench_formats(ours, hf, x1, a, res["bandwidth_GBps"] * 1e9))
     return res
+
+
+def decode_errors(models: dict, x, steps: int = 8) -> dict:
+    """Max |logit - fp32 logit| / max |fp32 logit| over ``steps`` decoding steps (the same fixed tokens)."""
+    nxt = torch.randint(0, models["fp32"].config.vocab_size, (1, steps), generator=torch.Generator().manual_seed(1))
+    out = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            _, st = m(x)
+            steps_logits = []
+            for i in range(steps):
+                lg, st = m(nxt[:, i : i + 1], st)
+                steps_logits.append(lg[:, 0].float())
+            out[name] = torch.stack(steps_logits)
+    ref = out["fp32"]
+    return {k: ((v - ref).abs().max() / ref.abs().max()).item() for k, v in out.items() if k != "fp32"}
+
+
+def bench_formats(ours, hf, x1, a, bandwidth: float) -> dict:
+    """fp32, bf16 parameters and weight-only bf16 / int8 copies, interleaved with transformers' fp32 generate."""
+    models = {"fp32": ours, "bf16 model": copy.deepcopy(ours).to(torch.bfloat16)}
+    for fmt in ("bf16", "int8"):
+        models[fmt] = copy.copy(ours)  # same parameters, its own decode weights
+        models[fmt].decode_weights = fmt
+    errors = decode_errors(models, x1)
+    fns = {name: (lambda m=m: generate(m, x1, a.tokens)) for name, m in models.items()}
+    fns["hf"] = lambda: hf.generate(x1, attention_mask=torch.ones_like(x1), max_new_tokens=a.tokens, min_new_tokens=a.tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        t = interleaved(fns, repeats=a.repeats, warmup=1)
+    med = {k: statistics.median(v) / a.tokens for k, v in t.items()}
+    fp32_bytes = weight_bytes(ours)
+    per_weight = {"fp32": 1.0, "bf16 model": 0.5, "bf16": 0.5, "int8": 0.25}
+    formats = {}
+    for name in FORMATS:
+        nbytes = fp32_bytes * per_weight[name]
+        bound = nbytes / bandwidth
+        formats[name] = {"ms": 1e3 * med[name], "tokens_per_s": 1 / med[name], "bound_ms": 1e3 * bound,
+                         "bound_tokens_per_s": 1 / bound, "bound_ratio": med[name] / bound,
+                         "vs_fp32": med[name] / med["fp32"], "vs_hf": med[name] / med["hf"],
+                         "logits_rel_error": errors.get(name, 0.0)}  # fmt: skip
+    return {"formats": formats, "hf_ms_per_token": 1e3 * med["hf"], "bf16_time_ratio": formats["bf16 model"]["vs_fp32"],
+            "fp32_ms_per_token": formats["fp32"]["ms"], "bound_ratio": formats["fp32"]["bound_ratio"]}  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -147,6 +190,10 @@ def main(argv=None) -> dict:
          "result": f"{res['bound_ratio']:.2f}x the bound ({1e3 / res['fp32_ms_per_token']:.1f} tok/s)", "target": "<= 1.3x"},
         {"what": "bf16 weights decode", "result": f"{res['bf16_time_ratio']:.2f}x fp32 time", "target": "<= 0.6x"},
     ]
+    for name, f in res["formats"].items():
+        rows.append({"what": f"decode B=1 {name}: {f['tokens_per_s']:.1f} tok/s (bound {f['bound_tokens_per_s']:.1f})",
+                     "baseline_ms": res["hf_ms_per_token"], "ours_ms": f["ms"],
+                     "result": f"{f['vs_hf']:.2f}x HF fp32, {f['bound_ratio']:.2f}x bound, err {f['logits_rel_error']:.1e}", "target": "(info)"})  # fmt: skip
     print_table(rows, ["what", "baseline_ms", "ours_ms", "result", "target"])
     load_end = load_average()
     print(f"  read bandwidth {res['bandwidth_GBps']:.1f} GB/s, weights {res['weight_MB']:.0f} MB; load average (1 min) at end: {load_end}")
@@ -168,6 +215,7 @@ def main(argv=None) -> dict:
         "bandwidth_GBps": res["bandwidth_GBps"],
         "bf16_time_ratio": res["bf16_time_ratio"],
         "max_logit_diff": res["max_logit_diff"],
+        "formats": res["formats"],
         "targets": TARGETS,
         "passed": passed,
         "load_average": [load, load_end],

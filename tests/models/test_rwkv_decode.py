@@ -4,6 +4,7 @@ falls back to the eager step without a compiler or without OpenMP."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -255,3 +256,96 @@ def test_kernel_builds_single_threaded_without_openmp(monkeypatch, tmp_path):
     lib, m, got, want = _decode_with_compiler(monkeypatch, tmp_path, str(wrapper))
     assert lib is not None and not lib.openmp and D.cached(m) is not None
     assert_close(got, want, atol=1e-5, rtol=1e-5, name="single-threaded kernel vs eager")
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight-only bf16 / int8 decoding (``set_decode_weights``)
+
+
+def _dequantized_copy(m, fmt):
+    """The model with every matrix replaced by what the kernel reads in ``fmt``: the reference of the
+    low-precision kernel (the eager step on it must give the same numbers)."""
+    from rizzearch.ops import wlinear as W
+
+    q = copy.deepcopy(m)
+    D.set_decode_weights(q, None)
+    with torch.no_grad():
+        for mod in q.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.copy_(W.dequantize(W.pack(mod.weight, fmt)))
+    return q
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_low_precision_kernel_matches_eager_on_rounded_weights(fmt, batch, threads):
+    needs_kernel()
+    m = tiny(d_model=72, d_att=40, d_ffn=100)
+    ref = _dequantized_copy(m, fmt)
+    D.set_decode_weights(m, fmt)
+    x = torch.randint(0, V, (batch, 10))
+    with torch.no_grad():
+        _, state = m(x)
+        tok = x[:, -1]
+        with use_backend("rwkv_decode", "fast"), D.use_threads(threads):
+            got, got_st = m.step(tok, state)
+        want, want_st = D.eager_step(ref, tok, state, None)
+    assert D.cached(m).fmt == fmt
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"{fmt} kernel vs eager on rounded weights")
+    for a, b in zip(got_st["num"], want_st["num"]):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"{fmt} state num")
+
+
+@pytest.mark.parametrize("fmt,bound", [("bf16", 1e-2), ("int8", 3e-2)])
+def test_low_precision_logits_error_against_fp32_is_bounded(fmt, bound):
+    """12 greedy tokens: the max logit error relative to the largest fp32 logit (the 169M shape's
+    numbers are in docs/rwkv.md)."""
+    needs_kernel()
+    m = tiny()
+    with torch.no_grad():
+        st32 = stq = m.init_state(2)
+        tok = torch.tensor([3, 7])
+        worst = 0.0
+        for _ in range(12):
+            D.set_decode_weights(m, None)
+            l32, st32 = m.step(tok, st32)
+            D.set_decode_weights(m, fmt)
+            lq, stq = m.step(tok, stq)
+            worst = max(worst, ((lq - l32).abs().max() / l32.abs().max()).item())
+            tok = l32.argmax(-1)
+    assert 0 < worst < bound, worst
+
+
+def test_low_precision_copies_follow_optimizer_steps_and_clear():
+    needs_kernel()
+    m = tiny()
+    D.set_decode_weights(m, "int8")
+    tok = torch.tensor([3])
+    with torch.no_grad():
+        before, _ = m.step(tok, m.init_state(1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(torch.randint(0, V, (1, 5)))[0].square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = m.step(tok, m.init_state(1))
+        want, _ = D.eager_step(_dequantized_copy(m, "int8"), tok, m.init_state(1), None)
+        assert not torch.allclose(before, after)
+        assert_close(after, want, atol=1e-5, rtol=1e-5, name="int8 after an optimizer step")
+        m.head.weight.mul_(2.0)  # a snapshot: seen after clear_decode_cache
+        m.clear_decode_cache()
+        got, _ = m.step(tok, m.init_state(1))
+        want, _ = D.eager_step(_dequantized_copy(m, "int8"), tok, m.init_state(1), None)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="int8 after clear_decode_cache")
+
+
+def test_bad_decode_weights_fail_clearly():
+    from rizzearch.errors import ConfigError
+
+    m = tiny()
+    with pytest.raises(ConfigError, match="decode_weights: unknown weight format 'int4'"):
+        D.set_decode_weights(m, "int4")
+    m.decode_weights = "fp8"
+    with pytest.raises(ConfigError, match="unknown weight format 'fp8'"):
+        with torch.no_grad():
+            m.step(torch.tensor([1]), m.init_state(1))

@@ -23,6 +23,7 @@ def test_every_op_has_one_env_var_and_two_names():
         "slstm": "RIZZ_SLSTM_BACKEND",
         "wkv": "RIZZ_WKV_BACKEND",
         "rwkv_decode": "RIZZ_RWKV_DECODE_BACKEND",
+        "wlinear": "RIZZ_WLINEAR_BACKEND",
     }
     status = backends.status()
     assert set(status) == set(backends.OPS)

@@ -26,7 +26,7 @@ from rizzearch.models import rwkv_decode as D
 target = Path(sys.argv[1]).resolve()
 assert Path(rizzearch.__file__).resolve().is_relative_to(target), rizzearch.__file__
 csrc = Path(rizzearch.__file__).parent / "csrc"
-assert sorted(p.name for p in csrc.glob("*.c")) == ["mlstm_step.c", "rwkv_decode.c"], list(csrc.iterdir())
+assert sorted(p.name for p in csrc.glob("*.c")) == ["mlstm_step.c", "rwkv_decode.c", "wlinear.c"], list(csrc.iterdir())
 assert backends.available("mlstm_step") and backends.available("rwkv_decode")
 
 g = torch.Generator().manual_seed(0)

@@ -6,12 +6,16 @@
    and cached), so in-place updates of the parameters are seen by the next call. */
 #include <math.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-typedef float vf __attribute__((vector_size(64)));  /* 16 floats; narrower CPUs split it */
+typedef float vf __attribute__((vector_size(64)));     /* 16 floats; narrower CPUs split it */
+typedef uint16_t vh __attribute__((vector_size(32)));  /* 16 bf16 */
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int8_t vb __attribute__((vector_size(16)));    /* 16 int8 */
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 
@@ -27,13 +31,14 @@ typedef struct {
     float eps1, eps2;
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     const float *mix_r, *mix_k, *mix_v;   /* (C) */
-    const float *w_r, *w_k, *w_v;         /* (A, C): nn.Linear layout, row j = output j */
-    const float *w_o;                     /* (C, A) */
+    const void *w_r, *w_k, *w_v;          /* (A, C): nn.Linear layout, row j = output j; Model.wtype */
+    const void *w_o;                      /* (C, A) */
     const float *u, *decay;               /* (A) time_first, time_decay (the decay rate is exp(time_decay)) */
     const float *fmix_k, *fmix_r;         /* (C) */
-    const float *w_fk;                    /* (F, C) */
-    const float *w_fr;                    /* (C, C) */
-    const float *w_fv;                    /* (C, F) */
+    const void *w_fk;                     /* (F, C) */
+    const void *w_fr;                     /* (C, C) */
+    const void *w_fv;                     /* (C, F) */
+    const float *s_r, *s_k, *s_v, *s_o, *s_fk, *s_fr, *s_fv;  /* per-row scales of int8 weights, else NULL */
 } Layer;
 
 typedef struct {
@@ -41,8 +46,10 @@ typedef struct {
     float eps0, eps_out;
     const float *emb;                     /* (n_emb, C) */
     const float *ln0_w, *ln0_b, *lnout_w, *lnout_b;
-    const float *head;                    /* (V, C) */
+    const void *head;                     /* (V, C) */
     const Layer *layers;                  /* (L) */
+    int wtype;                            /* format of every matrix and the head: 0 fp32, 1 bf16, 2 int8 */
+    const float *s_head;                  /* (V) int8 scales, else NULL */
 } Model;
 
 static void layer_norm(const float *x, const float *w, const float *b, float eps, int n, float *out) {
@@ -55,41 +62,103 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     for (int i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + b[i];  /* in place is fine */
 }
 
-/* Y[b, j] = W[j, :] . X[b, :] for j in [j0, j1), b < B. W (n_out, n_in) row-major, X (B, n_in),
-   Y rows ldy apart. Four weight rows at a time (four independent sums; X loaded once for them);
-   the rows stay in cache while every row of X goes through them. */
-static void dots(const float *W, int n_in, const float *X, int B, int j0, int j1, float *Y, int ldy) {
-    const int n16 = n_in & ~15;
-    int j = j0;
-    for (; j + 4 <= j1; j += 4) {
-        const float *w0 = W + (size_t)j * n_in, *w1 = w0 + n_in, *w2 = w1 + n_in, *w3 = w2 + n_in;
-        for (int b = 0; b < B; b++) {
-            const float *x = X + (size_t)b * n_in;
-            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-            for (int i = 0; i < n16; i += 16) {
-                const vf xv = vload(x + i);
-                s0 += vload(w0 + i) * xv;
-                s1 += vload(w1 + i) * xv;
-                s2 += vload(w2 + i) * xv;
-                s3 += vload(w3 + i) * xv;
-            }
-            float t0 = vsum(s0), t1 = vsum(s1), t2 = vsum(s2), t3 = vsum(s3);
-            for (int i = n16; i < n_in; i++) { t0 += w0[i] * x[i]; t1 += w1[i] * x[i]; t2 += w2[i] * x[i]; t3 += w3[i] * x[i]; }
-            float *y = Y + (size_t)b * ldy + j;
-            y[0] = t0; y[1] = t1; y[2] = t2; y[3] = t3;
-        }
+/* The matrix products, one per weight format (0 fp32, 1 bf16, 2 int8 with per-row scales): the same
+   code as csrc/wlinear.c (each C source builds alone), tested against the same references. */
+/* 16 weights from element i of a row, widened to float32; and one weight (the tail). With AVX-512
+   the widening is spelled out (GCC scalarises the generic int8 -> float conversion). */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline vf w16_f32(const void *w, size_t i) { return (vf)_mm512_loadu_ps((const float *)w + i); }
+static inline vf w16_bf16(const void *w, size_t i) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+static inline vf w16_i8(const void *w, size_t i) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + i))));
+}
+#else
+typedef int32_t vi __attribute__((vector_size(64)));
+static inline vf w16_f32(const void *w, size_t i) { return vload((const float *)w + i); }
+static inline vf w16_bf16(const void *w, size_t i) {
+    vh h;
+    memcpy(&h, (const uint16_t *)w + i, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline vf w16_i8(const void *w, size_t i) {
+    vb b;
+    memcpy(&b, (const int8_t *)w + i, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+}
+#endif
+static inline float w1_f32(const void *w, size_t i) { return ((const float *)w)[i]; }
+static inline float w1_bf16(const void *w, size_t i) {
+    uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float w1_i8(const void *w, size_t i) { return (float)((const int8_t *)w)[i]; }
+
+/* Y[b, j] = scale[j] * (W[j, :] . X[b, :]) (scale NULL: 1) for j in [j0, j1), b < M; Y rows ldy
+   apart. Four weight rows at a time (four independent sums, X loaded once for them): the rows stay
+   in L1 while every row of X goes through them, so W is read from memory once for all M rows. */
+#define DEFINE_DOTS(T, ESZ)                                                                              \
+    static void dots_##T(const void *W, const float *scale, int K, const float *X, int M, int j0, int j1, \
+                         float *Y, int ldy) {                                                            \
+        const int k16 = K & ~15;                                                                         \
+        int j = j0;                                                                                      \
+        for (; j + 4 <= j1; j += 4) {                                                                    \
+            const char *w0 = (const char *)W + (size_t)j * K * ESZ, *w1 = w0 + (size_t)K * ESZ;          \
+            const char *w2 = w1 + (size_t)K * ESZ, *w3 = w2 + (size_t)K * ESZ;                           \
+            for (int b = 0; b < M; b++) {                                                                \
+                const float *x = X + (size_t)b * K;                                                      \
+                vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};                                               \
+                for (int i = 0; i < k16; i += 16) {                                                      \
+                    const vf xv = vload(x + i);                                                          \
+                    s0 += w16_##T(w0, i) * xv;                                                           \
+                    s1 += w16_##T(w1, i) * xv;                                                           \
+                    s2 += w16_##T(w2, i) * xv;                                                           \
+                    s3 += w16_##T(w3, i) * xv;                                                           \
+                }                                                                                        \
+                float t0 = vsum(s0), t1 = vsum(s1), t2 = vsum(s2), t3 = vsum(s3);                        \
+                for (int i = k16; i < K; i++) {                                                          \
+                    t0 += w1_##T(w0, i) * x[i];                                                          \
+                    t1 += w1_##T(w1, i) * x[i];                                                          \
+                    t2 += w1_##T(w2, i) * x[i];                                                          \
+                    t3 += w1_##T(w3, i) * x[i];                                                          \
+                }                                                                                        \
+                float *y = Y + (size_t)b * ldy + j;                                                      \
+                if (scale) {                                                                             \
+                    t0 *= scale[j]; t1 *= scale[j + 1]; t2 *= scale[j + 2]; t3 *= scale[j + 3];          \
+                }                                                                                        \
+                y[0] = t0; y[1] = t1; y[2] = t2; y[3] = t3;                                              \
+            }                                                                                            \
+        }                                                                                                \
+        for (; j < j1; j++) {                                                                            \
+            const char *w0 = (const char *)W + (size_t)j * K * ESZ;                                      \
+            for (int b = 0; b < M; b++) {                                                                \
+                const float *x = X + (size_t)b * K;                                                      \
+                vf s0 = {0};                                                                             \
+                for (int i = 0; i < k16; i += 16) s0 += w16_##T(w0, i) * vload(x + i);                   \
+                float t0 = vsum(s0);                                                                     \
+                for (int i = k16; i < K; i++) t0 += w1_##T(w0, i) * x[i];                                \
+                Y[(size_t)b * ldy + j] = scale ? t0 * scale[j] : t0;                                     \
+            }                                                                                            \
+        }                                                                                                \
     }
-    for (; j < j1; j++) {
-        const float *w0 = W + (size_t)j * n_in;
-        for (int b = 0; b < B; b++) {
-            const float *x = X + (size_t)b * n_in;
-            vf s0 = {0};
-            for (int i = 0; i < n16; i += 16) s0 += vload(w0 + i) * vload(x + i);
-            float t0 = vsum(s0);
-            for (int i = n16; i < n_in; i++) t0 += w0[i] * x[i];
-            Y[(size_t)b * ldy + j] = t0;
-        }
-    }
+
+DEFINE_DOTS(f32, 4)
+DEFINE_DOTS(bf16, 2)
+DEFINE_DOTS(i8, 1)
+
+static void dots(int wtype, const void *W, const float *scale, int K, const float *X, int M, int j0, int j1,
+                 float *Y, int ldy) {
+    if (wtype == 1) dots_bf16(W, NULL, K, X, M, j0, j1, Y, ldy);
+    else if (wtype == 2) dots_i8(W, scale, K, X, M, j0, j1, Y, ldy);
+    else dots_f32(W, NULL, K, X, M, j0, j1, Y, ldy);
 }
 
 /* This thread's share [lo, hi) of n outputs: contiguous, cut at multiples of 16 (cache lines). */
@@ -158,9 +227,9 @@ int rwkv_step(const Model *M, int B, int nthreads, const int64_t *tokens, float 
                 }
             }
             if (tid == 0) memcpy(out_att + l * BC, xx, sizeof(float) * BC);
-            dots(P->w_r, C, m0, B, a0, a1, r, A);
-            dots(P->w_k, C, m1, B, a0, a1, k, A);
-            dots(P->w_v, C, m2, B, a0, a1, v, A);
+            dots(M->wtype, P->w_r, P->s_r, C, m0, B, a0, a1, r, A);
+            dots(M->wtype, P->w_k, P->s_k, C, m1, B, a0, a1, k, A);
+            dots(M->wtype, P->w_v, P->s_v, C, m2, B, a0, a1, v, A);
             for (int b = 0; b < B; b++) {
                 for (int a = a0; a < a1; a++) {  /* eq. 14, one step (wkv_step) */
                     const size_t i = (size_t)b * A + a;
@@ -179,7 +248,7 @@ int rwkv_step(const Model *M, int B, int nthreads, const int64_t *tokens, float 
                 }
             }
 #pragma omp barrier
-            dots(P->w_o, A, g, B, c0, c1, y, C);
+            dots(M->wtype, P->w_o, P->s_o, A, g, B, c0, c1, y, C);
             for (int b = 0; b < B; b++)
                 for (int c = c0; c < c1; c++) x[(size_t)b * C + c] += y[(size_t)b * C + c];
 #pragma omp barrier
@@ -194,12 +263,12 @@ int rwkv_step(const Model *M, int B, int nthreads, const int64_t *tokens, float 
                 }
             }
             if (tid == 0) memcpy(out_ffn + l * BC, xx, sizeof(float) * BC);
-            dots(P->w_fk, C, m0, B, f0, f1, kf, F);
+            dots(M->wtype, P->w_fk, P->s_fk, C, m0, B, f0, f1, kf, F);
             for (int b = 0; b < B; b++)
                 for (int f = f0; f < f1; f++) { const float t = kf[(size_t)b * F + f] > 0.f ? kf[(size_t)b * F + f] : 0.f; kf[(size_t)b * F + f] = t * t; }
-            dots(P->w_fr, C, m1, B, c0, c1, rr, C);
+            dots(M->wtype, P->w_fr, P->s_fr, C, m1, B, c0, c1, rr, C);
 #pragma omp barrier
-            dots(P->w_fv, F, kf, B, c0, c1, y, C);
+            dots(M->wtype, P->w_fv, P->s_fv, F, kf, B, c0, c1, y, C);
             for (int b = 0; b < B; b++)
                 for (int c = c0; c < c1; c++) {
                     const size_t i = (size_t)b * C + c;
@@ -208,7 +277,7 @@ int rwkv_step(const Model *M, int B, int nthreads, const int64_t *tokens, float 
 #pragma omp barrier
         }
         for (int b = 0; b < B; b++) layer_norm(x + b * C, M->lnout_w, M->lnout_b, M->eps_out, C, xx + b * C);
-        dots(M->head, C, xx, B, v0, v1, logits, V);
+        dots(M->wtype, M->head, M->s_head, C, xx, B, v0, v1, logits, V);
     }
     return 0;
 }

@@ -31,6 +31,12 @@ case it copies them first, so every state stays valid however often it is reused
 the cache is built by concatenation (no in-place writes into tensors the backward pass needs).
 Padded positions (``attention_mask == 0``) are cached but never attended to and do not advance
 ``pos``, so a left-padded row decodes exactly like the same row without padding.
+
+Decoding (one token per row, up to 16 rows, no autograd, CPU) runs every matrix product through the
+weight-only linear of ``rizzearch.ops.wlinear`` (a C kernel that streams each weight once for all
+rows, fp32 activations and accumulation): the parameters in place (fp32, or bf16 read as bf16), or
+bf16 / int8 copies chosen with ``set_decode_weights``. The norms feeding those products stay fp32,
+so a bf16 model decodes with only its weights rounded. Prefill and training use the modules.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
 from rizzearch.models.base import CausalLM, register_model
+from rizzearch.ops import backends, wlinear
 from rizzearch.ops.attention import attention_mask as allowed_mask
 
 ROPE_SCALINGS = (None, "linear", "llama3")
@@ -162,15 +169,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.dh, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.dh, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache, n: int, key_valid):
-        """x (B, T, C); cache = (k_buf, v_buf, inplace) with n cached positions; key_valid (B, n+T) or None."""
+    def forward(self, x, cos, sin, cache, n: int, key_valid, lin=None):
+        """x (B, T, C); cache = (k_buf, v_buf, inplace) with n cached positions; key_valid (B, n+T) or None;
+        lin: the decode path's weight-only linear (fp32 outputs, cast to the cache's dtype), None = the modules."""
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_head, self.n_kv, self.dh
-        q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        k_buf, v_buf, inplace = cache
+        q, k, v = (self.qkv(x) if lin is None else lin(self.qkv, x).to(k_buf.dtype)).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
         q = apply_rope(q.view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         k = apply_rope(k.view(B, T, Hkv, Dh).transpose(1, 2), cos, sin)  # (B, Hkv, T, Dh)
         v = v.view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
-        k_buf, v_buf, inplace = cache
         if inplace:
             k_buf[:, :, n : n + T] = k
             v_buf[:, :, n : n + T] = v
@@ -187,7 +195,7 @@ class Attention(nn.Module):
             mask = allowed_mask(T, n + T, n, key_valid, x.device)  # (B or 1, 1, T, S)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         y = y.reshape(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)
-        return self.proj(y), k_buf, v_buf
+        return (self.proj(y) if lin is None else lin(self.proj, y)), k_buf, v_buf
 
 
 class SwiGLU(nn.Module):
@@ -196,7 +204,10 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, lin=None):
+        if lin is not None:  # the decode path: fp32 activations, weight-only linear
+            gate, up = lin(self.gate_up, x).chunk(2, dim=-1)
+            return lin(self.down, F.silu(gate) * up)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
@@ -214,16 +225,22 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache, n, key_valid):
-        """x: the residual stream (B, T, C) in fp32; the matmuls run in the weights' dtype."""
-        dtype = self.attn.qkv.weight.dtype
-        a, k, v = self.attn(rms_norm(self.attn_norm, x, dtype), cos, sin, cache, n, key_valid)
+    def forward(self, x, cos, sin, cache, n, key_valid, lin=None):
+        """x: the residual stream (B, T, C) in fp32; the matmuls run in the weights' dtype, or through
+        ``lin`` (the decode path: weight-only products with fp32 activations)."""
+        dtype = self.attn.qkv.weight.dtype if lin is None else torch.float32
+        a, k, v = self.attn(rms_norm(self.attn_norm, x, dtype), cos, sin, cache, n, key_valid, lin)
         x = x + a
-        return x + self.mlp(rms_norm(self.mlp_norm, x, dtype)), k, v
+        return x + self.mlp(rms_norm(self.mlp_norm, x, dtype), lin), k, v
 
 
 # ----------------------------------------------------------------------------------------------
 # The model
+
+
+def _forget_decode_copies(module, _incompatible_keys) -> None:
+    """``load_state_dict`` copies in place: drop the weight-only copies made from the old values."""
+    module.clear_decode_cache()
 
 
 @register_model("llama", LlamaConfig, tiny=dict(vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=160))
@@ -240,6 +257,8 @@ class Llama(CausalLM):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._inv_freq: dict = {}
+        self.decode_weights: str | None = None  # see set_decode_weights
+        self.register_load_state_dict_post_hook(_forget_decode_copies)  # a module-level function: models pickle
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -253,6 +272,30 @@ class Llama(CausalLM):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
+
+    def set_decode_weights(self, fmt: str | None) -> None:
+        """Decode (one token per row, no autograd, CPU) with weight-only ``"bf16"`` or ``"int8"``
+        (per-output-channel scales) copies of every matrix, or None / ``"fp32"``: the parameters in
+        place (bf16 parameters are read as bf16). Activations stay fp32 (``rizzearch.ops.wlinear``)."""
+        self.decode_weights = None if fmt is None else wlinear.check_format(fmt, "decode_weights")
+        self.clear_decode_cache()
+
+    def clear_decode_cache(self) -> None:
+        """Drop the packed weight copies of the decode path (rebuilt on the next token). Needed only
+        after an in-place edit of a weight other than an optimizer step or ``load_state_dict``."""
+        for p in self.parameters():
+            wlinear.forget(p)
+
+    def _decode_linear(self, tokens: Tensor):
+        """The decode path's linear (one token per row, no autograd, CPU, the ``wlinear`` fast form
+        available), else None: every product then runs through the modules, as in training."""
+        B, T = tokens.shape
+        if T != 1 or B > wlinear.MAX_ROWS or torch.is_grad_enabled() or tokens.device.type != "cpu":
+            return None
+        if backends.resolve("wlinear") != "fast" or not backends.available("wlinear"):
+            return None
+        fmt = self.decode_weights
+        return lambda mod, x: wlinear.linear(x, wlinear.packed_for(mod.weight, fmt), mod.bias)
 
     def inv_freq(self, device) -> Tensor:
         """RoPE frequencies (Dh/2,), fp32 on ``device`` whatever the weights' dtype (kept out of the state_dict)."""
@@ -336,12 +379,16 @@ class Llama(CausalLM):
         key_valid = None if all_valid else valid[:, : n + T]
         cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), dtype)  # (B, 1, T, Dh)
         new_k, new_v = [], []
+        lin = self._decode_linear(tokens)
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, cos, sin, (ks[i], vs[i], inplace), n, key_valid)
+            x, k, v = block(x, cos, sin, (ks[i], vs[i], inplace), n, key_valid, lin)
             new_k.append(k)
             new_v.append(v)
         tip[0] = n + T
-        logits = self.lm_head(rms_norm(self.norm, x, dtype))  # (B, T, V)
+        if lin is None:
+            logits = self.lm_head(rms_norm(self.norm, x, dtype))  # (B, T, V)
+        else:
+            logits = lin(self.lm_head, rms_norm(self.norm, x, torch.float32)).to(dtype)
         count = T if mask is None else mask.long().sum(1)
         new_state = {"k": new_k, "v": new_v, "valid": valid, "pos": pos0 + count, "n": n + T, "tip": tip}
         return logits, new_state

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rizzearch.ops import backends
+from rizzearch.ops import backends, wlinear
 from rizzearch.ops._common import load_c_library
 from rizzearch.ops.wkv import wkv_step
 
@@ -150,14 +150,36 @@ _LAYER_FIELDS = ["ln1_w", "ln1_b", "ln2_w", "ln2_b", "mix_r", "mix_k", "mix_v", 
                  "u", "decay", "fmix_k", "fmix_r", "w_fk", "w_fr", "w_fv"]  # fmt: skip
 
 
+_MATRICES = ["w_r", "w_k", "w_v", "w_o", "w_fk", "w_fr", "w_fv"]  # read in the model's weight format
+_SCALES = ["s" + n[1:] for n in _MATRICES]  # their int8 per-row scales (NULL otherwise)
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [("eps1", ctypes.c_float), ("eps2", ctypes.c_float)] + [(n, ctypes.c_void_p) for n in _LAYER_FIELDS]
+    _fields_ = [("eps1", ctypes.c_float), ("eps2", ctypes.c_float)]
+    _fields_ += [(n, ctypes.c_void_p) for n in _LAYER_FIELDS + _SCALES]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("L", "C", "A", "F", "V", "n_emb")]
     _fields_ += [("eps0", ctypes.c_float), ("eps_out", ctypes.c_float)]
     _fields_ += [(n, ctypes.c_void_p) for n in ("emb", "ln0_w", "ln0_b", "lnout_w", "lnout_b", "head", "layers")]
+    _fields_ += [("wtype", ctypes.c_int), ("s_head", ctypes.c_void_p)]
+
+
+def weight_format(model) -> str | None:
+    """The format the fused kernel reads the matrices in: ``model.decode_weights`` (None: fp32 in place)."""
+    fmt = getattr(model, "decode_weights", None)
+    return None if fmt in (None, "fp32") else wlinear.check_format(fmt, "decode_weights")
+
+
+def set_decode_weights(model, fmt: str | None) -> None:
+    """Decode ``model`` with its matrices (the 7 per layer and the head) in ``fmt``: ``"bf16"`` or
+    ``"int8"`` (per-output-channel scales) weight-only copies made on the next token, kept current
+    with the parameters (see ``rizzearch.ops.wlinear.packed_for``), or None / ``"fp32"`` (in place)."""
+    if fmt is not None:
+        wlinear.check_format(fmt, "decode_weights")
+    model.decode_weights = fmt
+    forget(model)
 
 
 def _layer_weights(block) -> dict:
@@ -183,43 +205,74 @@ class FusedModel:
         self.params = list(model.parameters())  # what ``is_current`` watches
         self.ptrs = tuple(p.data_ptr() for p in self.params)
         self.registrations = _registrations
+        self.fmt = weight_format(model)
         self.ok = all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in self.params)
+        self.watched: list = []  # parameters with a packed copy (stale after an optimizer step)
+        self._keep: list = []  # the packed copies the kernel reads
         if not self.ok:
             return
         ptr = lambda t: t.data_ptr()  # noqa: E731 - parameters are read in place and kept alive by the model
         self.layers = (_Layer * len(model.blocks))()
         for i, block in enumerate(model.blocks):
             w = _layer_weights(block)
-            self.layers[i] = _Layer(block.ln1.eps, block.ln2.eps, *(ptr(w[n]) for n in _LAYER_FIELDS))
+            mats = {n: self._matrix(w[n]) for n in _MATRICES}
+            vals = [ptr(w[n]) if n not in mats else mats[n][0] for n in _LAYER_FIELDS] + [mats[n][1] for n in _MATRICES]
+            self.layers[i] = _Layer(block.ln1.eps, block.ln2.eps, *vals)
         blk = model.blocks[0]
         self.C, self.A, self.F = blk.att.key.in_features, blk.att.key.out_features, blk.ffn.key.out_features
         self.L, self.V = len(model.blocks), model.head.out_features
+        head, s_head = self._matrix(model.head.weight)
         self.struct = _Model(
             self.L, self.C, self.A, self.F, self.V, model.emb.num_embeddings, model.ln0.eps, model.ln_out.eps,
             ptr(model.emb.weight), ptr(model.ln0.weight), ptr(model.ln0.bias),
-            ptr(model.ln_out.weight), ptr(model.ln_out.bias), ptr(model.head.weight),
-            ctypes.cast(self.layers, ctypes.c_void_p),
+            ptr(model.ln_out.weight), ptr(model.ln_out.bias), head,
+            ctypes.cast(self.layers, ctypes.c_void_p), wlinear.FORMATS.index(self.fmt or "fp32"), s_head,
         )  # fmt: skip
+        self.steps = wlinear.optimizer_steps()
         self.ref = ctypes.byref(self.struct)
         self.scratch = torch.empty(0, dtype=torch.float32)
         self.layer_elements = self.C * (4 * self.A + 2 * self.F + self.C)  # matrix weights per layer
 
+    def _matrix(self, w: Tensor) -> tuple[int, int | None]:
+        """(address of the weight's data in ``self.fmt``, address of its int8 scales or None)."""
+        if self.fmt is None:
+            return w.data_ptr(), None
+        p = wlinear.packed_for(w, self.fmt)  # a copy, cached on the parameter
+        self.watched.append(w)
+        self._keep.append(p)
+        return p.data.data_ptr(), None if p.scale is None else p.scale.data_ptr()
+
+    def bytes_per_token(self) -> int:
+        """Weight bytes one token reads: every matrix and the head in their format, the small vectors, one embedding row."""
+        per = {None: 4, "bf16": 2, "int8": 1}[self.fmt]
+        mats = self.L * self.layer_elements + self.V * self.C
+        scales = 4 * (self.L * (4 * self.A + 2 * self.C + self.F) + self.V) if self.fmt == "int8" else 0
+        vectors = 4 * (self.L * (7 * self.C + 2 * self.A) + 5 * self.C)  # norms, mixes, u and decay, ln0/ln_out, emb row
+        return per * mats + scales + vectors
+
     def is_current(self) -> bool:
         """False once a parameter got new storage or anything was (re)registered since the build."""
-        return self.registrations == _registrations and all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
+        return (
+            self.registrations == _registrations
+            and all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
+            and (not self.watched or self.steps == wlinear.optimizer_steps())
+        )
 
 
 def fused_model(model) -> FusedModel:
     """The model's address table, rebuilt when it is not current."""
     fm = _FUSED.get(model)
-    if fm is None or not fm.is_current():
+    if fm is None or fm.fmt != weight_format(model) or not fm.is_current():
         _FUSED[model] = fm = FusedModel(model)
     return fm
 
 
 def forget(model) -> None:
-    """Drop the model's address table (``RWKV.clear_decode_cache``); the next token rebuilds it."""
-    _FUSED.pop(model, None)
+    """Drop the model's address table and packed weight copies (``RWKV.clear_decode_cache``); the
+    next token rebuilds them."""
+    fm = _FUSED.pop(model, None)
+    for w in getattr(fm, "watched", ()):
+        wlinear.forget(w)
 
 
 def cached(model) -> FusedModel | None:
@@ -228,11 +281,13 @@ def cached(model) -> FusedModel | None:
 
 
 def decode_threads(fm: FusedModel) -> int:
-    """Threads for one fused call: torch's thread count for layers big enough to gain, else 1."""
+    """Threads for one fused call: torch's thread count for layers big enough to gain while the cores
+    are free (``rizzearch.ops.wlinear.cores_are_free``: not on an oversubscribed machine), else 1."""
     if _THREADS is not None:
         return _THREADS
     n = torch.get_num_threads()
-    return n if n > 1 and fm.layer_elements >= THREADED_MIN_ELEMENTS and _LIB and _LIB.openmp else 1
+    big = fm.layer_elements >= THREADED_MIN_ELEMENTS
+    return n if n > 1 and big and _LIB and _LIB.openmp and wlinear.cores_are_free() else 1
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ OPS: dict[str, tuple[str, str, bool]] = {
     "slstm": ("sLSTM", "rizzearch.ops.slstm", False),
     "wkv": ("WKV", "rizzearch.ops.wkv", False),
     "rwkv_decode": ("RWKV decode", "rizzearch.models.rwkv_decode", True),
+    "wlinear": ("weight-only linear", "rizzearch.ops.wlinear", True),
 }
 
 _default: dict[str, str] = {}  # op -> current default, filled from the environment on first use
