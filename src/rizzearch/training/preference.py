@@ -24,10 +24,13 @@ from rizzearch.objectives.preference import (
     DEFAULT_NLL_MODE,
     PreferenceForward,
     check_nll_mode,
+    preference_from_token_logprobs,
     preference_logprobs,
+    preference_targets,
     stack_sides,
 )
 from rizzearch.objectives.sft import sft_loss
+from rizzearch.training.losses import model_token_logprobs
 
 
 def preference_forward(
@@ -39,6 +42,7 @@ def preference_forward(
     chunk_size: int | None = None,
     chunked: bool = True,
     inplace_backward: bool | None = None,
+    from_hidden: bool = True,
 ) -> PreferenceForward:
     """Run chosen and rejected through ONE forward and score the responses.
 
@@ -49,14 +53,21 @@ def preference_forward(
     sequences (SFT; ``rejected`` is then None). ``inplace_backward`` lets the backward pass write
     the logits gradient into the logits buffer (``token_logprobs``), saving one [2B, L, V] tensor;
     None (the default) does so whenever it is safe (a plain linear head: ``inplace_backward_is_safe``).
+    ``from_hidden`` (the default, with ``chunked``) computes the log-probs from the final hidden
+    states at the scored positions only (``training.losses.model_token_logprobs``): the (S*B, L, V)
+    logits are never built; False forwards to the logits and scores them (the same numbers).
     """
     check_nll_mode(nll_mode)
     validate_batch(batch)
     ids, resp, att = stack_sides(batch, sides)  # (S*B, L) each
-    logits, _ = model(ids)  # (S*B, L, V)
-    return preference_logprobs(logits, ids, resp, att, batch["chosen_input_ids"].shape[0], nll_mode=nll_mode,
-                               has_rejected="rejected" in sides, chunk_size=chunk_size, chunked=chunked,
-                               inplace_backward=inplace_backward)
+    B, has_rejected = batch["chosen_input_ids"].shape[0], "rejected" in sides
+    if not (chunked and from_hidden):
+        logits, _ = model(ids)  # (S*B, L, V)
+        return preference_logprobs(logits, ids, resp, att, B, nll_mode=nll_mode, has_rejected=has_rejected,
+                                   chunk_size=chunk_size, chunked=chunked, inplace_backward=inplace_backward)
+    resp_t, full_t, union = preference_targets(ids, resp, att, B, nll_mode)  # (S*B, L) each
+    lp = model_token_logprobs(model, ids, union, chunk_size=chunk_size, inplace_backward=inplace_backward)  # (S*B, L)
+    return preference_from_token_logprobs(lp, resp_t, full_t, B, nll_mode=nll_mode, has_rejected=has_rejected)
 
 
 @torch.no_grad()
