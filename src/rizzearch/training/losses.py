@@ -142,8 +142,11 @@ def head_logprobs(head: nn.Module, h: Tensor, targets: Tensor, *, cap: float | N
     head (a LoRA-wrapped one, a soft-capped one) runs each chunk under activation checkpointing, so
     only one chunk's logits exist at a time in forward and backward alike.
     """
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // max(int(getattr(head, "out_features", 0) or 1), 1))
+    if chunk_size is None:  # about DEFAULT_CHUNK_ELEMENTS logits per chunk
+        n_out = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", (None,))[0]
+        if not n_out:
+            raise ShapeError(f"head_logprobs: give chunk_size for a {type(head).__name__} head (its output size is unknown)")
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // int(n_out))
     if chunk_size < 1:
         raise ShapeError(f"head_logprobs: chunk_size must be >= 1, got {chunk_size}")
     if type(head) is nn.Linear and cap is None and "forward" not in vars(head):
@@ -216,5 +219,7 @@ def model_token_logprobs(model, ids: Tensor, targets: Tensor, *, chunk_size: int
         raise ShapeError(f"model_token_logprobs: target {int(flat[i])} at position {divmod(i, ids.shape[1])} is outside the vocabulary [0, {V})")
     rows = (flat != IGNORE_INDEX).nonzero().squeeze(-1)  # (K,)
     h = seen[0].reshape(flat.shape[0], -1).index_select(0, rows)  # (K, C)
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // V)
     lp = head_logprobs(head, h, flat.index_select(0, rows).long(), cap=cap, chunk_size=chunk_size)  # (K,)
     return torch.zeros(flat.shape[0], dtype=lp.dtype, device=lp.device).index_copy(0, rows, lp).view(ids.shape)

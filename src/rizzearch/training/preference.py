@@ -1,7 +1,10 @@
 """Preference training: run the model over preference batches and feed the pure objectives.
 
 ``preference_forward`` stacks the chosen and rejected sequences of a batch into ONE forward (so
-DDP sees one call) and scores them with ``objectives.preference.preference_logprobs``; the loop's
+DDP sees one call) and scores them: by default from the final hidden states at the scored
+positions only (``training.losses.model_token_logprobs``, no [2B, L, V] logits), then
+``objectives.preference.preference_from_token_logprobs`` (the same numbers as
+``objectives.preference.preference_logprobs`` on the logits); the loop's
 ``loss_fn``s below pass the result to ``objectives.orpo.orpo_loss``, ``objectives.dpo.dpo_loss``
 and ``objectives.sft.sft_loss``. ``score_pairs`` scores a whole preference set without gradients
 (DPO's reference log-probs, held-out preference accuracy).
