@@ -9,7 +9,8 @@ AdamW step. LoRA: r=16, alpha=32 on every linear layer of every block.
 
 1. Peak memory of one ORPO step, each variant in a fresh subprocess (peak RSS above the RSS after
    the model and batch are built, glibc told to give freed blocks back; on a GPU
-   ``torch.cuda.max_memory_allocated``): full fine-tune without checkpointing (the baseline),
+   ``torch.cuda.max_memory_allocated``): full fine-tune without checkpointing (the baseline, with
+   the default log-probs from the hidden states; ``full (logits)`` scores the full logits instead),
    LoRA + checkpointing in fp32, and the same under ``bf16`` autocast. Target: LoRA + checkpointing
    <= 0.4x the full fine-tune.
 2. Step time: ours (``apply_lora`` on our Llama, ``orpo_batch_loss``) vs TRL's ``ORPOTrainer`` with
@@ -38,6 +39,7 @@ from common import emit_json, interleaved, print_header, print_table, ratio, sum
 MEM_TARGET, SPEED_TARGET = 0.4, 1.5
 LORA_R, LORA_ALPHA = 16, 32
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OUR_TARGETS = ["attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down"]  # the same projections (qkv and gate/up fused)
 SMOLLM2 = dict(vocab_size=49152, d_model=576, n_layer=30, n_head=9, n_kv_head=3, d_ff=1536, tie_embeddings=True, rope_theta=100000.0)
 
 
@@ -92,19 +94,27 @@ def _rss_mib() -> tuple[float, float]:
     return cur, peak
 
 
+MEM_VARIANTS = ("full (logits)", "full", "lora+ckpt", "lora+ckpt+bf16")
+
+
 def _mem_child(a, variant: str) -> dict:
-    """One ORPO step (forward, backward, AdamW) of ``variant``; peak memory above the built model and batch."""
+    """One ORPO step (forward, backward, AdamW) of ``variant``; peak memory above the built model and batch.
+
+    ``full (logits)`` scores the (2B, L, V) logits (the path before the log-probs came from the hidden
+    states, and what TRL does); every other variant uses the default, ``preference_forward(from_hidden=True)``.
+    """
+    from rizzearch.objectives.orpo import orpo_loss
     from rizzearch.training.lora import apply_lora, lora_parameters
     from rizzearch.training.memory import autocast, checkpoint_blocks
-    from rizzearch.training.preference import orpo_batch_loss
+    from rizzearch.training.preference import preference_forward
 
     dev = torch.device(a.device)
     model = build(a).to(dev).train()
     batch = {k: v.to(dev) for k, v in make_batch(a.pairs, a.seq_len, model.config.vocab_size, 1)[0].items()}
-    if variant == "full":
+    if variant.startswith("full"):
         params, precision = list(model.parameters()), "fp32"
     else:
-        apply_lora(model, LORA_R, LORA_ALPHA, targets=["attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down"])
+        apply_lora(model, LORA_R, LORA_ALPHA, targets=OUR_TARGETS)
         checkpoint_blocks(model)
         params, precision = lora_parameters(model), ("bf16" if variant.endswith("bf16") else "fp32")
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -116,7 +126,8 @@ def _mem_child(a, variant: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")
         start = _rss_mib()[0]
     with autocast(precision, dev):
-        loss, _ = orpo_batch_loss(model, batch, lam=0.1, nll_mode="prompt+response")
+        fw = preference_forward(model, batch, nll_mode="prompt+response", from_hidden=variant != "full (logits)")
+        loss, _ = orpo_loss(fw.chosen.mean, fw.rejected.mean, fw.chosen_nll, 0.1)
     loss.backward()
     opt.step()
     if dev.type == "cuda":
@@ -130,14 +141,16 @@ def _mem_child(a, variant: str) -> dict:
 def memory(a) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     rows = []
-    for variant in ("full", "lora+ckpt", "lora+ckpt+bf16"):
+    for variant in MEM_VARIANTS:
         argv = [sys.executable, __file__, "--_mem", variant, *_shape_args(a)]
         out = subprocess.run(argv, capture_output=True, text=True, env=env)
         if out.returncode:
             raise RuntimeError(out.stderr[-2000:])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = {r["variant"]: r["peak_extra_mib"] for r in rows}
     for r in rows:
-        r["ratio_vs_full"] = r["peak_extra_mib"] / rows[0]["peak_extra_mib"]
+        r["ratio_vs_full"] = r["peak_extra_mib"] / base["full"]
+        r["ratio_vs_full_logits"] = r["peak_extra_mib"] / base["full (logits)"]
     return rows
 
 
@@ -185,7 +198,7 @@ def step_time(a) -> tuple[dict, list[dict]]:
     hf = to_hf_llama(ours_model).float()
     V = ours_model.config.vocab_size
     pad = V - 1
-    ours_model = apply_lora(ours_model, LORA_R, LORA_ALPHA, targets=["attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down"]).to(dev).train()
+    ours_model = apply_lora(ours_model, LORA_R, LORA_ALPHA, targets=OUR_TARGETS).to(dev).train()
     trainer = _trl_trainer(hf, pad, V)
     trl_model = trainer.model.to(dev).train()
     ours_b, trl_b = make_batch(a.pairs, a.seq_len, V, pad)
@@ -206,7 +219,7 @@ def step_time(a) -> tuple[dict, list[dict]]:
         return float(loss.detach())
 
     first = {"trl": trl_step(), "ours": ours_step()}
-    times = interleaved({"trl": trl_step, "ours": ours_step}, repeats=a.repeats, warmup=1, device=dev)
+    times = interleaved({"trl": trl_step, "ours": ours_step}, repeats=a.repeats, warmup=a.warmup, device=dev)
     rows = [{"impl": k, **summary(v), "speedup_vs_trl": ratio(times["trl"], v)} for k, v in times.items()]
     return {"first_step_loss": first, "first_step_loss_diff": abs(first["trl"] - first["ours"])}, rows
 
@@ -219,6 +232,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each side after the first-step loss check")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_memory", action="store_true")
     p.add_argument("--skip_step", action="store_true")
@@ -237,12 +251,14 @@ def main(argv=None) -> dict:
     if not a.skip_memory:
         mem = memory(a)
         print("\n## peak memory of one ORPO step (forward, backward, AdamW)")
-        print_table(mem, ["variant", "peak_extra_mib", "ratio_vs_full", "loss"])
-        lora_ratio = next(r for r in mem if r["variant"] == "lora+ckpt")["ratio_vs_full"]
+        print_table(mem, ["variant", "peak_extra_mib", "ratio_vs_full", "ratio_vs_full_logits", "loss"])
+        lora_row = next(r for r in mem if r["variant"] == "lora+ckpt")
+        lora_ratio = lora_row["ratio_vs_full"]
         bf16 = next(r for r in mem if r["variant"] == "lora+ckpt+bf16")["peak_extra_mib"]
         fp32 = next(r for r in mem if r["variant"] == "lora+ckpt")["peak_extra_mib"]
         payload.update(memory=mem, memory_ratio_lora_ckpt_vs_full=lora_ratio, memory_target=MEM_TARGET,
-                       memory_target_met=lora_ratio <= MEM_TARGET, memory_ratio_bf16_vs_fp32=bf16 / fp32)
+                       memory_target_met=lora_ratio <= MEM_TARGET, memory_ratio_bf16_vs_fp32=bf16 / fp32,
+                       memory_ratio_lora_ckpt_vs_full_logits=lora_row["ratio_vs_full_logits"])
     if not a.skip_step:
         meta, rows = step_time(a)
         print("\n## ORPO + LoRA step (forward, loss, backward)")
@@ -251,6 +267,7 @@ def main(argv=None) -> dict:
         print(f"first-step losses: {meta['first_step_loss']} (|diff| {meta['first_step_loss_diff']:.2e}, target 1e-4)")
         payload.update(step=rows, step_speedup_vs_trl=speed, speed_target=SPEED_TARGET, speed_target_met=speed >= SPEED_TARGET,
                        loss_target_met=meta["first_step_loss_diff"] <= 1e-4, **meta)
+    payload["load_average_end"] = os.getloadavg()
     emit_json(payload)
     return payload
 

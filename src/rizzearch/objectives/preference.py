@@ -97,19 +97,42 @@ def preference_logprobs(
         chunked: False uses the full log-softmax reference ``token_logprobs_reference``.
     """
     check_nll_mode(nll_mode)
-    B = n_chosen
-    resp_t = shift_targets(ids, response_mask)  # response targets
-    if nll_mode == "prompt+response":
-        full_t = shift_targets(ids, attention_mask)
-        full_t[B:] = IGNORE_INDEX  # the NLL is over the chosen rows only
-        union = torch.where(resp_t != IGNORE_INDEX, resp_t, full_t)
-    else:
-        union = resp_t
+    resp_t, full_t, union = preference_targets(ids, response_mask, attention_mask, n_chosen, nll_mode)
     if chunked:
         lp = token_logprobs(logits, union, chunk_size=chunk_size, inplace_backward=inplace_backward)
     else:
         lp = token_logprobs_reference(logits, union)
+    return preference_from_token_logprobs(lp, resp_t, full_t, n_chosen, nll_mode=nll_mode, has_rejected=has_rejected)
 
+
+def preference_targets(
+    ids: Tensor, response_mask: Tensor, attention_mask: Tensor, n_chosen: int, nll_mode: str | None = DEFAULT_NLL_MODE
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Next-token targets of stacked rows -> ``(response, full, union)``, each (S*B, L), ``IGNORE_INDEX`` elsewhere.
+
+    ``response``: the response tokens; ``full`` (only for ``"prompt+response"``, else None): every
+    real token after the first of the chosen rows; ``union``: the positions whose log-prob is needed.
+    """
+    resp_t = shift_targets(ids, response_mask)
+    full_t = None
+    union = resp_t
+    if nll_mode == "prompt+response":
+        full_t = shift_targets(ids, attention_mask)
+        full_t[n_chosen:] = IGNORE_INDEX  # the NLL is over the chosen rows only
+        union = torch.where(resp_t != IGNORE_INDEX, resp_t, full_t)
+    return resp_t, full_t, union
+
+
+def preference_from_token_logprobs(
+    lp: Tensor, resp_t: Tensor, full_t: Tensor | None, n_chosen: int, *, nll_mode: str | None = DEFAULT_NLL_MODE,
+    has_rejected: bool = True,
+) -> PreferenceForward:
+    """Per-row response log-probs and the chosen NLL from token log-probs ``lp`` (S*B, L) at ``union`` targets.
+
+    ``resp_t`` and ``full_t`` as from ``preference_targets``; ``lp`` may be 0 anywhere they are ignored.
+    """
+    check_nll_mode(nll_mode)
+    B = n_chosen
     counted = resp_t != IGNORE_INDEX
     count = counted.sum(-1)  # (S*B,)
     total = (lp * counted).sum(-1)

@@ -1,7 +1,10 @@
 """Preference training: run the model over preference batches and feed the pure objectives.
 
 ``preference_forward`` stacks the chosen and rejected sequences of a batch into ONE forward (so
-DDP sees one call) and scores them with ``objectives.preference.preference_logprobs``; the loop's
+DDP sees one call) and scores them: by default from the final hidden states at the scored
+positions only (``training.losses.model_token_logprobs``, no [2B, L, V] logits), then
+``objectives.preference.preference_from_token_logprobs`` (the same numbers as
+``objectives.preference.preference_logprobs`` on the logits); the loop's
 ``loss_fn``s below pass the result to ``objectives.orpo.orpo_loss``, ``objectives.dpo.dpo_loss``
 and ``objectives.sft.sft_loss``. ``score_pairs`` scores a whole preference set without gradients
 (DPO's reference log-probs, held-out preference accuracy).
@@ -24,10 +27,13 @@ from rizzearch.objectives.preference import (
     DEFAULT_NLL_MODE,
     PreferenceForward,
     check_nll_mode,
+    preference_from_token_logprobs,
     preference_logprobs,
+    preference_targets,
     stack_sides,
 )
 from rizzearch.objectives.sft import sft_loss
+from rizzearch.training.losses import model_token_logprobs
 
 
 def preference_forward(
@@ -39,6 +45,7 @@ def preference_forward(
     chunk_size: int | None = None,
     chunked: bool = True,
     inplace_backward: bool | None = None,
+    from_hidden: bool = True,
 ) -> PreferenceForward:
     """Run chosen and rejected through ONE forward and score the responses.
 
@@ -49,14 +56,21 @@ def preference_forward(
     sequences (SFT; ``rejected`` is then None). ``inplace_backward`` lets the backward pass write
     the logits gradient into the logits buffer (``token_logprobs``), saving one [2B, L, V] tensor;
     None (the default) does so whenever it is safe (a plain linear head: ``inplace_backward_is_safe``).
+    ``from_hidden`` (the default, with ``chunked``) computes the log-probs from the final hidden
+    states at the scored positions only (``training.losses.model_token_logprobs``): the (S*B, L, V)
+    logits are never built; False forwards to the logits and scores them (the same numbers).
     """
     check_nll_mode(nll_mode)
     validate_batch(batch)
     ids, resp, att = stack_sides(batch, sides)  # (S*B, L) each
-    logits, _ = model(ids)  # (S*B, L, V)
-    return preference_logprobs(logits, ids, resp, att, batch["chosen_input_ids"].shape[0], nll_mode=nll_mode,
-                               has_rejected="rejected" in sides, chunk_size=chunk_size, chunked=chunked,
-                               inplace_backward=inplace_backward)
+    B, has_rejected = batch["chosen_input_ids"].shape[0], "rejected" in sides
+    if not (chunked and from_hidden):
+        logits, _ = model(ids)  # (S*B, L, V)
+        return preference_logprobs(logits, ids, resp, att, B, nll_mode=nll_mode, has_rejected=has_rejected,
+                                   chunk_size=chunk_size, chunked=chunked, inplace_backward=inplace_backward)
+    resp_t, full_t, union = preference_targets(ids, resp, att, B, nll_mode)  # (S*B, L) each
+    lp = model_token_logprobs(model, ids, union, chunk_size=chunk_size, inplace_backward=inplace_backward)  # (S*B, L)
+    return preference_from_token_logprobs(lp, resp_t, full_t, B, nll_mode=nll_mode, has_rejected=has_rejected)
 
 
 @torch.no_grad()
