@@ -26,7 +26,7 @@ import hashlib
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -434,8 +434,10 @@ class PretrainedGenerator:
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=self.device)
         eos = self.tokenizer.eos_id
         t0 = time.perf_counter()
-        with torch.no_grad(), _last_position_head(self.model):
-            logits, state = self.model(x, None, attention_mask=None if mask.all() else mask)  # (B, 1, V)
+        with torch.no_grad():
+            # the prefill only (a one-token prompt is already a decode step, which uses the model's own head)
+            with _last_position_head(self.model) if T > 1 else nullcontext():
+                logits, state = self.model(x, None, attention_mask=None if mask.all() else mask)  # (B, 1, V)
             last = logits[:, -1].float()  # (B, V)
             t1 = time.perf_counter()
             out: list[list[int]] = [[] for _ in prompts]
