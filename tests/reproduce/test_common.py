@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from rizzearch.errors import ConfigError
-from rizzearch.reproduce import goldfish, orpo, rwkv, xlstm
+from rizzearch.reproduce import goldfish, goldfish_real, orpo, orpo_real, rwkv, xlstm
 from rizzearch.reproduce.common import (
     MODES, Budget, Claim, Markdown, Modes, StudyRun, claims_table, environment, figure, fmt_value, load_average, md_table,
 )
@@ -43,9 +43,10 @@ def test_modes_table_is_checked():
         SIZES.size("huge")
 
 
-@pytest.mark.parametrize("study", [xlstm, rwkv, goldfish, orpo])
-def test_every_study_uses_the_shared_modes_table(study):
-    assert isinstance(study.MODES, Modes) and study.MODES.tier == "quick"
+@pytest.mark.parametrize("study,tier", [(xlstm, "quick"), (rwkv, "quick"), (goldfish, "quick"), (orpo, "quick"),
+                                        (goldfish_real, "real"), (orpo_real, "real")])
+def test_every_study_uses_the_shared_modes_table(study, tier):
+    assert isinstance(study.MODES, Modes) and study.MODES.tier == tier
     assert (study.MODES.tiny, study.MODES.quick, study.MODES.full) == (study.TINY, study.QUICK, study.FULL)
     assert type(study.TINY) is study.Size and all(study.MODES.budget_s[m] > 0 for m in MODES)
 

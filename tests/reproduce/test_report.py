@@ -155,6 +155,9 @@ def test_unknown_tier_and_study_of_another_tier_are_refused(tmp_path):
         rr.reproduce(study="xlstm", out=str(tmp_path / "y"), tier="real")
     assert set(rr.REAL_STUDIES) == {"orpo", "goldfish", "legal-rag"}
     assert all(s.module.endswith("_real") and s.tier == "real" for s in rr.REAL_STUDIES.values())
+    for s in rr.REAL_STUDIES.values():  # each names an importable study of the real tier, with that study's name
+        mod = __import__("importlib").import_module(s.module)
+        assert callable(mod.run) and mod.MODES.tier == "real" and mod.STUDY == s.name
     assert sum(s.budget_min for s in rr.REAL_STUDIES.values()) + rr.PARITY_MIN <= rr.REAL_TIER_BUDGET_MIN
 
 
