@@ -295,7 +295,15 @@ class Llama(CausalLM):
         if backends.resolve("wlinear") != "fast" or not backends.available("wlinear"):
             return None
         fmt = self.decode_weights
-        return lambda mod, x: wlinear.linear(x, wlinear.packed_for(mod.weight, fmt), mod.bias)
+
+        def lin(mod: nn.Module, x: Tensor) -> Tensor:
+            if type(mod) is nn.Linear:
+                return wlinear.linear(x, wlinear.packed_for(mod.weight, fmt), mod.bias)
+            # anything else (a LoRA-wrapped layer) runs as a module: its own forward is the product
+            dtype = next(mod.parameters()).dtype
+            return mod(x.to(dtype)).float()
+
+        return lin
 
     def inv_freq(self, device) -> Tensor:
         """RoPE frequencies (Dh/2,), fp32 on ``device`` whatever the weights' dtype (kept out of the state_dict)."""
