@@ -27,7 +27,8 @@ target = Path(sys.argv[1]).resolve()
 assert Path(rizzearch.__file__).resolve().is_relative_to(target), rizzearch.__file__
 csrc = Path(rizzearch.__file__).parent / "csrc"
 assert sorted(p.name for p in csrc.glob("*.c")) == ["mlstm_step.c", "rwkv_decode.c", "wlinear.c"], list(csrc.iterdir())
-assert backends.available("mlstm_step") and backends.available("rwkv_decode")
+assert sorted(p.name for p in csrc.glob("*.h")) == ["wl_dots.h"], list(csrc.iterdir())  # the shared header ships too
+assert backends.available("mlstm_step") and backends.available("rwkv_decode") and backends.available("wlinear")
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
@@ -50,7 +51,7 @@ with torch.no_grad():
 assert D.cached(m) is not None and D.cached(m).ok
 assert torch.allclose(fast, ref, atol=1e-5), (fast - ref).abs().max()
 built = sorted(p.name.split("_")[0] for p in (Path(os.environ["RIZZ_CACHE"]) / "kernels").glob("*.so"))
-assert built == ["mlstm", "rwkv"], built
+assert built == ["mlstm", "rwkv", "wlinear"], built
 print("ok")
 """
 

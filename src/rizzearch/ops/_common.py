@@ -48,17 +48,26 @@ def c_source(name: str) -> str:
     return resources.files("rizzearch").joinpath("csrc", name).read_text(encoding="utf-8")
 
 
+def c_headers() -> dict[str, str]:
+    """``{name: text}`` of the shared headers ``rizzearch/csrc/*.h`` (package data, like the sources)."""
+    folder = resources.files("rizzearch").joinpath("csrc")
+    return {f.name: f.read_text(encoding="utf-8") for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".h")}
+
+
 def build_c_library(name: str, cc: str, flags: list[str], *, tag_extra: str = "") -> Path:
-    """Compile ``csrc/<name>`` (no headers beyond libc, libm and OpenMP) into a shared library; return its path.
+    """Compile ``csrc/<name>`` (with the shared ``csrc/*.h``; no other headers beyond libc, libm and OpenMP)
+    into a shared library; return its path.
 
     Built once per user and cached in ``cache_dir("kernels")`` as ``{stem}_{hash}.so``, the hash
-    covering the source text, the compiler, ``flags`` and ``tag_extra`` (e.g. the CPU model for
-    ``-march=native``). Compiled in a temporary folder and renamed into place, so concurrent builders
-    never see a partial file. Raises ``OSError`` or ``subprocess.SubprocessError`` when it cannot build.
+    covering the source and header texts, the compiler, ``flags`` and ``tag_extra`` (e.g. the CPU
+    model for ``-march=native``). Compiled in a temporary folder (the headers copied beside the
+    source) and renamed into place, so concurrent builders never see a partial file. Raises
+    ``OSError`` or ``subprocess.SubprocessError`` when it cannot build.
     """
-    source = c_source(name)
+    source, headers = c_source(name), c_headers()
     stem = Path(name).stem
-    tag = hashlib.sha256("\0".join([source, cc, *flags, tag_extra]).encode()).hexdigest()[:16]
+    texts = [source, *(f"{h}\0{t}" for h, t in headers.items())]
+    tag = hashlib.sha256("\0".join([*texts, cc, *flags, tag_extra]).encode()).hexdigest()[:16]
     root = cache_dir("kernels")
     lib = root / f"{stem}_{tag}.so"
     if not lib.is_file():
@@ -66,6 +75,8 @@ def build_c_library(name: str, cc: str, flags: list[str], *, tag_extra: str = ""
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             src, out = Path(tmp) / name, Path(tmp) / f"{stem}.so"
             src.write_text(source)
+            for h, text in headers.items():
+                (Path(tmp) / h).write_text(text)
             cmd = [cc, *flags, "-fPIC", "-shared", str(src), "-o", str(out), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(out, lib)  # atomic
