@@ -97,3 +97,15 @@ def test_legal_rag_quick_real_model(tmp_path):
 
     res = run(str(tmp_path))
     assert res["metrics"]["model"].startswith("SmolLM2-135M-Instruct") and res["metrics"]["n_queries"] == 48
+
+
+def test_a_study_whose_every_answer_failed_says_why(tmp_path, monkeypatch):
+    """Regression: every answer failing (a generator that cannot run) used to crash in formatting empty rates."""
+    from rizzearch.rag.generators import PretrainedGenerator
+
+    def broken(self, requests):
+        raise RuntimeError("the model cannot run here")
+
+    monkeypatch.setattr(PretrainedGenerator, "_batch", broken)
+    with pytest.raises(RuntimeError, match=r"all \d+ answers of closed_book with .* failed; the first: .*the model cannot run here"):
+        __import__("rizzearch.reproduce.legal_rag", fromlist=["run"]).run(str(tmp_path / "study"), tiny=True)

@@ -209,9 +209,11 @@ def _audit_real(run: StudyRun[Size], idx, queries: list[dict], auth) -> tuple[di
           file=sys.stderr, flush=True)
     res = run_audit(systems, queries, run.out / "audit", resume=False, progress=run.mode != "tiny", authorities=auth,
                     n_boot=run.size.n_boot, seed=run.seed, chunk_size=3 * run.size.batch_size)
-    failed = [r for r in res["rows"] if r.get("status") == "error"]
-    if failed and len(failed) == len(res["rows"]):  # no answer to measure: say why instead of reporting empty rates
-        raise RuntimeError(f"legal-rag: all {len(failed)} answers of {model_name} failed; the first: {failed[0].get('error')}")
+    for system in SYSTEMS:  # a system with no answer to measure: say why instead of reporting empty rates
+        rows = [r for r in res["rows"] if r["system"] == system]
+        failed = [r for r in rows if r.get("status") == "error"]
+        if failed and len(failed) == len(rows):
+            raise RuntimeError(f"legal-rag: all {len(failed)} answers of {system} with {model_name} failed; the first: {failed[0].get('error')}")
     res["timing"]["model_load_s"] = round(load_s, 2)
     return res, model_name, {s: systems[s].generator_label for s in SYSTEMS}
 
