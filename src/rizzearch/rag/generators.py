@@ -26,8 +26,7 @@ import hashlib
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
-from functools import lru_cache
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -35,6 +34,7 @@ from rizzearch.errors import ConfigError
 from rizzearch.legal.corpus import Passage
 from rizzearch.legal.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
 from rizzearch.rag.endpoint import EndpointError, EndpointGenerator  # noqa: F401  (re-exported: the client lives there)
+from rizzearch.rag.generation_helpers import get_threads, last_position_head, set_threads
 
 SYSTEM_PROMPT = (
     "You are a careful legal research assistant. Answer the question in one or two sentences. "
@@ -411,16 +411,16 @@ class PretrainedGenerator:
         prompt are the same), the rest in batches of ``batch_size`` sorted by prompt length (less padding)."""
         prompts = [tuple(self.prompt_ids(r)) for r in requests]
         todo = sorted({p for p in prompts if p not in self._memo}, key=len)
-        old = _get_threads()
+        old = get_threads()
         if self.threads:
-            _set_threads(self.threads)
+            set_threads(self.threads)
         try:
             for i in range(0, len(todo), self.batch_size):
                 chunk = todo[i : i + self.batch_size]
                 for p, toks in zip(chunk, self._greedy([list(p) for p in chunk])):
                     self._memo[p] = self.answer_text(toks)
         finally:
-            _set_threads(old)
+            set_threads(old)
         return [self._memo[p] for p in prompts]
 
     def _greedy(self, prompts: list[list[int]]) -> list[list[int]]:
@@ -436,7 +436,7 @@ class PretrainedGenerator:
         t0 = time.perf_counter()
         with torch.no_grad():
             # the prefill only (a one-token prompt is already a decode step, which uses the model's own head)
-            with _last_position_head(self.model) if T > 1 else nullcontext():
+            with last_position_head(self.model) if T > 1 else nullcontext():
                 logits, state = self.model(x, None, attention_mask=None if mask.all() else mask)  # (B, 1, V)
             last = logits[:, -1].float()  # (B, V)
             t1 = time.perf_counter()
@@ -461,52 +461,6 @@ class PretrainedGenerator:
         tm["new_tokens"] += sum(len(r) for r in out)
         tm["batches"] += 1
         return out
-
-
-@contextmanager
-def _last_position_head(model):
-    """During a prefill, let the model's ``lm_head`` (when it has one) project only the last position: greedy
-    decoding reads nothing else, and the full (B, T, vocab) logits of a batch of long prompts cost gigabytes
-    (8 x 900 x 49152 floats for SmolLM2) and a fifth of the prefill's multiply-adds."""
-    import torch.nn as nn
-
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, nn.Module):
-        yield
-        return
-    model.lm_head = _last_only_class()(head)
-    try:
-        yield
-    finally:
-        model.lm_head = head
-
-
-@lru_cache(maxsize=1)
-def _last_only_class():
-    """A module applying ``head`` to the last position only (defined on first use: torch is imported lazily here)."""
-    import torch.nn as nn
-
-    class LastOnly(nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, h):  # (B, T, C) -> (B, 1, V)
-            return self.head(h[:, -1:])
-
-    return LastOnly
-
-
-def _get_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 class SmolLM2Generator(PretrainedGenerator):
