@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -98,14 +99,31 @@ def test_greedy_generation_equals_transformers(ours, theirs):
 
 
 @torch.no_grad()
-def test_bf16_close_to_fp32(ours):
-    """bf16 weights: logits within 3e-2 of fp32 relative to the logit scale (rounding the weights alone
-    costs about 2.3e-2 on this prompt), the same next token almost everywhere."""
-    x = _prompt_ids(ours, 0)
-    ref = ours.model(x)[0]
+def test_bf16_autocast_within_2e2_of_fp32(ours):
+    """bf16 autocast over the fp32 weights (the issue's bf16 check): logits within 2e-2 of fp32 relative
+    to the largest logit on every prompt, the same next token almost everywhere."""
+    for i in range(len(PROMPTS)):
+        x = _prompt_ids(ours, i)
+        ref = ours.model(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.model(x)[0]
+        err = (got.float() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"prompt {i}: bf16 autocast logits: max error {err:.3g} of the largest logit"
+        assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@torch.no_grad()
+def test_bf16_weights_no_further_from_fp32_than_transformers(ours, theirs):
+    """Native bf16 weights round every activation too (2.3e-2 on prompt 0; rounding the weights alone
+    costs 7e-3): our error stays under 3e-2 and at most transformers' own bf16 model's (3.1e-2)."""
+    hf_bf16 = copy.deepcopy(theirs[0]).to(torch.bfloat16)
     bf = load_pretrained("smollm2", dtype=torch.bfloat16)
-    got = bf.model(x)[0]
-    assert got.dtype == torch.bfloat16
-    err = (got.float() - ref).abs().max() / ref.abs().max()
-    assert err < 3e-2, f"bf16 logits: max error {err:.3g} of the largest logit"
-    assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    for i in range(len(PROMPTS)):
+        x = _prompt_ids(ours, i)
+        ref = ours.model(x)[0]
+        got = bf.model(x)[0]
+        assert got.dtype == torch.bfloat16
+        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        hf_err = ((hf_bf16(x).logits.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 3e-2 and err <= hf_err * 1.05, f"prompt {i}: bf16 logits error {err:.3g}, transformers' {hf_err:.3g}"
+        assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
