@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rizzearch.errors import ConfigError
-from rizzearch.models import build_model, load_pretrained
+from rizzearch.models import build_model, llama_decode, load_pretrained
 from rizzearch.models.base import tiny_overrides
 from rizzearch.models.pretrained import bundled_path
 from rizzearch.ops import wlinear as W
@@ -47,13 +47,18 @@ def rounded(m, fmt):
     return q
 
 
-def decode(m, x, steps, backend="fast", prefill=None):
+PATHS = {"fused": ("fast", "fast"), "wlinear": ("reference", "fast"), "reference": ("reference", "reference")}
+
+
+def decode(m, x, steps, path="fused", prefill=None, mask=None):
     """Prefill x (B, T0) (with ``prefill``, a model, when given: then two models decode from the same
-    cache) then ``steps`` fixed tokens (teacher forcing: every model sees the same inputs): the
-    stacked step logits (B, steps, V) in fp32."""
+    cache; ``mask``: its attention mask) then ``steps`` fixed tokens (teacher forcing: every model sees
+    the same inputs) through ``path``: ``fused`` (one C call per token), ``wlinear`` (the modules with
+    weight-only products) or ``reference`` (the modules): the stacked step logits (B, steps, V) in fp32."""
     nxt = torch.randint(0, m.config.vocab_size, (x.shape[0], steps), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), use_backend("wlinear", backend):
-        _, st = (prefill or m)(x)
+    fused, lin = PATHS[path]
+    with torch.no_grad(), use_backend("llama_decode", fused), use_backend("wlinear", lin):
+        _, st = (prefill or m)(x, attention_mask=mask)
         outs = []
         for i in range(steps):
             lg, st = m(nxt[:, i : i + 1], st)
@@ -61,19 +66,60 @@ def decode(m, x, steps, backend="fast", prefill=None):
     return torch.stack(outs, 1)
 
 
+@pytest.mark.parametrize("path", ["fused", "wlinear"])
 @pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, n_kv_head=1), dict(tie_embeddings=False, head_dim=8)])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fast_decode_matches_modules_and_forward(kw, batch):
+def test_fast_decode_matches_modules_and_forward(kw, batch, path):
     needs_kernel()
     m = make(**kw)
     x = torch.randint(0, V, (batch, 7))
-    fast, ref = decode(m, x, 5), decode(m, x, 5, "reference")
-    assert_close(fast, ref, atol=1e-5, rtol=1e-5, name="decode path vs modules")
-    with torch.no_grad():  # prefill + one step through the decode path == the forward
-        full, _ = m(x)
+    fast, ref = decode(m, x, 5, path), decode(m, x, 5, "reference")
+    assert_close(fast, ref, atol=1e-5, rtol=1e-5, name=f"{path} decode path vs modules")
+    fused, lin = PATHS[path]
+    with torch.no_grad(), use_backend("llama_decode", fused), use_backend("wlinear", lin):
+        full, _ = m(x)  # prefill + one step through the decode path == the forward
         _, st = m(x[:, :-1])
         step, _ = m(x[:, -1:], st)
     assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=1e-5, name="prefill+step vs forward")
+
+
+def test_fused_decode_honours_a_left_padded_prefill_and_any_thread_count():
+    """Rows of different lengths (left padding in the prefill): the fused steps attend only to each
+    row's valid keys, as the modules do; 1 and 2 threads give the same bits (one thread per output)."""
+    needs_kernel()
+    m = make(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160)
+    x = torch.randint(0, V, (3, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    ref = decode(m, x, 4, "reference", mask=mask)
+    assert_close(decode(m, x, 4, mask=mask), ref, atol=1e-5, rtol=1e-5, name="fused after a padded prefill")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama_decode, "THREADS", 1)
+        one = decode(m, x, 4, mask=mask)
+        mp.setattr(llama_decode, "THREADS", 3)
+        three = decode(m, x, 4, mask=mask)
+    assert torch.equal(one, three)
+
+
+def test_fused_decode_falls_back_for_wrapped_layers_and_follows_new_storage():
+    """A LoRA-wrapped projection is not a plain nn.Linear: the step runs through the modules (same
+    numbers as the reference); a parameter given new storage is read from there on the next token."""
+    needs_kernel()
+    from rizzearch.training.lora import apply_lora
+
+    m = make()
+    x = torch.randint(0, V, (2, 5))
+    before = decode(m, x, 2)
+    with torch.no_grad():
+        m.blocks[0].mlp.down.weight = nn.Parameter(2.0 * m.blocks[0].mlp.down.weight)
+    moved = decode(m, x, 2)
+    assert not torch.allclose(before, moved)
+    assert_close(moved, decode(m, x, 2, "reference"), atol=1e-5, rtol=1e-5, name="after new storage")
+    lora = apply_lora(copy.deepcopy(m), r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert_close(decode(lora, x, 2), decode(lora, x, 2, "reference"), atol=1e-5, rtol=1e-5, name="LoRA")
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])

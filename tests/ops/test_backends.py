@@ -22,6 +22,7 @@ def test_every_op_has_one_env_var_and_two_names():
         "mlstm_step": "RIZZ_MLSTM_STEP_BACKEND",
         "slstm": "RIZZ_SLSTM_BACKEND",
         "wkv": "RIZZ_WKV_BACKEND",
+        "llama_decode": "RIZZ_LLAMA_DECODE_BACKEND",
         "rwkv_decode": "RIZZ_RWKV_DECODE_BACKEND",
         "wlinear": "RIZZ_WLINEAR_BACKEND",
     }

@@ -26,9 +26,9 @@ from rizzearch.models import rwkv_decode as D
 target = Path(sys.argv[1]).resolve()
 assert Path(rizzearch.__file__).resolve().is_relative_to(target), rizzearch.__file__
 csrc = Path(rizzearch.__file__).parent / "csrc"
-assert sorted(p.name for p in csrc.glob("*.c")) == ["mlstm_step.c", "rwkv_decode.c", "wlinear.c"], list(csrc.iterdir())
+assert sorted(p.name for p in csrc.glob("*.c")) == ["llama_decode.c", "mlstm_step.c", "rwkv_decode.c", "wlinear.c"], list(csrc.iterdir())
 assert sorted(p.name for p in csrc.glob("*.h")) == ["wl_dots.h"], list(csrc.iterdir())  # the shared header ships too
-assert backends.available("mlstm_step") and backends.available("rwkv_decode") and backends.available("wlinear")
+assert all(backends.available(op) for op in ("mlstm_step", "rwkv_decode", "wlinear", "llama_decode"))
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
@@ -50,8 +50,18 @@ with torch.no_grad():
         ref, _ = m.step(tok, state)
 assert D.cached(m) is not None and D.cached(m).ok
 assert torch.allclose(fast, ref, atol=1e-5), (fast - ref).abs().max()
+from rizzearch.models import build_model, llama_decode as LD
+lm = build_model("llama", vocab_size=50, d_model=32, n_layer=2, n_head=4, n_kv_head=2, d_ff=64).eval()
+with torch.no_grad():
+    _, st = lm(torch.tensor([[1, 2, 3]]))
+    fast, _ = lm(torch.tensor([[4]]), st)
+    with backends.use_backend("llama_decode", "reference"), backends.use_backend("wlinear", "reference"):
+        _, st = lm(torch.tensor([[1, 2, 3]]))
+        ref, _ = lm(torch.tensor([[4]]), st)
+assert LD._TABLES.get(lm) is not None and LD._TABLES[lm].ok
+assert torch.allclose(fast, ref, atol=1e-5), (fast - ref).abs().max()
 built = sorted(p.name.split("_")[0] for p in (Path(os.environ["RIZZ_CACHE"]) / "kernels").glob("*.so"))
-assert built == ["mlstm", "rwkv", "wlinear"], built
+assert built == ["llama", "mlstm", "rwkv", "wlinear"], built
 print("ok")
 """
 

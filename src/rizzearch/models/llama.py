@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rizzearch.errors import ShapeError
+from rizzearch.models import llama_decode
 from rizzearch.models.base import CausalLM, register_model
 from rizzearch.ops import backends, wlinear
 from rizzearch.ops.attention import attention_mask as allowed_mask
@@ -285,6 +286,7 @@ class Llama(CausalLM):
         after an in-place edit of a weight other than an optimizer step or ``load_state_dict``."""
         for p in self.parameters():
             wlinear.forget(p)
+        llama_decode.forget(self)
 
     def _decode_linear(self, tokens: Tensor):
         """The decode path's linear (one token per row, no autograd, CPU, the ``wlinear`` fast form
@@ -385,6 +387,11 @@ class Llama(CausalLM):
             valid = torch.cat([valid[:, :n], step_valid], dim=1)
         all_valid = mask is None and (state is None or bool(state["valid"][:, :n].all()))
         key_valid = None if all_valid else valid[:, : n + T]
+        if inplace and llama_decode.applies(self, tokens, mask, dtype):  # one C call for the whole token
+            cs, sn = (t.view(B, -1) for t in rope_cos_sin(positions, self.inv_freq(tokens.device), torch.float32))
+            logits = llama_decode.fused_step(self, tokens, cs, sn, ks, vs, None if key_valid is None else valid, n)
+            tip[0] = n + T
+            return logits.to(dtype), {"k": list(ks), "v": list(vs), "valid": valid, "pos": pos0 + T, "n": n + T, "tip": tip}
         cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), dtype)  # (B, 1, T, Dh)
         new_k, new_v = [], []
         lin = self._decode_linear(tokens)

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import platform
-import subprocess
 import weakref
 
 import torch
@@ -51,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rizzearch.ops import backends, wlinear
-from rizzearch.ops._common import load_c_library
+from rizzearch.ops._common import load_native_kernel
 from rizzearch.ops.wkv import wkv_step
 
 STATE_KEYS = ("att_x", "num", "den", "max", "ffn_x")  # the order the kernel reads and writes them
@@ -123,17 +121,7 @@ def decode_library():
     if _LIB is not None:
         return _LIB or None
     _LIB = False
-    cpu = platform.machine() + platform.processor()  # -march=native: one build per CPU model
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu += next((line for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    base = ["-O3", "-march=native", "-fno-math-errno"]
-    try:
-        loaded = load_c_library("rwkv_decode.c", [[*base, "-fopenmp"], base], tag_extra=cpu)
-    except (OSError, subprocess.SubprocessError):  # a compiler that cannot build it: eager decoding
-        return None
+    loaded = load_native_kernel("rwkv_decode.c")  # None: no compiler or no build (eager decoding)
     if loaded is not None:
         lib = loaded[0]
         lib.rwkv_step.restype = ctypes.c_int

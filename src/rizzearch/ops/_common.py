@@ -8,6 +8,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -100,3 +101,27 @@ def load_c_library(name: str, flag_sets: list[list[str]], *, tag_extra: str = ""
             if i == len(flag_sets) - 1:
                 raise
     raise ValueError("load_c_library: flag_sets is empty")
+
+
+def _cpu_model() -> str:
+    """The CPU's architecture and model name: ``-march=native`` builds are cached per CPU model."""
+    cpu = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return cpu
+
+
+def load_native_kernel(name: str, *, portable: bool = False) -> tuple[ctypes.CDLL, bool] | None:
+    """Build (cached, ``-O3 -march=native``, per CPU model) and load ``csrc/<name>``, with OpenMP when
+    the compiler has it: ``(library, openmp)``. With ``portable`` a plain ``-O3`` build is the last
+    resort. None when there is no compiler or no flag set builds (the caller takes its reference form)."""
+    base = ["-O3", "-march=native", "-fno-math-errno"]
+    sets = [[*base, "-fopenmp"], base] + ([["-O3"]] if portable else [])
+    try:
+        loaded = load_c_library(name, sets, tag_extra=_cpu_model())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if loaded is None else (loaded[0], "-fopenmp" in loaded[1])

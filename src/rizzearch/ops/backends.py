@@ -30,6 +30,7 @@ OPS: dict[str, tuple[str, str, bool]] = {
     "mlstm_step": ("mLSTM step", "rizzearch.ops.mlstm", True),
     "slstm": ("sLSTM", "rizzearch.ops.slstm", False),
     "wkv": ("WKV", "rizzearch.ops.wkv", False),
+    "llama_decode": ("Llama decode", "rizzearch.models.llama_decode", True),
     "rwkv_decode": ("RWKV decode", "rizzearch.models.rwkv_decode", True),
     "wlinear": ("weight-only linear", "rizzearch.ops.wlinear", True),
 }

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -36,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rizzearch.errors import ConfigError
 from rizzearch.ops import backends
-from rizzearch.ops._common import load_c_library
+from rizzearch.ops._common import load_native_kernel
 
 FORMATS = ("fp32", "bf16", "int8")
 _CODES = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -109,17 +107,7 @@ def library():
     if _LIB is not None:
         return _LIB or None
     _LIB = False
-    cpu = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu += next((line for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    base = ["-O3", "-march=native", "-fno-math-errno"]
-    try:
-        loaded = load_c_library("wlinear.c", [[*base, "-fopenmp"], base, ["-O3"]], tag_extra=cpu)
-    except (OSError, subprocess.SubprocessError):  # a compiler that cannot build it: the reference form
-        return None
+    loaded = load_native_kernel("wlinear.c", portable=True)  # None: no compiler or no build
     if loaded is not None:
         lib = loaded[0]
         lib.wl_linear.restype = ctypes.c_int
