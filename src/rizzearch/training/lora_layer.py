@@ -82,16 +82,28 @@ class LoraLinear(nn.Module):
             u = torch.einsum("...hi,hri->...hr", xh, A[0])  # (..., n, r)
             y = torch.einsum("...hr,hor->...ho", u, B[0])  # (..., n, block)
             return y.reshape(*x.shape[:-1], n * b) * self.scaling
-        if len(A) == 1:
-            return F.linear(F.linear(x, A[0]), B[0]) * self.scaling
-        u = F.linear(x, torch.cat(A)).split(self.r, dim=-1)  # segments x (..., r)
-        return torch.cat([F.linear(ui, Bi) for ui, Bi in zip(u, B)], dim=-1) * self.scaling
+        u, Bs = self._down(x)
+        return F.linear(u, Bs)
+
+    def _down(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``u = (alpha/r) A x`` (..., segments r) and the matrix that maps it up: B, or for a fused
+        layer the block-diagonal of the B's (one product instead of one per segment and a concatenation).
+        The scale multiplies the r-wide ``u``, not the output."""
+        A, B = list(self.lora_A), list(self.lora_B)
+        u = F.linear(x, A[0] if len(A) == 1 else torch.cat(A)) * self.scaling
+        return u, B[0] if len(B) == 1 else torch.block_diag(*B)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         if not self.enabled:
             return y
-        return y + self.delta(self.dropout(x)).to(y.dtype)
+        x = self.dropout(x)
+        if self.block is not None:
+            return y + self.delta(x).to(y.dtype)
+        u, B = self._down(x)
+        # y + u B^T as one addmm: the add is fused into the product (no output-sized temporaries)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), u.reshape(-1, u.shape[-1]).to(y.dtype), B.t().to(y.dtype))
+        return out.view(y.shape)
 
     @torch.no_grad()
     def delta_weight(self) -> Tensor:
