@@ -47,7 +47,8 @@ def data(seed=0):
 def value_and_grads(model, fn):
     model.zero_grad(set_to_none=True)
     lp = fn()
-    lp.backward(data()[2])  # a different weight per position, like ORPO's per-row coefficients
+    weights = torch.randn(lp.shape, generator=torch.Generator().manual_seed(7)) if lp.shape[0] != N else data()[2]
+    lp.backward(weights.to(lp.dtype))  # a different weight per position, like ORPO's per-row coefficients
     return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -205,3 +206,52 @@ def test_orpo_loss_and_lora_gradients_equal_the_logits_path(nll_mode):
     assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-6)
     for a, b in zip(out[True][1], out[False][1]):
         assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _right_padded(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    ids = torch.randint(0, V, (n, L), generator=g)
+    targets = torch.randint(0, V, (n, L), generator=g)
+    for i, k in enumerate(lengths):
+        targets[i, k:] = IGNORE_INDEX
+        targets[i, :2] = IGNORE_INDEX  # a prompt
+    return ids, targets
+
+
+def _count_forwards(model, monkeypatch):
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: (calls.append(a[0].shape), forward(self, *a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_rows_of_different_lengths_run_in_trimmed_groups_with_the_same_results(name, monkeypatch):
+    """Right-padded rows (the last scored target at 19, 4, 3, 17): grouped by length and trimmed, the
+    log-probs and gradients equal one forward over the full batch (fp32: 1e-5 of their scale; the
+    groups only change the order of sums)."""
+    model = tiny(name)
+    ids, targets = _right_padded([19, 4, 3, 17])
+    full, g_full = value_and_grads(model, lambda: token_logprobs_reference(model(ids)[0], targets))
+    calls = _count_forwards(model, monkeypatch)
+    ours, g_ours = value_and_grads(model, lambda: model_token_logprobs(model, ids, targets))
+    assert sorted(calls) == [torch.Size([2, 4]), torch.Size([2, 19])], calls
+    assert_close(ours, full, atol=1e-5, rtol=1e-5, name="log-probs")
+    assert g_ours.keys() == g_full.keys()
+    for n in g_full:
+        assert_close(g_ours[n], g_full[n], atol=1e-5 * (float(g_full[n].abs().max()) + 1.0), rtol=1e-4, name=n)
+
+
+def test_length_buckets_cost_and_one_forward_under_distributed(monkeypatch):
+    from rizzearch.training.losses import length_buckets
+
+    assert [g.tolist() for g in length_buckets(torch.tensor([10, 2, 10, 2]))] == [[1, 3], [0, 2]]
+    assert [g.tolist() for g in length_buckets(torch.tensor([10, 9, 10, 9]))] == [[0, 1, 2, 3]]  # not worth a second forward
+    assert [g.tolist() for g in length_buckets(torch.tensor([1, 9, 30, 60]))] == [[0], [1], [2], [3]]
+    model = tiny("llama")
+    ids, targets = _right_padded([19, 4, 3, 17])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    calls = _count_forwards(model, monkeypatch)
+    model_token_logprobs(model, ids, targets)
+    assert calls == [torch.Size([4, 19])]

@@ -56,11 +56,15 @@ def _unpadded_side(model, batch, side, i):
     return (lp * (tgt_r != IGNORE_INDEX)).sum() / n, logits, tgt_r, tgt_f
 
 
-def test_helper_matches_rowwise_spec_and_calls_model_once(setup):
+@pytest.mark.parametrize("distributed", [False, True])
+def test_helper_matches_rowwise_spec_and_calls_model_once_under_ddp(setup, distributed, monkeypatch):
+    """Every row scores as it would alone. Under torch.distributed (DDP/FSDP: one forward per
+    backward) the model is called once; otherwise once per length group (at most 4)."""
     tok, ps, model = setup
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: distributed)
     counting = _Counting(model)
     fw = preference_forward(counting, ps.tensors, nll_mode="response", chunk_size=5)
-    assert counting.calls == 1
+    assert counting.calls == 1 if distributed else 1 <= counting.calls <= 4
     for side, got in (("chosen", fw.chosen), ("rejected", fw.rejected)):
         for i in range(3):
             want, *_ = _unpadded_side(model, ps.tensors, side, i)
@@ -76,7 +80,7 @@ def test_score_pairs_scores_in_eval_mode_by_batch_and_restores_the_mode(setup):
         fws = list(score_pairs(model, ps.tensors, batch_size=2))
     finally:
         handle.remove()
-    assert modes == [False, False] and model.training  # 3 pairs in batches of 2
+    assert len(modes) >= 2 and not any(modes) and model.training  # 3 pairs in batches of 2 (length groups within)
     full = preference_forward(model, ps.tensors, nll_mode=None)
     for side in ("chosen", "rejected"):
         got = torch.cat([getattr(f, side).mean for f in fws])

@@ -195,11 +195,50 @@ def model_token_logprobs(model, ids: Tensor, targets: Tensor, *, chunk_size: int
                          inplace_backward: bool | None = None) -> Tensor:
     """The model's log softmax(z_t)[y_t] at ``targets`` (N, L) -> (N, L) fp32, 0 where ignored.
 
-    One forward of ``model`` (DDP/FSDP see one call) over ``ids`` (N, L) with the head bypassed, then
-    ``head_logprobs`` at the counted positions only: no [N, L, V] logits. A model without a known head
-    (a wrapper) or one that does not call it gets the logits path (``objectives.lm.token_logprobs``,
-    ``chunk_size`` and ``inplace_backward`` passed on).
+    The model is causal, so a row's scores depend on its columns up to its last scored target only.
+    Rows are grouped by that length (``length_buckets``) and each group runs trimmed to its own
+    longest row: a right-padded batch does not pay for its padding. One forward per group; under
+    ``torch.distributed`` (DDP/FSDP expect one forward per backward) always one forward.
+    Each forward runs with the head bypassed, then ``head_logprobs`` at the counted positions only:
+    no [N, L, V] logits. A model without a known head (a wrapper) or one that does not call it gets
+    the logits path (``objectives.lm.token_logprobs``, ``chunk_size`` and ``inplace_backward`` passed on).
     """
+    scored = targets != IGNORE_INDEX
+    ends = torch.where(scored.any(1), scored.shape[1] - scored.flip(1).int().argmax(1), 0)  # (N,) last scored + 1
+    one = torch.distributed.is_available() and torch.distributed.is_initialized()
+    groups = [torch.arange(ids.shape[0], device=ids.device)] if one else length_buckets(ends)
+    out = None
+    for rows in groups:
+        L = max(1, int(ends[rows].max()))
+        full = len(groups) == 1 and L == ids.shape[1]
+        lp = _token_logprobs_once(model, ids if full else ids[rows, :L], targets if full else targets[rows, :L],
+                                  chunk_size=chunk_size, inplace_backward=inplace_backward)
+        if full:
+            return lp
+        out = lp.new_zeros(targets.shape) if out is None else out
+        out = out.index_put((rows[:, None], torch.arange(L, device=ids.device)[None]), lp)
+    return out
+
+
+def length_buckets(ends: Tensor, max_groups: int = 4, overhead: float = 0.05) -> list[Tensor]:
+    """Row indices grouped by ``ends`` (N,) (the columns each row needs): sorted, cut into 1, 2 or
+    ``max_groups`` equal groups, whichever computes the fewest positions (sum over groups of rows x
+    the group's longest row), each extra group charged ``overhead`` of the ungrouped cost."""
+    N = ends.shape[0]
+    order = torch.argsort(ends, stable=True)
+    best, best_cost = [torch.arange(N, device=ends.device)], float(N * int(ends.max())) if N else 0.0
+    for k in (2, max_groups):
+        if k > N or k == 1:
+            continue
+        parts = list(order.tensor_split(k))
+        cost = sum(len(p) * int(ends[p].max()) for p in parts) + overhead * (k - 1) * N * int(ends.max())
+        if cost < best_cost:
+            best, best_cost = parts, cost
+    return best
+
+
+def _token_logprobs_once(model, ids: Tensor, targets: Tensor, *, chunk_size: int | None, inplace_backward: bool | None) -> Tensor:
+    """``model_token_logprobs`` for one forward over ``ids`` (N, L)."""
     found = output_head(model)
     if found is None:
         logits, _ = model(ids)  # (N, L, V)
