@@ -112,26 +112,27 @@ TINY = Size(articles=12, tokens=40, vocab_size=300, d_model=32, n_layer=1, n_hea
 MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": QUICK_BUDGET_S, "quick": QUICK_BUDGET_S, "full": QUICK_BUDGET_S})
 
 
-def wikitext_articles() -> list[tuple[str, str]]:
-    """(title, text) of every article in the bundled WikiText-2 validation and test splits.
-
-    An article starts at a ``" = Title = "`` line that is followed by a blank line (one line of
-    the test split looks like a title but is not followed by one).
-    """
-    out = []
-    for name in ("wikitext-2-valid", "wikitext-2-test"):
-        lines = corpora.path(name).read_text(encoding="utf-8").splitlines(keepends=True)
-        cur: list[str] | None = None
-        for i, line in enumerate(lines):
-            if _TITLE.match(line.rstrip("\n")) and i + 1 < len(lines) and not lines[i + 1].strip():
-                if cur:
-                    out.append(cur)
-                cur = [line]
-            elif cur is not None:
-                cur.append(line)
-        if cur:
-            out.append(cur)
+def split_articles(text: str) -> list[tuple[str, str]]:
+    """(title, text) of each article of a WikiText file: an article starts at a ``" = Title = "`` line
+    followed by a blank line (one line of the test split looks like a title but is not followed by one)."""
+    lines = text.splitlines(keepends=True)
+    out: list[list[str]] = []
+    cur: list[str] | None = None
+    for i, line in enumerate(lines):
+        if _TITLE.match(line.rstrip("\n")) and i + 1 < len(lines) and not lines[i + 1].strip():
+            if cur:
+                out.append(cur)
+            cur = [line]
+        elif cur is not None:
+            cur.append(line)
+    if cur:
+        out.append(cur)
     return [(a[0].strip().strip("=").strip(), "".join(a)) for a in out]
+
+
+def wikitext_articles() -> list[tuple[str, str]]:
+    """(title, text) of every article in the bundled WikiText-2 validation and test splits."""
+    return [a for name in ("wikitext-2-valid", "wikitext-2-test") for a in split_articles(corpora.path(name).read_text(encoding="utf-8"))]
 
 
 def _train_one(name: str, loss_fn, rows: torch.Tensor, eval_tokens: torch.Tensor, size: Size, tok: Tokenizer,

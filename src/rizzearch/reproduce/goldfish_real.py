@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from rizzearch.eval.memorization import write_report as write_audit_report
 from rizzearch.objectives.goldfish import GoldfishConfig
 from rizzearch.reproduce.common import (Claim, Markdown, Modes, StudyRun, figure, fmt_ci, load_averages, md_table, mean_ci, rate_ci,
                                         real_model)
+from rizzearch.reproduce.goldfish import split_articles
 from rizzearch.training.losses import GoldfishLoss, lm_loss
 from rizzearch.training.loop import TrainConfig
 from rizzearch.training.loop import train as train_loop
@@ -58,7 +58,6 @@ GOLDFISH_MAX_EXACT = 0.05  # "(almost) none": at most 5% of the articles regurgi
 VAL_MARGIN_NATS = 0.05  # the goldfish model's held-out loss may exceed the standard one's by at most this
 QUIET_S_PER_TRAIN_TOKEN = 4.4 / 1024  # forward + backward of SmolLM2 (full fine-tune), 2 quiet cores
 QUIET_S_PER_EVAL_TOKEN = 1.4 / 1024  # forward only
-_TITLE = re.compile(r"^ = [^=].* = $")
 
 
 @dataclass(frozen=True)
@@ -112,24 +111,6 @@ FULL = Size(articles=48, tokens=256, epochs=20, batch_size=4, lr=3e-4, val_windo
 TINY = Size(articles=6, tokens=40, epochs=2, batch_size=3, lr=1e-3, prompt_tokens=16, heldout_documents=3, val_windows=4,
             val_window_tokens=32, audit_batch=4)
 MODES = Modes(tiny=TINY, quick=QUICK, full=FULL, budget_s={"tiny": 120.0, "quick": 18 * 60.0, "full": 90 * 60.0}, tier="real")
-
-
-def split_articles(text: str) -> list[tuple[str, str]]:
-    """(title, text) of each article of a WikiText file: an article starts at a ``" = Title = "`` line
-    followed by a blank line (a line that looks like a title but is not followed by one is text)."""
-    lines = text.splitlines(keepends=True)
-    out: list[list[str]] = []
-    cur: list[str] | None = None
-    for i, line in enumerate(lines):
-        if _TITLE.match(line.rstrip("\n")) and i + 1 < len(lines) and not lines[i + 1].strip():
-            if cur:
-                out.append(cur)
-            cur = [line]
-        elif cur is not None:
-            cur.append(line)
-    if cur:
-        out.append(cur)
-    return [(a[0].strip().strip("=").strip(), "".join(a)) for a in out]
 
 
 @dataclass
