@@ -51,14 +51,6 @@ static void rms_norm(const float *x, const float *w, float eps, int n, float *ou
     for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
-/* This thread's share [lo, hi) of n outputs: contiguous, cut at multiples of 16 (cache lines). */
-static void share(int n, int nt, int t, int *lo, int *hi) {
-    const int chunk = ((n + nt - 1) / nt + 15) & ~15;
-    int a = t * chunk, b = a + chunk;
-    *lo = a < n ? a : n;
-    *hi = b < n ? b : n;
-}
-
 static inline float cache_get(const void *c, int bf16, size_t i) { return bf16 ? w1_bf16(c, i) : ((const float *)c)[i]; }
 
 static inline void cache_put(void *c, int bf16, size_t i, float f) {
@@ -190,11 +182,8 @@ int llama_step(const LModel *M, int B, int nthreads, float *x, const float *cs, 
     float *hh = gu + (size_t)B * 2 * F, *priv = hh + (size_t)B * F;
 #pragma omp parallel num_threads(nthreads)
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt, tid;
+        THREAD_IDS(nt, tid);
         float *xn = priv + (size_t)tid * ((size_t)B * C + n + 1), *p = xn + (size_t)B * C;
         for (int l = 0; l < L; l++) {
             const LLayer *P = M->layers + l;

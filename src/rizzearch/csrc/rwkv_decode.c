@@ -50,14 +50,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
 }
 
 
-/* This thread's share [lo, hi) of n outputs: contiguous, cut at multiples of 16 (cache lines). */
-static void share(int n, int nt, int t, int *lo, int *hi) {
-    const int chunk = ((n + nt - 1) / nt + 15) & ~15;
-    int a = t * chunk, b = a + chunk;
-    *lo = a < n ? a : n;
-    *hi = b < n ? b : n;
-}
-
 int rwkv_threads_available(void) {
 #ifdef _OPENMP
     return 1;
@@ -83,11 +75,8 @@ int rwkv_step(const Model *M, int B, int nthreads, const int64_t *tokens, float 
     float *kf = g + BA, *priv = kf + (size_t)B * F;
 #pragma omp parallel num_threads(nthreads)
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
+        int nt, tid;
+        THREAD_IDS(nt, tid);
         float *xx = priv + (size_t)tid * 4 * BC, *m0 = xx + BC, *m1 = m0 + BC, *m2 = m1 + BC;
         int c0, c1, a0, a1, f0, f1, v0, v1;
         share(C, nt, tid, &c0, &c1);

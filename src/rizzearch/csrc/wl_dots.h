@@ -1,7 +1,8 @@
-/* Shared by csrc/wlinear.c and csrc/rwkv_decode.c (copied beside each source when it is built):
-   16-wide float vectors, and the weight-only matrix products dots_{f32,bf16,i8} / dots() of one
-   weight format each (0 fp32, 1 bf16, 2 int8 with per-row scales), tested against the reference
-   forms in ops/wlinear.py and models/rwkv_decode.py. Needs <stdint.h>, <stddef.h>, <string.h>. */
+/* Shared by csrc/wlinear.c, csrc/rwkv_decode.c and csrc/llama_decode.c (copied beside each source
+   when it is built): 16-wide float vectors, the weight-only matrix products dots_{f32,bf16,i8} /
+   dots() of one weight format each (0 fp32, 1 bf16, 2 int8 with per-row scales), tested against the
+   reference forms in ops/wlinear.py, models/rwkv_decode.py and the Llama modules, and the threads'
+   split of the outputs (share, THREAD_IDS). Needs <stdint.h>, <stddef.h>, <string.h>. */
 #ifndef RIZZ_WL_DOTS_H
 #define RIZZ_WL_DOTS_H
 
@@ -159,6 +160,22 @@ static void dots(int wtype, const void *W, const float *scale, int K, const floa
     if (wtype == 1) dots_bf16(W, NULL, K, X, M, j0, j1, Y, ldy);
     else if (wtype == 2) dots_i8(W, scale, K, X, M, j0, j1, Y, ldy);
     else dots_f32(W, NULL, K, X, M, j0, j1, Y, ldy);
+}
+
+/* Thread count and index inside an OpenMP parallel region (1 and 0 without OpenMP). */
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_IDS(nt, tid) ((nt) = omp_get_num_threads(), (tid) = omp_get_thread_num())
+#else
+#define THREAD_IDS(nt, tid) ((nt) = 1, (tid) = 0)
+#endif
+
+/* This thread's share [lo, hi) of n outputs: contiguous, cut at multiples of 16 (cache lines). */
+static inline void share(int n, int nt, int t, int *lo, int *hi) {
+    const int chunk = ((n + nt - 1) / nt + 15) & ~15;
+    int a = t * chunk, b = a + chunk;
+    *lo = a < n ? a : n;
+    *hi = b < n ? b : n;
 }
 
 #endif

@@ -35,13 +35,10 @@ int wl_linear(int wtype, const void *W, const float *scale, const float *bias, c
     if (wtype < 0 || wtype > 2 || (wtype == 2 && !scale)) return 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        int nt = 1, tid = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        tid = omp_get_thread_num();
-#endif
-        const int chunk = ((N + nt - 1) / nt + 15) & ~15;
-        const int j0 = tid * chunk < N ? tid * chunk : N, j1 = (tid + 1) * chunk < N ? (tid + 1) * chunk : N;
+        int nt, tid;
+        THREAD_IDS(nt, tid);
+        int j0, j1;
+        share(N, nt, tid, &j0, &j1);
         dots(wtype, W, scale, K, X, M, j0, j1, Y, N);
         if (bias)
             for (int b = 0; b < M; b++)
