@@ -386,8 +386,8 @@ class Llama(CausalLM):
         else:
             valid = torch.cat([valid[:, :n], step_valid], dim=1)
         # Right padding from a fresh start needs no mask: causal attention already keeps every real query
-        # off the padding after it (the padding's own outputs are never read), and it skips the masked
-        # half of the score blocks (an ORPO batch's attention, forward and backward, took 2x as long).
+        # off the padding after it (the padding's own outputs are never read), so SDPA runs its causal
+        # kernel instead of reading a (B, 1, T, T) mask; ``valid`` still keeps the padding out of later steps.
         right_padded = n == 0 and mask is not None and T > 1 and bool((mask[:, 1:] <= mask[:, :-1]).all())
         all_valid = (mask is None or right_padded) and (state is None or bool(state["valid"][:, :n].all()))
         key_valid = None if all_valid else valid[:, : n + T]
