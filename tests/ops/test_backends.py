@@ -84,7 +84,7 @@ def test_fast_mlstm_step_without_its_kernel_falls_back_and_agrees(monkeypatch):
     """No kernel (no compiler, failed build): ``available`` says so and ``fast`` still works (torch step)."""
     from rizzearch.ops import mlstm as M
 
-    monkeypatch.setattr(M, "_native_lib", False)  # as after a failed build
+    monkeypatch.setattr(M.native, "_lib", False)  # as after a failed build (the one loader of mlstm_step.c)
     assert not backends.available("mlstm_step")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4, generator=g) for _ in range(3))
@@ -100,6 +100,6 @@ def test_no_compiler_means_no_native_kernel(monkeypatch, tmp_path):
     from rizzearch.ops import mlstm as M
 
     monkeypatch.setattr(_common, "c_compiler", lambda: None)
-    monkeypatch.setattr(M, "_native_lib", None)
+    monkeypatch.setattr(M.native, "_lib", None)
     assert _common.load_c_library("mlstm_step.c", [["-O3"]]) is None
     assert not backends.available("mlstm_step")  # silently: a missing compiler is not an error

@@ -43,9 +43,7 @@ the C kernel in ``csrc/mlstm_step.c`` for decoding, batched torch ops otherwise)
 
 from __future__ import annotations
 
-import ctypes
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +51,8 @@ from torch import Tensor
 
 from rizzearch.errors import ShapeError
 from rizzearch.ops import backends
-from rizzearch.ops._common import compute_dtype, load_c_library, no_autocast
+from rizzearch.ops._common import compute_dtype, no_autocast
+from rizzearch.ops.mlstm import native
 from rizzearch.ops.mlstm.fused import _MLSTMChunkwiseFn
 
 __all__ = [
@@ -253,26 +252,10 @@ def _mlstm_step_fused(q, k, v, i, f, state):
 # Inference only (no autograd), CPU, float32; anything else takes the batched torch step. One pass
 # over C per head instead of ~15 separate kernels.
 
-_native_lib = None  # the ctypes function, False after a failed build or without a compiler
-
-
 def _native_step_lib():
-    """Build (once per user and source version) and load the C step kernel; None if unavailable."""
-    global _native_lib
-    if _native_lib is not None:
-        return _native_lib or None
-    _native_lib = False
-    try:
-        loaded = load_c_library("mlstm_step.c", [["-O3"]])
-    except Exception as e:  # a compiler that fails, read-only cache, ...: the torch step is always there
-        warnings.warn(f"mLSTM native step unavailable ({type(e).__name__}: {e}); using the torch step", stacklevel=2)
-        return None
-    if loaded is not None:
-        fn = loaded[0].mlstm_step_f32
-        fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 12
-        fn.restype = None
-        _native_lib = fn
-    return _native_lib or None
+    """The C step kernel (``csrc/mlstm_step.c``, loaded once by ``native.decode_lib``); None if unavailable."""
+    lib = native.decode_lib()
+    return None if lib is None else lib.mlstm_step_f32
 
 
 backends.register_probe("mlstm_step", lambda: _native_step_lib() is not None)

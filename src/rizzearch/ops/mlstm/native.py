@@ -35,11 +35,13 @@ _SIGNATURES = {
     "xl_rms_norm": [_I, _I, _F, _P, _P, _P, _P],
     "xl_mlstm_layer_step": [_I, _I, _I, _I, _F, _F] + [_P] * 11,
     "xl_swiglu": [_I, _I, _P, _P],
+    "mlstm_step_f32": [_I] * 3 + [_F] + [_P] * 12,  # the op mlstm_step's fast form (``ops.mlstm``)
 }
 
 
 def decode_lib():
-    """The C decode kernels (built once per user and source version), or None if unavailable."""
+    """The C kernels of ``csrc/mlstm_step.c`` (built once per user and source version), or None if
+    unavailable: this module's decode pieces and the op ``mlstm_step``'s fast form."""
     global _lib
     if _lib is not None:
         return _lib or None
