@@ -391,9 +391,10 @@ class Llama(CausalLM):
         right_padded = n == 0 and mask is not None and T > 1 and bool((mask[:, 1:] <= mask[:, :-1]).all())
         all_valid = (mask is None or right_padded) and (state is None or bool(state["valid"][:, :n].all()))
         key_valid = None if all_valid else valid[:, : n + T]
-        if inplace and llama_decode.applies(self, tokens, mask, dtype):  # one C call for the whole token
+        fused = llama_decode.fused_table(self, tokens, mask, dtype) if inplace else None
+        if fused is not None:  # one C call for the whole token
             cs, sn = (t.view(B, -1) for t in rope_cos_sin(positions, self.inv_freq(tokens.device), torch.float32))
-            logits = llama_decode.fused_step(self, tokens, cs, sn, ks, vs, None if key_valid is None else valid, n)
+            logits = llama_decode.fused_step(fused, self, tokens, cs, sn, ks, vs, None if key_valid is None else valid, n)
             tip[0] = n + T
             return logits.to(dtype), {"k": list(ks), "v": list(vs), "valid": valid, "pos": pos0 + T, "n": n + T, "tip": tip}
         cos, sin = rope_cos_sin(positions, self.inv_freq(tokens.device), dtype)  # (B, 1, T, Dh)

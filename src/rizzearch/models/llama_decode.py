@@ -142,10 +142,10 @@ def forget(model) -> None:
     _TABLES.pop(model, None)
 
 
-def applies(model, tokens: Tensor, mask: Tensor | None, cache_dtype: torch.dtype) -> bool:
-    """Whether ``fused_step`` can take this step (see the module docstring)."""
+def fused_table(model, tokens: Tensor, mask: Tensor | None, cache_dtype: torch.dtype) -> _Table | None:
+    """The model's address table when ``fused_step`` can take this step (see the module docstring), else None."""
     B, T = tokens.shape
-    return (
+    if not (
         T == 1
         and mask is None
         and 0 < B <= MAX_FUSED_BATCH
@@ -154,21 +154,23 @@ def applies(model, tokens: Tensor, mask: Tensor | None, cache_dtype: torch.dtype
         and cache_dtype in (torch.float32, torch.bfloat16)
         and backends.resolve("llama_decode") == "fast"
         and decode_library() is not None
-        and table(model).ok
-    )
+    ):
+        return None
+    t = table(model)
+    return t if t.ok else None
 
 
-def fused_step(model, tokens: Tensor, cos: Tensor, sin: Tensor, ks: list, vs: list, valid: Tensor | None, n: int) -> Tensor:
-    """One token per row (tokens (B, 1)) through the whole model: writes position ``n`` of the caches
-    ``ks``/``vs`` (each (B, Hkv, cap, Dh), contiguous) and returns the logits (B, 1, V) fp32.
-    cos, sin: (B, Dh) fp32 of each row's position; valid: (B, cap) bool (position n set) or None."""
-    lib, t = decode_library(), table(model)
+def fused_step(t: _Table, model, tokens: Tensor, cos: Tensor, sin: Tensor, ks: list, vs: list, valid: Tensor | None, n: int) -> Tensor:
+    """One token per row (tokens (B, 1)) through the whole model, with its table ``t`` (``fused_table``):
+    writes position ``n`` of the caches ``ks``/``vs`` (each (B, Hkv, cap, Dh), contiguous) and returns
+    the logits (B, 1, V) fp32. cos, sin: (B, Dh) fp32 of each row's position; valid: (B, cap) bool
+    (position n set) or None."""
+    lib = decode_library()
     cfg, B = model.config, tokens.shape[0]
     cap = ks[0].shape[2]
     t.struct.cache_bf16 = int(ks[0].dtype == torch.bfloat16)
     Q = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.dh
-    big = cfg.d_model * Q >= wlinear.THREADED_MIN_ELEMENTS  # else an OpenMP barrier costs more than a block
-    nt = THREADS or (torch.get_num_threads() if lib.openmp and big and wlinear.cores_are_free() else 1)
+    nt = THREADS or wlinear.threads_for(cfg.d_model * Q, lib.openmp)  # small layers: a barrier costs more than it saves
     need = B * (Q + cfg.n_head * cfg.dh + cfg.d_model + 3 * cfg.d_ff) + nt * (B * cfg.d_model + n + 1)
     if t.scratch.numel() < need:
         t.scratch = torch.empty(max(need, 2 * t.scratch.numel()), dtype=torch.float32)

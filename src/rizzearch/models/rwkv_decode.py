@@ -273,9 +273,7 @@ def decode_threads(fm: FusedModel) -> int:
     are free (``rizzearch.ops.wlinear.cores_are_free``: not on an oversubscribed machine), else 1."""
     if _THREADS is not None:
         return _THREADS
-    n = torch.get_num_threads()
-    big = fm.layer_elements >= THREADED_MIN_ELEMENTS
-    return n if n > 1 and big and _LIB and _LIB.openmp and wlinear.cores_are_free() else 1
+    return wlinear.threads_for(fm.layer_elements, bool(_LIB and _LIB.openmp), THREADED_MIN_ELEMENTS)
 
 
 @contextlib.contextmanager

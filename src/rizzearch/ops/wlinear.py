@@ -139,11 +139,13 @@ def cores_are_free() -> bool:
     return _load[1] < (os.cpu_count() or 1) + 1
 
 
-def threads_for(n_elements: int) -> int:
-    """Threads for one product: torch's thread count for big weights (with OpenMP) while the cores
-    are free (``cores_are_free``), else 1."""
+def threads_for(n_elements: int, openmp: bool | None = None, min_elements: int = THREADED_MIN_ELEMENTS) -> int:
+    """Threads for one native call over ``n_elements`` weights: torch's thread count when the call is
+    big enough to gain (``min_elements``), the library has OpenMP (``openmp``; None: this module's
+    kernel) and the cores are free (``cores_are_free``), else 1. Shared by the decode kernels."""
     n = torch.get_num_threads()
-    return n if n > 1 and n_elements >= THREADED_MIN_ELEMENTS and _LIB and _LIB.openmp and cores_are_free() else 1
+    openmp = bool(_LIB and _LIB.openmp) if openmp is None else openmp
+    return n if n > 1 and n_elements >= min_elements and openmp and cores_are_free() else 1
 
 
 def linear(x: Tensor, p: Packed, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
