@@ -10,16 +10,8 @@ from rizzearch.models import build_model
 from rizzearch.models.base import tiny_overrides
 from rizzearch.testing import assert_close
 
-V = 61
+from llama_fixtures import V, make
 
-
-def make(**kw):
-    torch.manual_seed(0)
-    m = build_model("llama", **{**tiny_overrides("llama"), "vocab_size": V, **kw}).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""Llama's decode path (one token per row, no autograd, CPU): every product through the weight-only
-linear (``rizzearch.ops.wlinear``) against the modules (backend ``reference``), for fp32 and bf16
+"""Llama's decode paths (one token per row, no autograd, CPU): the fused C step (op ``llama_decode``)
+and the modules with every product through the weight-only linear (``rizzearch.ops.wlinear``),
+against the modules (backend ``reference``), for fp32 and bf16
 parameters and bf16 / int8 weight copies; prefill + steps equal the forward; the copies follow
 ``load_state_dict`` and ``clear_decode_cache``; logits error of bf16 / int8 against fp32 bounded."""
 
@@ -12,23 +13,14 @@ import torch
 from torch import nn
 
 from rizzearch.errors import ConfigError
-from rizzearch.models import build_model, llama_decode, load_pretrained
-from rizzearch.models.base import tiny_overrides
+from rizzearch.models import llama_decode, load_pretrained
 from rizzearch.models.pretrained import bundled_path
 from rizzearch.ops import wlinear as W
 from rizzearch.ops.backends import use_backend
 from rizzearch.testing import assert_close
 
-V = 61
+from llama_fixtures import V, make
 
-
-def make(**kw):
-    torch.manual_seed(0)
-    m = build_model("llama", **{**tiny_overrides("llama"), "vocab_size": V, **kw}).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
 
 
 def needs_kernel():
