@@ -38,6 +38,7 @@ from common import emit_json, interleaved, load_average, print_header, print_tab
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from rizzearch.models.convert import from_official_xlstm_large  # noqa: E402
+from rizzearch.ops import backends  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -154,10 +155,17 @@ def bench_shape(shape: str, a) -> dict:
     dec = interleaved(fns, repeats=a.repeats, warmup=1)
     dec = {k: [t / calls for t in v] for k, v in dec.items()}
     x = torch.randint(0, V, (1, a.T), generator=g)
-    pre = interleaved(
-        {"official": lambda: off(x), "transformers": lambda: hf(x), "ours": lambda: ours(x), "floor": prefill_floor(ours, a.T)},
-        repeats=a.repeats if shape == "small" else max(2, a.repeats // 2), warmup=1,
-    )
+
+    def ours_modules():  # our model through its modules (torch chunkwise mLSTM), the path before the C kernels
+        with backends.use_backend("xlstm_fused", "reference"):
+            ours(x)
+
+    with torch.no_grad():
+        pre = interleaved(
+            {"official": lambda: off(x), "transformers": lambda: hf(x), "ours": lambda: ours(x), "ours_modules": ours_modules,
+             "floor": prefill_floor(ours, a.T)},
+            repeats=a.repeats if shape == "small" else max(2, a.repeats // 2), warmup=1,
+        )
     out = {"max_abs_logit_err": err, "decode": dec, "prefill": pre, "decode_bytes_per_token": decode_bytes(ours)}
     del off, ours, hf
     return out

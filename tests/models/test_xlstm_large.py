@@ -63,13 +63,47 @@ def test_chunkwise_equals_the_parallel_form_for_any_length(T):
     x = torch.randint(0, V, (3, T))
     one_chunk = XLSTMLarge(XLSTMLargeConfig(**{**m.config.__dict__, "chunk_size": 128})).eval()
     one_chunk.load_state_dict(m.state_dict())
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("xlstm_fused", "reference"):  # the modules: op mlstm's forms
         want, ws = one_chunk(x)
         for backend in ("fast", "reference"):
             with use_backend("mlstm", backend):
                 got, gs = m(x)
             assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"logits, chunks of 16, {backend}, T={T}")
             assert_close(gs["blocks"][1]["C"], ws["blocks"][1]["C"], atol=1e-5, rtol=1e-5, name="final C")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_bias=True, qk_dim_factor=0.5, gate_soft_cap=None, logit_soft_cap=None, add_out_norm=False)])
+def test_fused_forward_equals_the_modules(kw):
+    """Without gradient the model runs the C kernels between its matmuls (op ``xlstm_fused``, the
+    chunkwise mLSTM in C) for any T: logits and every state equal the modules' (``reference``) with a
+    state handed in, a padding mask (left padding and a gap) and T not a multiple of 16; the
+    caller's state is never modified."""
+    from rizzearch.ops.mlstm import native
+
+    if native.decode_lib() is None:
+        pytest.skip("no C compiler")
+    m = make(**kw)
+    x = torch.randint(0, V, (3, 41))
+    mask = torch.ones(3, 41, dtype=torch.bool)
+    mask[0, :9] = False
+    mask[2, 20:23] = False
+    with torch.no_grad():
+        assert m._fused_ok(41)
+        _, start = m(x[:, :5])
+        before = {k: t.clone() for k, t in start["blocks"][1].items()}
+        got, gs = m(x[:, 5:], start, attention_mask=mask[:, 5:])
+        with use_backend("xlstm_fused", "reference"):
+            assert not m._fused_ok(41)
+            want, ws = m(x[:, 5:], start, attention_mask=mask[:, 5:])
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="fused logits")
+    for i, (a, b) in enumerate(zip(gs["blocks"], ws["blocks"])):
+        for k in ("C", "n", "m"):
+            assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, name=f"fused state block {i} {k}")
+    for k, t in before.items():
+        assert torch.equal(start["blocks"][1][k], t), f"the fused forward modified the input state {k}"
+    assert not m._fused_ok(41)  # gradients on: the modules (training)
+    with torch.no_grad():
+        assert not make(**kw).to(torch.bfloat16)._fused_ok(41)  # only fp32 weights
 
 
 def test_trains_gradients_reach_every_parameter():
@@ -95,7 +129,7 @@ def test_step_with_gradient_matches_the_no_grad_step():
 
 @pytest.mark.parametrize("kw", [{}, dict(use_bias=True, qk_dim_factor=0.5, gate_soft_cap=None, logit_soft_cap=None, add_out_norm=False)])
 def test_native_decode_equals_the_torch_step(kw):
-    """The C decode path (``XLSTMLarge._decode``) against the torch step (op ``mlstm_step`` on
+    """The C decode path (``XLSTMLarge._fused`` at T = 1) against the torch step (op ``xlstm_fused`` on
     ``reference``) for several tokens with the state carried, biases and caps on and off; the
     caller's state is never modified."""
     from rizzearch.ops.mlstm import native
@@ -107,12 +141,12 @@ def test_native_decode_equals_the_torch_step(kw):
     with torch.no_grad():
         _, start = m(x[:, :4])
         before = {k: t.clone() for k, t in start["blocks"][0].items()}
-        assert m._fast_decode_ok(1, None)
+        assert m._fused_ok(1)
         sa = sb = start
         for t in range(4, 10):
             a, sa = m.step(x[:, t], sa)
-            with use_backend("mlstm_step", "reference"):
-                assert not m._fast_decode_ok(1, None)
+            with use_backend("xlstm_fused", "reference"):
+                assert not m._fused_ok(1)
                 b, sb = m.step(x[:, t], sb)
             assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"native decode logits, token {t}")
         for i, (ba, bb) in enumerate(zip(sa["blocks"], sb["blocks"])):

@@ -20,6 +20,7 @@ def test_every_op_has_one_env_var_and_two_names():
     assert {op: backends.env_var(op) for op in backends.OPS} == {
         "mlstm": "RIZZ_MLSTM_BACKEND",
         "mlstm_step": "RIZZ_MLSTM_STEP_BACKEND",
+        "xlstm_fused": "RIZZ_XLSTM_FUSED_BACKEND",
         "slstm": "RIZZ_SLSTM_BACKEND",
         "wkv": "RIZZ_WKV_BACKEND",
         "llama_decode": "RIZZ_LLAMA_DECODE_BACKEND",

@@ -28,7 +28,7 @@ assert Path(rizzearch.__file__).resolve().is_relative_to(target), rizzearch.__fi
 csrc = Path(rizzearch.__file__).parent / "csrc"
 assert sorted(p.name for p in csrc.glob("*.c")) == ["llama_decode.c", "mlstm_step.c", "rwkv_decode.c", "wlinear.c"], list(csrc.iterdir())
 assert sorted(p.name for p in csrc.glob("*.h")) == ["wl_dots.h"], list(csrc.iterdir())  # the shared header ships too
-assert all(backends.available(op) for op in ("mlstm_step", "rwkv_decode", "wlinear", "llama_decode"))
+assert all(backends.available(op) for op in ("mlstm_step", "xlstm_fused", "rwkv_decode", "wlinear", "llama_decode"))
 
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, 3, 4, generator=g) for _ in range(3))

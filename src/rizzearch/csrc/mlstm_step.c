@@ -1,34 +1,127 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-/* mLSTM decode kernels (float32, contiguous, no allocation). The Python side and the references
-   they are tested against: rizzearch/ops/mlstm/__init__.py (mlstm_step_f32) and
-   rizzearch/ops/mlstm/native.py (the xLSTM-7B decode-step pieces). */
+#include <string.h>
+/* mLSTM inference kernels (float32, contiguous, no allocation; OpenMP over rows or heads when built
+   with it, each output computed by one thread in the same order whatever the thread count). The
+   Python side and the references they are tested against: rizzearch/ops/mlstm/__init__.py
+   (mlstm_step_f32) and rizzearch/ops/mlstm/native.py (the xLSTM-7B layer pieces, decode and
+   prefill). */
+
+/* ---- elementwise functions written so that a loop over them vectorises (no calls, no branches) */
+
+/* exp(x): x = n ln2 + r, |r| <= ln2 / 2 (Cody-Waite, ln2 split in a short high part and the rest),
+   exp(r) by its Taylor series to r^7 (truncation < 6e-9 relative), 2^n from the exponent bits.
+   x is clamped to [-87, 88]: exp(-87) = 1.6e-38 stands in for an underflow to 0. */
+static inline float vexp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 */
+  float r = x - n * 0.693145751953125f;                            /* exact: the high part has 16 bits */
+  r = r - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float s;
+  memcpy(&s, &bits, sizeof s);
+  return p * s;
+}
+
+static inline float vsigmoid(float x) { return 1.0f / (1.0f + vexp(-x)); }
+
+/* tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (beyond, tanh is 1 within 3e-8: x is clamped), P and Q of
+   degree 4 fitted here to a relative error below 3.6e-7 in float32 arithmetic (tested): one
+   division and nine multiply-adds. */
+static inline float vtanh(float x) {
+  x = x < -9.0f ? -9.0f : (x > 9.0f ? 9.0f : x);
+  float z = x * x;
+  float p = (((1.335913157873847e-08f * z + 2.0612382286344655e-05f) * z + 0.0034957919269800186f) * z + 0.13381198048591614f) * z + 1.0f;
+  float q = (((7.778409667480446e-07f * z + 0.0003285965940449387f) * z + 0.025877760723233223f) * z + 0.4671451449394226f) * z + 1.0f;
+  return x * p / q;
+}
+
+/* 16 floats as one vector (the GCC/Clang vector extension): one AVX-512 register, or split by the
+   compiler on narrower machines; loads and stores go through memcpy (no alignment needed). The
+   helpers are static, so the vector-ABI note GCC gives without AVX-512 does not apply. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float v16f __attribute__((vector_size(64)));
+
+static inline v16f ld16(const float* p) {
+  v16f v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+static inline void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* the 16 lanes summed as a tree, halves first (a fixed order: the same bits for the same input) */
+static inline float hsum16(v16f v) {
+  v8f a, b;
+  memcpy(&a, &v, sizeof a);
+  memcpy(&b, (const char*)&v + sizeof a, sizeof b);
+  a += b;
+  v4f c, d;
+  memcpy(&c, &a, sizeof c);
+  memcpy(&d, (const char*)&a + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* sum of x[0:n] in 16 lanes, then the lanes */
+static inline float vsum(const float* restrict x, int64_t n) {
+  v16f acc = {0};
+  float s = 0.0f;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc += ld16(x + j);
+  for (; j < n; ++j) s += x[j];
+  return hsum16(acc) + s;
+}
+
+static inline float vdot(const float* restrict x, const float* restrict y, int64_t n) {
+  v16f acc = {0};
+  float s = 0.0f;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc += ld16(x + j) * ld16(y + j);
+  for (; j < n; ++j) s += x[j] * y[j];
+  return hsum16(acc) + s;
+}
+
+/* ---- the mLSTM step (paper eqs. 19-21, stabilised) */
 
 /* one stabilised mLSTM step of one head: C (D, E), n (D), scalar m; writes h (E), C_out, n_out and
-   returns the new m. The key is scaled by `scale` (1/sqrt(D)). */
-static float step_head(int64_t D, int64_t E, float scale, const float* qb, const float* kb, const float* vb,
-                       float i, float f, const float* Cb, const float* nb, float m, float* hb, float* Co, float* no) {
+   returns the new m. The key is scaled by `scale` (1/sqrt(D)). Inputs and outputs never overlap. */
+static float step_head(int64_t D, int64_t E, float scale, const float* restrict qb, const float* restrict kb,
+                       const float* restrict vb, float i, float f, const float* restrict Cb, const float* restrict nb,
+                       float m, float* restrict hb, float* restrict Co, float* restrict no) {
   float logf = f >= 0.0f ? -log1pf(expf(-f)) : f - log1pf(expf(f));  /* logsigmoid */
   float a = logf + m;                                                  /* -inf for the empty state */
   float mn = a > i ? a : i;
-  float fp = expf(a - mn), ip = expf(i - mn) * scale, den = 0.0f;
+  float fp = expf(a - mn), ip = expf(i - mn) * scale;
+  for (int64_t r = 0; r < D; ++r) no[r] = fp * nb[r] + ip * kb[r];
+  float den = vdot(qb, no, D);
   for (int64_t e = 0; e < E; ++e) hb[e] = 0.0f;
   for (int64_t r = 0; r < D; ++r) {
     float kk = kb[r] * ip, qr = qb[r];
-    float nn = fp * nb[r] + kk;
-    no[r] = nn;
-    den += qr * nn;
-    const float* Cr = Cb + r * E;
-    float* Cor = Co + r * E;
+    const float* restrict Cr = Cb + r * E;
+    float* restrict Cor = Co + r * E;
     for (int64_t e = 0; e < E; ++e) {
       float c = fp * Cr[e] + kk * vb[e];
       Cor[e] = c;
       hb[e] += qr * c;
     }
   }
-  float lo = expf(-mn), ad = fabsf(den), norm = ad > lo ? ad : lo;
-  for (int64_t e = 0; e < E; ++e) hb[e] /= norm;
+  float lo = expf(-mn), ad = fabsf(den), norm = ad > lo ? ad : lo, rn = 1.0f / norm;
+  for (int64_t e = 0; e < E; ++e) hb[e] *= rn;
   return mn;
 }
 
@@ -42,56 +135,226 @@ void mlstm_step_f32(int64_t BH, int64_t D, int64_t E, float scale,
                          h + b * E, C_out + b * D * E, n_out + b * D);
 }
 
-/* RMSNorm of B rows of width D: out = x / sqrt(mean(x^2) + eps) * w (+ bias; bias may be NULL) */
-void xl_rms_norm(int64_t B, int64_t D, float eps, const float* x, const float* w, const float* bias, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * D;
-    float* ob = out + b * D;
-    float ss = 0.0f;
-    for (int64_t j = 0; j < D; ++j) ss += xb[j] * xb[j];
-    float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j] + (bias ? bias[j] : 0.0f);
+/* ---- the xLSTM-7B layer pieces: row-wise (N rows), each row by one thread */
+
+/* RMSNorm of N rows of width D: out = x / sqrt(mean(x^2) + eps) * w (+ bias; bias may be NULL) */
+void xl_rms_norm(int64_t N, int64_t D, float eps, const float* x, const float* w, const float* bias, float* out,
+                 int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < N; ++b) {
+    const float* restrict xb = x + b * D;
+    float* restrict ob = out + b * D;
+    float r = 1.0f / sqrtf(vdot(xb, xb, D) / (float)D + eps);
+    if (bias)
+      for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j] + bias[j];
+    else
+      for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j];
+  }
+}
+
+/* SwiGLU of N rows: gu (N, 2F) = [gate | up] -> out (N, F) = silu(gate) * up */
+void xl_swiglu(int64_t N, int64_t F, const float* gu, float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < N; ++b) {
+    const float *restrict g = gu + b * 2 * F, *restrict u = g + F;
+    float* restrict ob = out + b * F;
+    for (int64_t j = 0; j < F; ++j) ob[j] = g[j] * vsigmoid(g[j]) * u[j];
+  }
+}
+
+/* x = cap tanh(x / cap) in place, N rows of width D */
+void xl_soft_cap(int64_t N, int64_t D, float cap, float* x, int threads) {
+  float rc = 1.0f / cap;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < N; ++b) {
+    float* restrict xb = x + b * D;
+    for (int64_t j = 0; j < D; ++j) xb[j] = cap * vtanh(xb[j] * rc);
   }
 }
 
 static float cap_of(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
 
-/* The xLSTM-7B mLSTM layer after its projections, one token, B rows, NH heads:
-   proj (B, 2 NH Dqk + 2 NH Dv) = [q | k | v | o], gates (B, 2 NH) = [i | f] pre-activations
-   (soft-capped here by gate_cap, 0: no cap); state C (B, NH, Dqk, Dv), n (B, NH, Dqk), m (B, NH)
-   -> new state, and out (B, NH Dv) = sigmoid(o) * (per-head LayerNorm(h) * w (+ b)). */
-void xl_mlstm_layer_step(int64_t B, int64_t NH, int64_t Dqk, int64_t Dv, float gate_cap, float eps,
-                         const float* proj, const float* gates, const float* C, const float* n, const float* m,
-                         const float* w, const float* bias, float* C_out, float* n_out, float* m_out, float* out) {
-  int64_t P = 2 * NH * Dqk + 2 * NH * Dv;
-  float scale = 1.0f / sqrtf((float)Dqk);
-  for (int64_t b = 0; b < B; ++b) {
-    const float *q = proj + b * P, *k = q + NH * Dqk, *v = k + NH * Dqk, *o = v + NH * Dv, *g = gates + b * 2 * NH;
-    for (int64_t hd = 0; hd < NH; ++hd) {
-      int64_t bh = b * NH + hd;
-      float* hb = out + bh * Dv;
-      m_out[bh] = step_head(Dqk, Dv, scale, q + hd * Dqk, k + hd * Dqk, v + hd * Dv, cap_of(g[hd], gate_cap),
-                            cap_of(g[NH + hd], gate_cap), C + bh * Dqk * Dv, n + bh * Dqk, m[bh], hb,
-                            C_out + bh * Dqk * Dv, n_out + bh * Dqk);
-      float mean = 0.0f, var = 0.0f;
-      for (int64_t e = 0; e < Dv; ++e) mean += hb[e];
-      mean /= (float)Dv;
-      for (int64_t e = 0; e < Dv; ++e) var += (hb[e] - mean) * (hb[e] - mean);
-      float r = 1.0f / sqrtf(var / (float)Dv + eps);
-      const float *wh = w + hd * Dv, *bh_ = bias ? bias + hd * Dv : NULL, *oh = o + hd * Dv;
-      for (int64_t e = 0; e < Dv; ++e) {
-        float y = (hb[e] - mean) * r * wh[e] + (bh_ ? bh_[e] : 0.0f);
-        hb[e] = y / (1.0f + expf(-oh[e]));
-      }
+/* sigmoid(o) * (LayerNorm(h) * w (+ b)) in place on one head's h (E): the per-head norm and the
+   output gate of the xLSTM-7B layer */
+static void head_norm_gate(int64_t E, float eps, float* restrict h, const float* restrict w, const float* restrict b,
+                           const float* restrict o) {
+  float mean = vsum(h, E) / (float)E, var = 0.0f;
+  v16f acc = {0};
+  int64_t e = 0;
+  for (; e + 16 <= E; e += 16) {
+    v16f d = ld16(h + e) - mean;
+    acc += d * d;
+  }
+  for (; e < E; ++e) var += (h[e] - mean) * (h[e] - mean);
+  var += hsum16(acc);
+  float r = 1.0f / sqrtf(var / (float)E + eps);
+  if (b)
+    for (e = 0; e < E; ++e) h[e] = ((h[e] - mean) * r * w[e] + b[e]) * vsigmoid(o[e]);
+  else
+    for (e = 0; e < E; ++e) h[e] = (h[e] - mean) * r * w[e] * vsigmoid(o[e]);
+}
+
+/* ---- the chunkwise form for sequences (paper eqs. 19-21 summed over a chunk of LC tokens)
+
+   Within a chunk with the state (C, n, m0) before it, gates i_u, log f_u, b_u = sum_{s<=u} log f_s
+   and the running stabiliser m_u = max(m_{u-1} + log f_u, i_u) (the step's m), token u reads
+     H_u = a_u q_u^T C + sum_{j<=u} W_uj (q_u . k_j) v_j,   den_u = a_u q_u . n + sum_{j<=u} W_uj q_u . k_j
+   with a_u = exp(b_u + m0 - m_u), W_uj = exp(b_u - b_j + i_j - m_u), h_u = H_u / max(|den_u|, exp(-m_u)),
+   and the state after it is C' = a_L C + sum_j W_Lj k_j v_j^T (n alike), L the chunk's last token.
+   The state is rounded once a chunk instead of once a token, and every product is a small matrix
+   product with 16-wide rows: H = [a Q | W o QK^T] [C ; V], C' = a_L C + (K^T diag(W_L)) V. Rows are
+   padded to multiples of 16 (zeros), so the loops have fixed widths and vectorise. */
+
+#define LC 16 /* tokens a chunk */
+
+static int64_t pad16(int64_t x) { return (x + 15) / 16 * 16; }
+
+/* floats of scratch one (row, head) needs: [C ; V] (Dk + LC, De), Q (LC, Dk), K^T (Dk, LC), A (LC, Dk + LC),
+   H (LC, De), n (Dk); Dk, De: Dqk, Dv padded to multiples of 16 */
+int64_t xl_mlstm_scratch(int64_t Dqk, int64_t Dv) {
+  int64_t Dk = pad16(Dqk), De = pad16(Dv);
+  return (Dk + LC) * De + 2 * LC * Dk + LC * (Dk + LC) + LC * De + Dk;
+}
+
+/* Y (LC, De) = A (LC, K) X (K, De), row strides K, De, De: LC x 16 blocks of Y held in registers */
+static void mm_lc(int64_t K, int64_t De, const float* restrict A, const float* restrict X, float* restrict Y) {
+  for (int64_t eb = 0; eb < De; eb += 16) {
+    v16f acc[LC] = {0};
+    for (int64_t kk = 0; kk < K; ++kk) {
+      v16f x = ld16(X + kk * De + eb);
+      for (int u = 0; u < LC; ++u) acc[u] += A[u * K + kk] * x;
     }
+    for (int u = 0; u < LC; ++u) st16(Y + u * De + eb, acc[u]);
   }
 }
 
-/* SwiGLU of B rows: gu (B, 2F) = [gate | up] -> out (B, F) = silu(gate) * up */
-void xl_swiglu(int64_t B, int64_t F, const float* gu, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float *g = gu + b * 2 * F, *u = g + F;
-    float* ob = out + b * F;
-    for (int64_t j = 0; j < F; ++j) ob[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+/* C (Dk, De) = a C + G (Dk, LC) V (LC, De): the state update of one chunk, 16 x 16 blocks */
+static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict G, const float* restrict V, float* restrict C) {
+  for (int64_t rb = 0; rb < Dk; rb += 16)
+    for (int64_t eb = 0; eb < De; eb += 16) {
+      v16f acc[16];
+      for (int rr = 0; rr < 16; ++rr) acc[rr] = a * ld16(C + (rb + rr) * De + eb);
+      for (int j = 0; j < LC; ++j) {
+        v16f x = ld16(V + j * De + eb);
+        for (int rr = 0; rr < 16; ++rr) acc[rr] += G[(rb + rr) * LC + j] * x;
+      }
+      for (int rr = 0; rr < 16; ++rr) st16(C + (rb + rr) * De + eb, acc[rr]);
+    }
+}
+
+/* the chunk's gates: a_u, W (LC, LC) (zero above the diagonal and past U), the m_u; returns the last m */
+static double chunk_gates(int U, const double* gi, const double* gf, double m0, float* a, float* W, double* mu) {
+  double b[LC], m = m0;
+  for (int u = 0; u < U; ++u) {
+    double f = gf[u], lf = f >= 0.0 ? -log1p(exp(-f)) : f - log1p(exp(f)); /* logsigmoid */
+    b[u] = (u ? b[u - 1] : 0.0) + lf;
+    double x = m + lf;                                                      /* -inf for the empty state */
+    m = mu[u] = x > gi[u] ? x : gi[u];
+    a[u] = (float)exp(b[u] + m0 - m);
   }
+  for (int u = 0; u < LC; ++u) {
+    float arg[LC];
+    for (int j = 0; j < LC; ++j) arg[j] = u < U && j <= u ? (float)(b[u] - b[j] + gi[j] - mu[u]) : -100.0f;
+    for (int j = 0; j < LC; ++j) W[u * LC + j] = u < U && j <= u ? vexp(arg[j]) : 0.0f;
+  }
+  return m;
+}
+
+/* U <= LC tokens of one head: gathers q, k (scaled), v into the scratch, computes every h_u into
+   h[u] (unnormed, divided by the normaliser) and updates the state (C, n in the scratch). */
+static double chunk_head(int U, int64_t Dqk, int64_t Dv, float scale, const float* const* q, const float* const* k,
+                         const float* const* v, const double* gi, const double* gf, double m0, float* sc, float* const* h) {
+  int64_t Dk = pad16(Dqk), De = pad16(Dv), K = Dk + LC;
+  float *C = sc, *V = C + Dk * De, *Q = V + LC * De, *KT = Q + LC * Dk, *A = KT + Dk * LC, *H = A + LC * K, *n = H + LC * De;
+  float a[LC] = {0.0f}, W[LC * LC], den[LC];
+  double mu[LC];
+  memset(V, 0, sizeof(float) * (LC * De + 2 * LC * Dk)); /* V, Q and K^T: zero padding */
+  for (int u = 0; u < U; ++u) {
+    for (int64_t r = 0; r < Dqk; ++r) Q[u * Dk + r] = q[u][r], KT[r * LC + u] = k[u][r] * scale;
+    for (int64_t e = 0; e < Dv; ++e) V[u * De + e] = v[u][e];
+  }
+  double m = chunk_gates(U, gi, gf, m0, a, W, mu);
+  for (int u = 0; u < LC; ++u) { /* A = [a_u q_u | W_u o (q_u . k_j)], den_u */
+    v16f s = {0}, qn = {0};
+    const float* qu = Q + u * Dk;
+    for (int64_t r = 0; r < Dk; ++r) s += qu[r] * ld16(KT + r * LC);
+    for (int64_t r = 0; r < Dk; r += 16) qn += ld16(qu + r) * ld16(n + r);
+    s *= ld16(W + u * LC);
+    st16(A + u * K + Dk, s);
+    den[u] = hsum16(s) + a[u] * hsum16(qn);
+    for (int64_t r = 0; r < Dk; ++r) A[u * K + r] = a[u] * qu[r];
+  }
+  mm_lc(K, De, A, C, H); /* [C ; V] are contiguous: H = A [C ; V] */
+  float aL = a[U - 1], *G = A; /* A is no longer needed: G = K^T diag(W_L) */
+  for (int64_t r = 0; r < Dk; ++r) {
+    float t = 0.0f;
+    for (int j = 0; j < LC; ++j) G[r * LC + j] = KT[r * LC + j] * W[(U - 1) * LC + j], t += G[r * LC + j];
+    n[r] = aL * n[r] + t;
+  }
+  update_lc(Dk, De, aL, G, V, C);
+  for (int u = 0; u < U; ++u) {
+    double lo = exp(-mu[u]), ad = fabs((double)den[u]);
+    float rn = (float)(1.0 / (ad > lo ? ad : lo));
+    for (int64_t e = 0; e < Dv; ++e) h[u][e] = H[u * De + e] * rn;
+  }
+  return m;
+}
+
+/* The xLSTM-7B mLSTM layer after its projections, B rows of T tokens, NH heads:
+   proj (B, T, 2 NH Dqk + 2 NH Dv) = [q | k | v | o], gates (B, T, 2 NH) = [i | f] pre-activations
+   (soft-capped here by gate_cap, 0: no cap); mask (B, T) or NULL: where 0 the input gate is closed
+   (pad_i) and the forget gate opened (pad_f) after the cap, so the state is carried; state C (B, NH,
+   Dqk, Dv), n (B, NH, Dqk), m (B, NH) -> the state after the last token, and out (B, T, NH Dv) =
+   sigmoid(o) * (per-head LayerNorm(h) * w (+ b)). T = 1 steps the fp32 state (decoding); T > 1 runs
+   the chunkwise form in `scratch` (B NH xl_mlstm_scratch(Dqk, Dv) floats; unused when T = 1). The
+   input state is never modified. One thread per (row, head). */
+void xl_mlstm_layer(int64_t B, int64_t T, int64_t NH, int64_t Dqk, int64_t Dv, float gate_cap, float eps,
+                    float pad_i, float pad_f, const float* proj, const float* gates, const uint8_t* mask,
+                    const float* C, const float* n, const float* m, const float* w, const float* bias,
+                    float* C_out, float* n_out, float* m_out, float* scratch, float* out, int threads) {
+  int64_t P = 2 * NH * Dqk + 2 * NH * Dv, S = Dqk * Dv, Dk = pad16(Dqk), De = pad16(Dv), SC = xl_mlstm_scratch(Dqk, Dv);
+  float scale = 1.0f / sqrtf((float)Dqk);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t bh = 0; bh < B * NH; ++bh) {
+    int64_t b = bh / NH, hh = bh % NH;
+    double mm = m[bh];
+    float *sc = T > 1 ? scratch + bh * SC : NULL, *Cs = sc, *ns = sc ? sc + SC - Dk : NULL;
+    for (int64_t r = 0; sc && r < Dk; ++r) { /* the state into the padded scratch */
+      for (int64_t e = 0; e < De; ++e) Cs[r * De + e] = r < Dqk && e < Dv ? C[bh * S + r * Dv + e] : 0.0f;
+      ns[r] = r < Dqk ? n[bh * Dqk + r] : 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += (sc ? LC : 1)) {
+      int U = sc ? (T - t0 < LC ? (int)(T - t0) : LC) : 1;
+      const float *q[LC], *k[LC], *v[LC], *o[LC];
+      float* h[LC];
+      double gi[LC], gf[LC];
+      for (int u = 0; u < U; ++u) {
+        int64_t row = b * T + t0 + u;
+        const float* pr = proj + row * P;
+        q[u] = pr + hh * Dqk, k[u] = pr + (NH + hh) * Dqk, v[u] = pr + 2 * NH * Dqk + hh * Dv, o[u] = v[u] + NH * Dv;
+        gi[u] = cap_of(gates[row * 2 * NH + hh], gate_cap), gf[u] = cap_of(gates[row * 2 * NH + NH + hh], gate_cap);
+        if (mask && !mask[row]) gi[u] = pad_i, gf[u] = pad_f;
+        h[u] = out + (row * NH + hh) * Dv;
+      }
+      if (sc)
+        mm = chunk_head(U, Dqk, Dv, scale, q, k, v, gi, gf, mm, sc, h);
+      else /* decoding: one step on the fp32 state */
+        mm = step_head(Dqk, Dv, scale, q[0], k[0], v[0], (float)gi[0], (float)gf[0], C + bh * S, n + bh * Dqk, (float)mm,
+                       h[0], C_out + bh * S, n_out + bh * Dqk);
+      for (int u = 0; u < U; ++u) head_norm_gate(Dv, eps, h[u], w + hh * Dv, bias ? bias + hh * Dv : NULL, o[u]);
+    }
+    for (int64_t r = 0; T != 1 && r < Dqk; ++r) {
+      for (int64_t e = 0; e < Dv; ++e) C_out[bh * S + r * Dv + e] = sc ? Cs[r * De + e] : C[bh * S + r * Dv + e];
+      n_out[bh * Dqk + r] = sc ? ns[r] : n[bh * Dqk + r];
+    }
+    m_out[bh] = (float)mm;
+  }
+}
+
+int xl_threads_available(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
 }

@@ -22,7 +22,9 @@ skip: the projections act on the normed residual stream directly, and the cell r
   fractional part this can round *down* by one multiple, and checkpoints rely on it).
 - The cell is ``rizzearch.ops.mlstm`` (exponential input gate, sigmoid forget gate in log space,
   stabiliser ``m``, normaliser ``max(|n.q|, exp(-m))``): ``mlstm_chunkwise`` for sequences (any
-  T, state in and out) and ``mlstm_step`` for one token without gradient.
+  T, state in and out). Without gradient (fp32 on the CPU) the model runs ``_fused`` instead: the
+  same matmuls with one C call for each piece between them (``ops/mlstm/native.py``: the chunkwise
+  mLSTM for T > 1, the step for one token), for prefill and decoding alike.
 
 Weights are stored fused (the official ``weight_mode="fused"`` layout): ``qkvo`` is one
 ``d_model -> 2 qk_dim + 2 v_dim`` projection, ``if_gate`` one ``d_model -> 2 NH`` projection with
@@ -57,8 +59,6 @@ from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_step
 from rizzearch.ops.mlstm import native as nat
 
 # A closed input gate / open forget gate for padded positions: exp(-1e4 - m) is exactly 0 in fp32.
-_PAD_IGATE = -1e4
-_PAD_FGATE = 1e4
 
 
 @dataclass(frozen=True)
@@ -191,8 +191,8 @@ class XLSTMLargeBlock(nn.Module):
         q, k, v, o = self.qkvo(xn).split([cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim], -1)
         ig, fg = soft_cap(self.if_gate(xn), cfg.gate_soft_cap).float().split([NH, NH], -1)  # (B, T, NH)
         if mask is not None:  # closed input gate, open forget gate: the state is carried unchanged
-            ig = ig.masked_fill(~mask[..., None], _PAD_IGATE)
-            fg = fg.masked_fill(~mask[..., None], _PAD_FGATE)
+            ig = ig.masked_fill(~mask[..., None], nat.PAD_IGATE)
+            fg = fg.masked_fill(~mask[..., None], nat.PAD_FGATE)
         init = None if state is None else (state["C"], state["n"], state["m"])
         if T == 1 and not torch.is_grad_enabled():
             h, (C, n, m) = mlstm_step(
@@ -216,18 +216,18 @@ class XLSTMLargeBlock(nn.Module):
         gate, up = self.ffn_up(rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps)).chunk(2, -1)  # (B, T, ffn)
         return x + self.ffn_down(F.silu(gate) * up), new_state
 
-    def decode(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
-        """One token, no gradient, fp32 CPU, C kernels between the matmuls: x (B, d) -> (B, d), new
-        state (the same function as ``forward`` at T = 1; tests/models/test_xlstm_large.py)."""
+    def fused(self, x: Tensor, state: dict, T: int, mask: Tensor | None) -> tuple[Tensor, dict]:
+        """T tokens of B rows, no gradient, fp32 CPU, C kernels between the matmuls: x (B T, d) ->
+        (B T, d), new state (the same function as ``forward``; tests/models/test_xlstm_large.py)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
         xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
-        proj = self.qkvo(xn)  # (B, 2 qk + 2 v); the modules, not their weights: adapters (LoRA) wrap them
-        gates = self.if_gate(xn)  # (B, 2 NH)
-        h, new_state = nat.mlstm_layer_step(
-            proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps
-        )  # (B, v)
+        proj = self.qkvo(xn)  # (B T, 2 qk + 2 v); the modules, not their weights: adapters (LoRA) wrap them
+        gates = self.if_gate(xn)  # (B T, 2 NH)
+        h, new_state = nat.mlstm_layer(
+            proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
+        )  # (B T, v)
         x = _add_linear(x, h, self.out_proj)
-        gu = self.ffn_up(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps))  # (B, 2 ffn)
+        gu = self.ffn_up(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps))  # (B T, 2 ffn)
         return _add_linear(x, nat.swiglu(gu), self.ffn_down), new_state
 
 
@@ -322,35 +322,35 @@ class XLSTMLarge(CausalLM):
         """tokens (B, T) -> soft-capped logits (B, T, V) and the state after the last token."""
         return self._recurrent_forward(tokens, state, attention_mask)
 
-    def _fast_decode_ok(self, T: int, mask) -> bool:
-        """One token, no gradient, fp32 weights on the CPU, the C kernels built, op ``mlstm_step`` on ``fast``."""
+    def _fused_ok(self, T: int) -> bool:
+        """No gradient, fp32 weights on the CPU, the C kernels built, op ``xlstm_fused`` on ``fast``."""
         w = self.embed.weight  # (the projections may be wrapped, e.g. by LoRA: they run as modules)
         return (
-            T == 1 and mask is None and not torch.is_grad_enabled() and w.dtype == torch.float32 and w.device.type == "cpu"
+            T >= 1 and not torch.is_grad_enabled() and w.dtype == torch.float32 and w.device.type == "cpu"
             and self.blocks[0].head_norm.dtype == torch.float32  # the C kernels read the norm weights as fp32
-            and backends.resolve("mlstm_step") == "fast" and nat.decode_lib() is not None
+            and backends.resolve("xlstm_fused") == "fast" and nat.decode_lib() is not None
         )
 
-    def _decode(self, tokens: Tensor, state) -> tuple[Tensor, dict]:
-        """tokens (B, 1) -> logits (B, 1, V) and the state: ``_run`` at T = 1 with C kernels between the
-        matmuls and no (B, T, ...) reshapes (decoding at small widths is per-op overhead)."""
-        B = tokens.shape[0]
+    def _fused(self, tokens: Tensor, state, mask: Tensor | None) -> tuple[Tensor, dict]:
+        """tokens (B, T) -> logits (B, T, V) and the state: ``_run`` with C kernels between the
+        matmuls on (B T, ...) rows (at small widths decoding and prefill are per-op overhead)."""
+        B, T = tokens.shape
         state = state if state is not None else self.init_state(B, tokens.device)
-        x = F.embedding(tokens[:, 0], self.embed.weight)  # (B, d)
+        x = F.embedding(tokens.reshape(B * T), self.embed.weight)  # (B T, d)
         states = []
         for block, st in zip(self.blocks, state["blocks"]):
-            x, st = block.decode(x, _fp32_state(st))
+            x, st = block.fused(x, _fp32_state(st), T, mask)
             states.append(st)
         if self.out_norm is not None:
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        logits = self.lm_head(x)  # (B, V)
+        logits = self.lm_head(x)  # (B T, V)
         if self.config.logit_soft_cap is not None:
             nat.soft_cap_(logits, self.config.logit_soft_cap)
-        return logits[:, None], {"blocks": states}
+        return logits.view(B, T, -1), {"blocks": states}
 
     def _run(self, tokens: Tensor, state, mask: Tensor | None):
-        if self._fast_decode_ok(tokens.shape[1], mask):
-            return self._decode(tokens, state)
+        if self._fused_ok(tokens.shape[1]):
+            return self._fused(tokens, state, mask)
         x = self.embed(tokens)  # (B, T, d)
         states = []
         for i, block in enumerate(self.blocks):
@@ -360,7 +360,7 @@ class XLSTMLarge(CausalLM):
             x = rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
         logits, cap = self.lm_head(x), self.config.logit_soft_cap  # (B, T, V)
         if cap is not None and not torch.is_grad_enabled():  # in place: no (B, T, V) temporaries
-            return nat.soft_cap_(logits, cap), {"blocks": states}
+            return logits.div_(cap).tanh_().mul_(cap), {"blocks": states}
         return soft_cap(logits, cap), {"blocks": states}
 
     # -- sizes ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ NAMES = ("reference", "fast")
 OPS: dict[str, tuple[str, str, bool]] = {
     "mlstm": ("mLSTM", "rizzearch.ops.mlstm", False),
     "mlstm_step": ("mLSTM step", "rizzearch.ops.mlstm", True),
+    "xlstm_fused": ("xLSTM-7B fused layer", "rizzearch.ops.mlstm.native", True),
     "slstm": ("sLSTM", "rizzearch.ops.slstm", False),
     "wkv": ("WKV", "rizzearch.ops.wkv", False),
     "llama_decode": ("Llama decode", "rizzearch.models.llama_decode", True),
