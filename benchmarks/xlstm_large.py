@@ -17,7 +17,7 @@ of ours on ``T`` rows), the GEMMs all three implementations share; a prefill can
 than a reference that spends less than half its time outside them. Every comparison first checks
 that the three sides compute the same logits.
 
-    python benchmarks/xlstm_large.py [--repeats 5] [--T 256] [--threads 1] [--skip_7b]
+    python benchmarks/xlstm_large.py [--repeats 5] [--T 256] [--threads 1,2] [--skip_7b]
 """
 
 from __future__ import annotations
@@ -171,52 +171,60 @@ def bench_shape(shape: str, a) -> dict:
     return out
 
 
+def summarise(shape: str, r: dict, threads: int) -> tuple[dict, list[dict]]:
+    """One shape's ratios (against the references, the decode bound and the prefill floor) and its table rows."""
+    ours_dec, bound = statistics.median(r["decode"]["ours"]), statistics.median(r["decode"]["bound"])
+    res = {
+        "decode_bytes_per_token": r["decode_bytes_per_token"], "decode_bound_ms": bound * 1e3,
+        "read_bandwidth_GBps": r["decode_bytes_per_token"] / bound / 1e9, "decode_time_over_bound": ours_dec / bound,
+        "max_abs_logit_err": r["max_abs_logit_err"],
+        "prefill_floor_ms": statistics.median(r["prefill"]["floor"]) * 1e3,
+        "prefill_time_over_floor": statistics.median(r["prefill"]["ours"]) / statistics.median(r["prefill"]["floor"]),
+    }
+    rows = []
+    for work in ("decode", "prefill"):
+        ts = r[work]
+        ours_med = statistics.median(ts["ours"])
+        for impl, v in ts.items():
+            s = summary(v)
+            rows.append({"shape": shape, "threads": threads, "work": work, "impl": impl, "median_ms": s["median_s"] * 1e3,
+                         "min_ms": s["min_s"] * 1e3, "spread": s["spread"], "ours_speedup": statistics.median(v) / ours_med})
+        res[f"{work}_speedup_vs_official"] = statistics.median(ts["official"]) / ours_med
+        res[f"{work}_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / ours_med
+    return res, rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--T", type=int, default=256, help="prefill length")
     p.add_argument("--calls", type=int, default=50, help="decode steps per timing sample (small; /10 at the 7B shape)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for every side (0: torch's default)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run for every side (0: torch's default)")
     p.add_argument("--skip_7b", action="store_true", help="only the small shape")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    thread_counts = [int(t) or torch.get_num_threads() for t in a.threads.split(",")]
     info = print_header("xlstm_large vs official xLSTMLarge and transformers xLSTMForCausalLM (CPU, fp32)", ("xlstm", "mlstm_kernels", "transformers"))
     load = load_average()
-    print(f"  load average (1 min) at start: {load}; threads {torch.get_num_threads()}")
+    print(f"  load average (1 min) at start: {load}; threads {thread_counts}")
     shapes = ["small"] if a.skip_7b else ["small", "7b_layer"]
     rows, results = [], {}
-    for shape in shapes:
-        r = bench_shape(shape, a)
-        ours_dec, bound = statistics.median(r["decode"]["ours"]), statistics.median(r["decode"]["bound"])
-        res = {
-            "decode_bytes_per_token": r["decode_bytes_per_token"], "decode_bound_ms": bound * 1e3,
-            "read_bandwidth_GBps": r["decode_bytes_per_token"] / bound / 1e9, "decode_time_over_bound": ours_dec / bound,
-            "max_abs_logit_err": r["max_abs_logit_err"],
-        }
-        res["prefill_floor_ms"] = statistics.median(r["prefill"]["floor"]) * 1e3
-        res["prefill_time_over_floor"] = statistics.median(r["prefill"]["ours"]) / statistics.median(r["prefill"]["floor"])
-        for work in ("decode", "prefill"):
-            ts = r[work]
-            ours_med = statistics.median(ts["ours"])
-            for impl, v in ts.items():
-                s = summary(v)
-                rows.append({"shape": shape, "work": work, "impl": impl, "median_ms": s["median_s"] * 1e3, "min_ms": s["min_s"] * 1e3,
-                             "spread": s["spread"], "ours_speedup": statistics.median(v) / ours_med})
-            res[f"{work}_speedup_vs_official"] = statistics.median(ts["official"]) / ours_med
-            res[f"{work}_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / ours_med
-        results[shape] = res
-    print_table(rows, ["shape", "work", "impl", "median_ms", "min_ms", "spread", "ours_speedup"])
-    for shape, res in results.items():
-        print(f"  {shape}: decode reads {res['decode_bytes_per_token'] / 1e6:.1f} MB/token; read bandwidth {res['read_bandwidth_GBps']:.2f} GB/s, "
+    for n in thread_counts:
+        torch.set_num_threads(n)
+        for shape in shapes:
+            results[f"{shape}, {n} threads"], shape_rows = summarise(shape, bench_shape(shape, a), n)
+            rows += shape_rows
+    print_table(rows, ["shape", "threads", "work", "impl", "median_ms", "min_ms", "spread", "ours_speedup"])
+    for key, res in results.items():
+        print(f"  {key}: decode reads {res['decode_bytes_per_token'] / 1e6:.1f} MB/token; read bandwidth {res['read_bandwidth_GBps']:.2f} GB/s, "
               f"bound {res['decode_bound_ms']:.3f} ms/token; ours at {res['decode_time_over_bound']:.2f}x the bound")
-        print(f"  {shape}: prefill matmul floor {res['prefill_floor_ms']:.1f} ms; ours at {res['prefill_time_over_floor']:.2f}x the floor")
+        print(f"  {key}: prefill matmul floor {res['prefill_floor_ms']:.1f} ms; ours at {res['prefill_time_over_floor']:.2f}x the floor; "
+              f"{res['prefill_speedup_vs_official']:.2f}x official, {res['prefill_speedup_vs_transformers']:.2f}x transformers")
     load_end = load_average()
     print(f"  load average (1 min) at end: {load_end}")
     emit_json({
         "benchmark": "xlstm_large", "target_speedup": TARGET_SPEEDUP,
         "results": {s: {k: float(f"{v:.4g}") for k, v in r.items()} for s, r in results.items()}, "T": a.T,
-        "load_avg": [load, load_end], "threads": torch.get_num_threads(),
+        "load_avg": [load, load_end], "threads": thread_counts,
         "machine": {k: info[k] for k in ("processor", "cpu_count", "torch", "xlstm", "mlstm_kernels", "transformers") if k in info},
     })
 

@@ -106,6 +106,27 @@ def test_fused_forward_equals_the_modules(kw):
         assert not make(**kw).to(torch.bfloat16)._fused_ok(41)  # only fp32 weights
 
 
+def test_fused_forward_runs_lora_wrapped_projections():
+    """Adapters wrap the projections (every matrix of a block): the fused path calls the modules, so
+    the adapters count, and its in-place residual adds give the modules' logits."""
+    from rizzearch.training.lora import adapters_disabled, apply_lora
+
+    m = apply_lora(make(use_bias=True), r=2, alpha=4, targets=["qkvo", "if_gate", "out_proj", "ffn_up", "ffn_down"])
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+        x = torch.randint(0, V, (2, 19))
+        assert m._fused_ok(19)
+        got, _ = m(x)
+        with use_backend("xlstm_fused", "reference"):
+            want, _ = m(x)
+        with adapters_disabled(m):
+            base, _ = m(x)
+    assert_close(got, want, atol=1e-5, rtol=1e-5, name="fused logits with LoRA")
+    assert (got - base).abs().max() > 1e-3  # the adapters are in the fused path
+
+
 def test_trains_gradients_reach_every_parameter():
     m = make().train()
     x = torch.randint(0, V, (2, 21))

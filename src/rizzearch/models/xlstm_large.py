@@ -218,7 +218,8 @@ class XLSTMLargeBlock(nn.Module):
 
     def fused(self, x: Tensor, state: dict, T: int, mask: Tensor | None) -> tuple[Tensor, dict]:
         """T tokens of B rows, no gradient, fp32 CPU, C kernels between the matmuls: x (B T, d) ->
-        (B T, d), new state (the same function as ``forward``; tests/models/test_xlstm_large.py)."""
+        (B T, d), new state (the same function as ``forward``; tests/models/test_xlstm_large.py).
+        x is updated in place (the residual stream of ``_fused``)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
         xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
         proj = self.qkvo(xn)  # (B T, 2 qk + 2 v); the modules, not their weights: adapters (LoRA) wrap them
@@ -226,17 +227,20 @@ class XLSTMLargeBlock(nn.Module):
         h, new_state = nat.mlstm_layer(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
         )  # (B T, v)
-        x = _add_linear(x, h, self.out_proj)
+        x = _add_linear_(x, h, self.out_proj)
         gu = self.ffn_up(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps))  # (B T, 2 ffn)
-        return _add_linear(x, nat.swiglu(gu), self.ffn_down), new_state
+        return _add_linear_(x, nat.swiglu(gu), self.ffn_down), new_state
 
 
-def _add_linear(x: Tensor, h: Tensor, lin: nn.Linear) -> Tensor:
-    """x + lin(h), as one addmm (the residual add fused into the matmul) for a plain ``nn.Linear``;
-    any other module (a LoRA-wrapped projection) through its own forward."""
+def _add_linear_(x: Tensor, h: Tensor, lin: nn.Linear) -> Tensor:
+    """x += lin(h) in place (x is an activation the fused path made itself), as one in-place addmm
+    (the residual add fused into the matmul, no copy of x) for a plain ``nn.Linear``; any other
+    module (a LoRA-wrapped projection) through its own forward."""
     if type(lin) is not nn.Linear:
-        return x + lin(h)
-    return torch.addmm(x if lin.bias is None else x + lin.bias, h, lin.weight.t())
+        return x.add_(lin(h))
+    if lin.bias is not None:
+        x.add_(lin.bias)
+    return x.addmm_(h, lin.weight.t())
 
 
 def _fp32_state(st: dict) -> dict:
