@@ -154,3 +154,17 @@ def test_the_portable_build_computes_the_same(monkeypatch):
     monkeypatch.setattr(nat, "_lib", portable)
     for i, (a, p) in enumerate(zip(native, run())):
         assert_close(p, a, atol=1e-5, rtol=1e-5, name=f"portable build, output {i}")
+
+
+def test_views_are_read_as_their_values():
+    """Non-contiguous inputs (a wrapped projection may return a view) give the contiguous results."""
+    proj, gates, state, w, b = inputs(2, 9, 2, 4, 8, bias=False, empty=True, seed=13)
+    wide = torch.cat([proj, torch.randn_like(proj)], 1)[:, : proj.shape[1]]
+    assert not wide.is_contiguous()
+    a, _ = nat.mlstm_layer(wide, gates, state, w, b, (2, 4, 8), 15.0, 1e-6, 9)
+    c, _ = nat.mlstm_layer(proj, gates, state, w, b, (2, 4, 8), 15.0, 1e-6, 9)
+    assert torch.equal(a, c)
+    x = torch.randn(20, 12)
+    assert torch.equal(nat.rms_norm(x.t(), x[:12, 0], None, 1e-6), nat.rms_norm(x.t().contiguous(), x[:12, 0], None, 1e-6))
+    assert torch.equal(nat.swiglu(x.t()), nat.swiglu(x.t().contiguous()))
+    assert_close(nat.soft_cap_(x.t() * 40, 30.0), nat.soft_cap_((x.t() * 40).contiguous(), 30.0), atol=1e-5, rtol=1e-5, name="cap of a view")

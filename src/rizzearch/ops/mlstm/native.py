@@ -85,6 +85,7 @@ def _threads(n_elements: int, min_elements: int = 100_000) -> int:
 
 def rms_norm(x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
     """x (N, D) -> x / sqrt(mean(x^2) + eps) * w (+ b), a new (N, D) tensor."""
+    x = x.contiguous()
     out = torch.empty_like(x)
     _lib.xl_rms_norm(x.shape[0], x.shape[1], eps, x.data_ptr(), w.data_ptr(), _ptr(b), out.data_ptr(), _threads(x.numel(), 32_768))
     return out
@@ -110,6 +111,7 @@ def mlstm_layer(proj: Tensor, gates: Tensor, state: dict, head_w: Tensor, head_b
     """
     NH, Dqk, Dv = dims
     B = proj.shape[0] // T
+    proj, gates = proj.contiguous(), gates.contiguous()  # (a wrapped projection may return a view)
     C, n, m = state["C"], state["n"], state["m"]
     C_out, n_out, m_out = torch.empty_like(C), torch.empty_like(n), torch.empty_like(m)
     scratch = torch.empty(B * NH * _lib.xl_mlstm_scratch(Dqk, Dv)) if T > 1 else None
@@ -125,6 +127,7 @@ def mlstm_layer(proj: Tensor, gates: Tensor, state: dict, head_w: Tensor, head_b
 
 def swiglu(gu: Tensor) -> Tensor:
     """gu (N, 2F) = [gate | up] -> silu(gate) * up (N, F)."""
+    gu = gu.contiguous()
     N, F2 = gu.shape
     out = torch.empty(N, F2 // 2)
     _lib.xl_swiglu(N, F2 // 2, gu.data_ptr(), out.data_ptr(), _threads(gu.numel()))
@@ -132,7 +135,9 @@ def swiglu(gu: Tensor) -> Tensor:
 
 
 def soft_cap_(x: Tensor, cap: float) -> Tensor:
-    """x = cap tanh(x / cap), in place (x contiguous, fp32)."""
+    """x = cap tanh(x / cap), in place (fp32; a non-contiguous x through torch's ops)."""
+    if not x.is_contiguous():
+        return x.div_(cap).tanh_().mul_(cap)
     D = x.shape[-1]
     _lib.xl_soft_cap(x.numel() // D, D, cap, x.data_ptr(), _threads(x.numel()))
     return x
