@@ -31,14 +31,19 @@ def time_once(fn: Callable[[], object], device=None) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2, device=None) -> dict[str, list[float]]:
-    """Time each function ``repeats`` times, interleaved round-robin after ``warmup`` rounds."""
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2, device=None,
+                warm: bool = False) -> dict[str, list[float]]:
+    """Time each function ``repeats`` times, interleaved round-robin after ``warmup`` rounds. With
+    ``warm`` each timed call comes right after an untimed call of the same function (its weights
+    and buffers in cache, as in a steady loop), instead of after the other functions (cold)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            if warm:
+                fn()
             times[k].append(time_once(fn, device))
     return times
 

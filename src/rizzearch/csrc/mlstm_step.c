@@ -34,6 +34,21 @@ static inline float vexp(float x) {
 
 static inline float vsigmoid(float x) { return 1.0f / (1.0f + vexp(-x)); }
 
+/* log1p(y) for y in [0, 1]: 2 atanh(s) with s = y / (2 + y) in [0, 1/3], its odd series to s^15
+   (truncation < 2e-9 relative); no cancellation for small y (log1p(y) ~ y). */
+static inline float vlog1p(float y) {
+  float s = y / (2.0f + y), z = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * z + 1.0f / 13.0f;
+  p = p * z + 1.0f / 11.0f;
+  p = p * z + 1.0f / 9.0f;
+  p = p * z + 1.0f / 7.0f;
+  p = p * z + 1.0f / 5.0f;
+  p = p * z + 1.0f / 3.0f;
+  p = p * z + 1.0f;
+  return 2.0f * s * p;
+}
+
 /* tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (beyond, tanh is 1 within 3e-8: x is clamped), P and Q of
    degree 4 fitted here to a relative error below 3.6e-7 in float32 arithmetic (tested): one
    division and nine multiply-adds. */
@@ -244,16 +259,20 @@ static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict G, 
 
 /* the chunk's gates: a_u, W (LC, LC) (zero above the diagonal and past U), the m_u; returns the last m */
 static double chunk_gates(int U, const double* gi, const double* gf, double m0, float* a, float* W, double* mu) {
+  float lf[LC], arg[LC];
+  for (int u = 0; u < LC; ++u) { /* logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), 16 at once */
+    float f = u < U ? (float)gf[u] : 0.0f;
+    lf[u] = (f < 0.0f ? f : 0.0f) - vlog1p(vexp(-fabsf(f)));
+  }
   double b[LC], m = m0;
   for (int u = 0; u < U; ++u) {
-    double f = gf[u], lf = f >= 0.0 ? -log1p(exp(-f)) : f - log1p(exp(f)); /* logsigmoid */
-    b[u] = (u ? b[u - 1] : 0.0) + lf;
-    double x = m + lf;                                                      /* -inf for the empty state */
+    b[u] = (u ? b[u - 1] : 0.0) + lf[u];
+    double x = m + lf[u]; /* -inf for the empty state */
     m = mu[u] = x > gi[u] ? x : gi[u];
-    a[u] = (float)exp(b[u] + m0 - m);
+    arg[u] = (float)(b[u] + m0 - m);
   }
+  for (int u = 0; u < LC; ++u) a[u] = u < U && arg[u] > -87.0f ? vexp(arg[u]) : 0.0f;
   for (int u = 0; u < LC; ++u) {
-    float arg[LC];
     for (int j = 0; j < LC; ++j) arg[j] = u < U && j <= u ? (float)(b[u] - b[j] + gi[j] - mu[u]) : -100.0f;
     for (int j = 0; j < LC; ++j) W[u * LC + j] = u < U && j <= u ? vexp(arg[j]) : 0.0f;
   }
@@ -293,8 +312,7 @@ static double chunk_head(int U, int64_t Dqk, int64_t Dv, float scale, const floa
   }
   update_lc(Dk, De, aL, G, V, C);
   for (int u = 0; u < U; ++u) {
-    double lo = exp(-mu[u]), ad = fabs((double)den[u]);
-    float rn = (float)(1.0 / (ad > lo ? ad : lo));
+    float lo = -mu[u] < 88.0 ? vexp((float)-mu[u]) : INFINITY, ad = fabsf(den[u]), rn = 1.0f / (ad > lo ? ad : lo);
     for (int64_t e = 0; e < Dv; ++e) h[u][e] = H[u * De + e] * rn;
   }
   return m;
