@@ -58,8 +58,6 @@ from rizzearch.ops import backends
 from rizzearch.ops.mlstm import mlstm_chunkwise, mlstm_step
 from rizzearch.ops.mlstm import native as nat
 
-# A closed input gate / open forget gate for padded positions: exp(-1e4 - m) is exactly 0 in fp32.
-
 
 @dataclass(frozen=True)
 class XLSTMLargeConfig:

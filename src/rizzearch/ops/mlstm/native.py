@@ -36,7 +36,9 @@ from rizzearch.ops.wlinear import threads_for
 
 __all__ = ["decode_lib", "rms_norm", "mlstm_layer", "swiglu", "soft_cap_", "PAD_IGATE", "PAD_FGATE"]
 
-PAD_IGATE, PAD_FGATE = -1e4, 1e4  # a padded token's gates (after the cap): closed input, open forget gate
+# A padded token's gates (after the cap): a closed input gate (exp(-1e4 - m) is exactly 0 in fp32)
+# and an open forget gate (logsigmoid(1e4) = 0): the state passes through unchanged.
+PAD_IGATE, PAD_FGATE = -1e4, 1e4
 
 _lib = None  # the loaded library; False after a failed build or without a compiler
 _I, _F, _P, _T = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
