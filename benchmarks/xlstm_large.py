@@ -7,7 +7,9 @@ Two workloads: decoding (one token per call with the state in and out, batch 1; 
 ``mode="inference"`` with their ``native`` step kernel, transformers through its ``xLSTMCache``)
 and prefill (one forward over ``--T`` tokens from the empty state; the references' native
 chunkwise kernel), timed cold (each call after the other sides', so its weights come from memory)
-and warm (each call right after an untimed call of itself, as in a loop over prompts). Target (issue 18): at least 2x faster, or at the memory-bandwidth bound.
+and warm (each call right after an untimed call of itself, as in a loop over prompts). ``ours`` is
+the default model; ``ours_packed`` the same model with ``set_matmul_weights("packed")`` (its
+products on MKL-packed copies of the matrices: as much memory again, opt-in). Target (issue 18): at least 2x faster, or at the memory-bandwidth bound.
 
 The bound for decoding: every weight matrix is read once per token (bytes/token printed), plus
 the recurrent state (read and written). The ``bound`` row times one fp32 matrix-vector product
@@ -24,6 +26,7 @@ that the three sides compute the same logits.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import warnings
@@ -39,7 +42,7 @@ from common import emit_json, interleaved, load_average, print_header, print_tab
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from rizzearch.models.convert import from_official_xlstm_large  # noqa: E402
-from rizzearch.ops import backends  # noqa: E402
+from rizzearch.ops import backends, packed_gemm  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -75,8 +78,9 @@ def build(shape: str):
     return off, from_official_xlstm_large(off), hf
 
 
-def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int) -> dict:
-    """Each function decodes ``calls`` tokens after a prefill done once (state copies per call)."""
+def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int, packed=None) -> dict:
+    """Each function decodes ``calls`` tokens after a prefill done once (state copies per call);
+    ``packed``: our model again with MKL-packed matrix copies (``set_matmul_weights("packed")``)."""
     with torch.no_grad():
         _, off_state = off(prompt)
         _, our_state = ours(prompt)
@@ -90,18 +94,21 @@ def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int) -> dict:
             off(tok, st)
 
     @torch.no_grad()
-    def ours_fn():
-        st = our_state
-        for _ in range(calls):
-            _, st = ours.step(tok[:, 0], st)
-
-    @torch.no_grad()
     def transformers():
         cache = hf_out.cache
         for _ in range(calls):
             hf(tok, cache=cache, use_cache=True)
 
-    return {"official": official, "transformers": transformers, "ours": ours_fn}
+    fns = {"official": official, "transformers": transformers, "ours": lambda: _steps(ours, our_state, tok, calls)}
+    if packed is not None:
+        fns["ours_packed"] = lambda: _steps(packed, our_state, tok, calls)
+    return fns
+
+
+@torch.no_grad()
+def _steps(model, state, tok: torch.Tensor, calls: int) -> None:
+    for _ in range(calls):
+        _, state = model.step(tok[:, 0], state)
 
 
 def check_same(off, ours, hf, x) -> float:
@@ -139,12 +146,20 @@ def prefill_floor(ours, T: int):
 
 def bench_shape(shape: str, a) -> dict:
     off, ours, hf = build(shape)
+    packed = None
+    if packed_gemm.available():  # our model again, its products on MKL-packed matrix copies (opt-in)
+        packed = copy.deepcopy(ours)
+        packed.set_matmul_weights("packed")
     V = SHAPES[shape]["vocab_size"]
     g = torch.Generator().manual_seed(1)
     err = check_same(off, ours, hf, torch.randint(0, V, (1, 128), generator=g))
+    if packed is not None:
+        with torch.no_grad():
+            probe = torch.randint(0, V, (1, 128), generator=g)
+            assert_close(packed(probe)[0], ours(probe)[0], atol=1e-5, rtol=1e-5, name="packed vs our logits")
     prompt = torch.randint(0, V, (1, 16), generator=g)
     calls = a.calls if shape == "small" else max(1, a.calls // 10)
-    fns = decode_fns(off, ours, hf, prompt, calls)
+    fns = decode_fns(off, ours, hf, prompt, calls, packed)
     probe_w = torch.randn(decode_bytes(ours) // 4 // 1024, 1024)  # as many bytes as a decode step reads
     probe_x = torch.randn(1, 1024)
 
@@ -163,12 +178,14 @@ def bench_shape(shape: str, a) -> dict:
 
     fns = {"official": lambda: off(x), "transformers": lambda: hf(x), "ours": lambda: ours(x), "ours_modules": ours_modules,
            "floor": prefill_floor(ours, a.T)}
+    if packed is not None:
+        fns["ours_packed"] = lambda: packed(x)
     repeats = a.repeats if shape == "small" else max(2, a.repeats // 2)
     with torch.no_grad():  # cold: each call after the others (their weights in cache); warm: after itself
         pre = interleaved(fns, repeats=repeats, warmup=1)
         pre_warm = interleaved(fns, repeats=repeats, warmup=0, warm=True)
     out = {"max_abs_logit_err": err, "decode": dec, "prefill": pre, "prefill_warm": pre_warm, "decode_bytes_per_token": decode_bytes(ours)}
-    del off, ours, hf
+    del off, ours, hf, packed
     return out
 
 
@@ -193,6 +210,9 @@ def summarise(shape: str, r: dict, threads: int) -> tuple[dict, list[dict]]:
                          "min_ms": s["min_s"] * 1e3, "spread": s["spread"], "ours_speedup": statistics.median(v) / ours_med})
         res[f"{work}_speedup_vs_official"] = statistics.median(ts["official"]) / ours_med
         res[f"{work}_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / ours_med
+        if "ours_packed" in ts:
+            res[f"{work}_packed_speedup_vs_official"] = statistics.median(ts["official"]) / statistics.median(ts["ours_packed"])
+            res[f"{work}_packed_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / statistics.median(ts["ours_packed"])
     return res, rows
 
 
@@ -222,6 +242,9 @@ def main() -> None:
         for work in ("prefill", "prefill_warm"):
             print(f"  {key}: {work} matmul floor {res[f'{work}_floor_ms']:.1f} ms; ours at {res[f'{work}_time_over_floor']:.2f}x the floor; "
                   f"{res[f'{work}_speedup_vs_official']:.2f}x official, {res[f'{work}_speedup_vs_transformers']:.2f}x transformers")
+            if f"{work}_packed_speedup_vs_official" in res:
+                print(f"  {key}: {work} with packed matrices: {res[f'{work}_packed_speedup_vs_official']:.2f}x official, "
+                      f"{res[f'{work}_packed_speedup_vs_transformers']:.2f}x transformers")
     load_end = load_average()
     print(f"  load average (1 min) at end: {load_end}")
     emit_json({

@@ -127,6 +127,45 @@ def test_fused_forward_runs_lora_wrapped_projections():
     assert (got - base).abs().max() > 1e-3  # the adapters are in the fused path
 
 
+def test_packed_matmul_weights_give_the_same_logits():
+    """``set_matmul_weights("packed")``: the same logits and states as the parameters through
+    ``F.linear`` (prefill and decoding), adapters still applied, copies current after a training
+    step; bad formats are named."""
+    from rizzearch.ops import packed_gemm
+    from rizzearch.training.lora import apply_lora
+
+    if not packed_gemm.available():
+        with pytest.raises(ConfigError, match="MKL's packed GEMM"):
+            make().set_matmul_weights("packed")
+        pytest.skip("no MKL packed GEMM in this torch")
+    m = make(use_bias=True)
+    x = torch.randint(0, V, (2, 37))
+
+    def run(fmt, model=m):
+        model.set_matmul_weights(fmt)
+        with torch.no_grad():
+            logits, st = model(x[:, :30])
+            step, _ = model(x[:, 30:], st)
+        return logits, step, st["blocks"][1]["C"]
+
+    for a, b in zip(run("packed"), run(None)):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name="packed vs F.linear")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x)[0].square().mean().backward()  # a training step: the packed copies must follow
+    opt.step()
+    for a, b in zip(run("packed"), run("fp32")):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name="packed vs F.linear after a step")
+    lora = apply_lora(make(use_bias=True), r=2, alpha=4, targets=["qkvo", "ffn_down"])
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    for a, b in zip(run("packed", lora), run(None, lora)):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name="packed with LoRA adapters")
+    with pytest.raises(ConfigError, match="unknown format 'int4'"):
+        m.set_matmul_weights("int4")
+
+
 def test_trains_gradients_reach_every_parameter():
     m = make().train()
     x = torch.randint(0, V, (2, 21))
