@@ -60,6 +60,8 @@ from rizzearch.ops.mlstm import native as nat
 
 
 PACKED_MIN_ROWS = 16  # packed matrix copies serve products of at least this many rows (decoding is faster without)
+PACKED_MIN_OUT = 64  # ... and matrices with at least this many outputs (the 2 NH gate projection is faster without)
+HEAD_ROWS = 64  # packed: the head runs in blocks of rows, each soft-capped while its logits are in cache
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ class XLSTMLargeBlock(nn.Module):
 def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
     """lin(x); a plain ``nn.Linear`` through its packed copy when ``packed``. Other modules (a
     LoRA-wrapped projection) always run as modules: adapters wrap them."""
-    if packed and type(lin) is nn.Linear:
+    if packed and type(lin) is nn.Linear and lin.out_features >= PACKED_MIN_OUT:
         return packed_gemm.linear(x, lin.weight, lin.bias)
     return lin(x)
 
@@ -248,7 +250,7 @@ def _add_linear_(x: Tensor, h: Tensor, lin: nn.Module, packed: bool = False) -> 
     ``nn.Linear``; any other module (a LoRA-wrapped projection) through its own forward."""
     if type(lin) is not nn.Linear:
         return x.add_(lin(h))
-    if packed:
+    if packed and lin.out_features >= PACKED_MIN_OUT:
         return packed_gemm.linear(h, lin.weight, lin.bias, out=x)
     if lin.bias is not None:
         x.add_(lin.bias)
@@ -380,10 +382,20 @@ class XLSTMLarge(CausalLM):
             states.append(st)
         if self.out_norm is not None:
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        logits = _linear(x, self.lm_head, packed)  # (B T, V)
-        if self.config.logit_soft_cap is not None:
-            nat.soft_cap_(logits, self.config.logit_soft_cap)
-        return logits.view(B, T, -1), {"blocks": states}
+        return self._capped_head(x, packed).view(B, T, -1), {"blocks": states}
+
+    def _capped_head(self, x: Tensor, packed: bool) -> Tensor:
+        """x (N, d) -> soft-capped logits (N, V). Packed (the head's rows cost no repacking): in
+        blocks of ``HEAD_ROWS`` rows, each capped while its logits are still in cache."""
+        cap, head = self.config.logit_soft_cap, self.lm_head
+        if not (packed and type(head) is nn.Linear and cap is not None):
+            logits = _linear(x, head, packed)  # (N, V)
+            return logits if cap is None else nat.soft_cap_(logits, cap)
+        logits = torch.empty(x.shape[0], head.out_features)
+        for r in range(0, x.shape[0], HEAD_ROWS):
+            block = logits[r : r + HEAD_ROWS]
+            nat.soft_cap_(packed_gemm.linear(x[r : r + HEAD_ROWS], head.weight, head.bias, out=block, accumulate=False), cap)
+        return logits
 
     def _run(self, tokens: Tensor, state, mask: Tensor | None):
         if self._fused_ok(tokens.shape[1]):

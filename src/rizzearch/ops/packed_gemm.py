@@ -87,16 +87,17 @@ def forget(w: Tensor) -> None:
         delattr(w, _ATTR)
 
 
-def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, out: Tensor | None = None, accumulate: bool = True) -> Tensor:
     """``x @ w^T (+ bias)`` for x (M, K) fp32 through ``w``'s packed copy: a new (M, N) tensor, or,
-    with ``out`` (M, N, contiguous fp32), ``out += x @ w^T (+ bias)`` in place (a residual add)."""
+    with ``out`` (M, N, contiguous fp32), ``out += x @ w^T (+ bias)`` in place (a residual add;
+    ``accumulate=False``: ``out = ...``)."""
     _, _, compute = _load()
     buf = packed(w)
     N, K = w.shape
     x = x.contiguous()
     M = x.shape[0]
-    if out is None:
-        out = torch.empty(M, N)
+    if out is None or not accumulate:
+        out = torch.empty(M, N) if out is None else out
         beta = 0.0 if bias is None else 1.0
         if bias is not None:
             out.copy_(bias.expand(M, N))
