@@ -145,8 +145,9 @@ def test_packed_matmul_weights_give_the_same_logits():
         model.set_matmul_weights(fmt)
         with torch.no_grad():
             logits, st = model(x[:, :30])
-            step, _ = model(x[:, 30:], st)
-        return logits, step, st["blocks"][1]["C"]
+            step, _ = model(x[:, 30:], st)  # 14 rows: below PACKED_MIN_ROWS
+            full, _ = model(x)  # 74 rows: the packed head in two blocks of rows
+        return logits, step, st["blocks"][1]["C"], full
 
     for a, b in zip(run("packed"), run(None)):
         assert_close(a, b, atol=1e-5, rtol=1e-5, name="packed vs F.linear")
