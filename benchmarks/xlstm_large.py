@@ -156,7 +156,7 @@ def bench_shape(shape: str, a) -> dict:
     if packed is not None:
         with torch.no_grad():
             probe = torch.randint(0, V, (1, 128), generator=g)
-            assert_close(packed(probe)[0], ours(probe)[0], atol=1e-5, rtol=1e-5, name="packed vs our logits")
+            assert_close(packed(probe)[0], ours(probe)[0], atol=1e-4, rtol=1e-4, name="packed vs our logits")
     prompt = torch.randint(0, V, (1, 16), generator=g)
     calls = a.calls if shape == "small" else max(1, a.calls // 10)
     fns = decode_fns(off, ours, hf, prompt, calls, packed)

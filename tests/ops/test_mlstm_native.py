@@ -168,3 +168,13 @@ def test_views_are_read_as_their_values():
     assert torch.equal(nat.rms_norm(x.t(), x[:12, 0], None, 1e-6), nat.rms_norm(x.t().contiguous(), x[:12, 0], None, 1e-6))
     assert torch.equal(nat.swiglu(x.t()), nat.swiglu(x.t().contiguous()))
     assert_close(nat.soft_cap_(x.t() * 40, 30.0), nat.soft_cap_((x.t() * 40).contiguous(), 30.0), atol=1e-5, rtol=1e-5, name="cap of a view")
+
+
+@pytest.mark.parametrize("N,K,G", [(256, 256, 8), (5, 40, 6), (3, 17, 1), (33, 64, 13)])
+def test_narrow_linear_against_f_linear(N, K, G):
+    """The gate projection's dot products (groups of four outputs, then the rest; K not a multiple of 16 included)."""
+    g = torch.Generator().manual_seed(N + K + G)
+    x, w, b = torch.randn(N, K, generator=g), torch.randn(G, K, generator=g), torch.randn(G, generator=g)
+    for bias in (None, b):
+        want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert_close(nat.narrow_linear(x, w, bias), want, atol=1e-5, rtol=1e-5, name="narrow_linear")

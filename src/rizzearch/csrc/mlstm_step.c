@@ -79,8 +79,13 @@ static inline void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
-/* the 16 lanes summed as a tree, halves first (a fixed order: the same bits for the same input) */
+/* the 16 lanes summed as a tree, halves first (a fixed order: the same bits for the same input);
+   lanes by shuffles, not through memory (a vector whose address is taken lives on the stack) */
 static inline float hsum16(v16f v) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#else
   v8f a, b;
   memcpy(&a, &v, sizeof a);
   memcpy(&b, (const char*)&v + sizeof a, sizeof b);
@@ -89,6 +94,7 @@ static inline float hsum16(v16f v) {
   memcpy(&c, &a, sizeof c);
   memcpy(&d, (const char*)&a + sizeof c, sizeof d);
   c += d;
+#endif
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
@@ -167,6 +173,28 @@ void xl_rms_norm(int64_t N, int64_t D, float eps, const float* x, const float* w
   }
 }
 
+/* out (N, G) = x (N, K) W^T (G, K) (+ b): a linear layer with few outputs (the 2 NH gate
+   pre-activations), one 16-lane dot product per output; MKL's GEMM is slow for 8 outputs */
+void xl_narrow_linear(int64_t N, int64_t K, int64_t G, const float* x, const float* W, const float* b, float* out,
+                      int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* xr = x + r * K;
+    int64_t g = 0;
+    for (; g + 4 <= G && K % 16 == 0; g += 4) { /* four outputs at once: four independent sums */
+      v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int64_t k = 0; k < K; k += 16) {
+        v16f xv = ld16(xr + k);
+        a0 += xv * ld16(W + g * K + k), a1 += xv * ld16(W + (g + 1) * K + k);
+        a2 += xv * ld16(W + (g + 2) * K + k), a3 += xv * ld16(W + (g + 3) * K + k);
+      }
+      out[r * G + g] = hsum16(a0) + (b ? b[g] : 0.0f), out[r * G + g + 1] = hsum16(a1) + (b ? b[g + 1] : 0.0f);
+      out[r * G + g + 2] = hsum16(a2) + (b ? b[g + 2] : 0.0f), out[r * G + g + 3] = hsum16(a3) + (b ? b[g + 3] : 0.0f);
+    }
+    for (; g < G; ++g) out[r * G + g] = vdot(xr, W + g * K, K) + (b ? b[g] : 0.0f);
+  }
+}
+
 /* SwiGLU of N rows: gu (N, 2F) = [gate | up] -> out (N, F) = silu(gate) * up */
 void xl_swiglu(int64_t N, int64_t F, const float* gu, float* out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -218,47 +246,52 @@ static void head_norm_gate(int64_t E, float eps, float* restrict h, const float*
    and the state after it is C' = a_L C + sum_j W_Lj k_j v_j^T (n alike), L the chunk's last token.
    The state is rounded once a chunk instead of once a token, and every product is a small matrix
    product with 16-wide rows: H = [a Q | W o QK^T] [C ; V], C' = a_L C + (K^T diag(W_L)) V. Rows are
-   padded to multiples of 16 (zeros), so the loops have fixed widths and vectorise. */
+   padded to multiples of 16 (zeros), so the loops have fixed widths and vectorise; the left
+   factors are stored transposed (16 tokens a row), so their 16 multipliers are consecutive. */
 
 #define LC 16 /* tokens a chunk */
 
 static int64_t pad16(int64_t x) { return (x + 15) / 16 * 16; }
 
-/* floats of scratch one (row, head) needs: [C ; V] (Dk + LC, De), Q (LC, Dk), K^T (Dk, LC), A (LC, Dk + LC),
-   H (LC, De), n (Dk); Dk, De: Dqk, Dv padded to multiples of 16 */
+/* floats of scratch one (row, head) needs: [C ; V] (Dk + LC, De), Q^T (Dk, LC), K (LC, Dk), A^T
+   (Dk + LC, LC), H (LC, De), n (Dk); Dk, De: Dqk, Dv padded to multiples of 16 */
 int64_t xl_mlstm_scratch(int64_t Dqk, int64_t Dv) {
   int64_t Dk = pad16(Dqk), De = pad16(Dv);
   return (Dk + LC) * De + 2 * LC * Dk + LC * (Dk + LC) + LC * De + Dk;
 }
 
-/* Y (LC, De) = A (LC, K) X (K, De), row strides K, De, De: LC x 16 blocks of Y held in registers */
-static void mm_lc(int64_t K, int64_t De, const float* restrict A, const float* restrict X, float* restrict Y) {
+/* Y (LC, De) = A X, A given transposed (AT (K, LC)), X (K, De): LC x 16 blocks of Y in registers;
+   the 16 multipliers of a step are consecutive (AT's row), so one base address serves them all */
+static void mm_lc(int64_t K, int64_t De, const float* restrict AT, const float* restrict X, float* restrict Y) {
   for (int64_t eb = 0; eb < De; eb += 16) {
     v16f acc[LC] = {0};
     for (int64_t kk = 0; kk < K; ++kk) {
       v16f x = ld16(X + kk * De + eb);
-      for (int u = 0; u < LC; ++u) acc[u] += A[u * K + kk] * x;
+      const float* restrict ak = AT + kk * LC;
+      for (int u = 0; u < LC; ++u) acc[u] += ak[u] * x;
     }
     for (int u = 0; u < LC; ++u) st16(Y + u * De + eb, acc[u]);
   }
 }
 
-/* C (Dk, De) = a C + G (Dk, LC) V (LC, De): the state update of one chunk, 16 x 16 blocks */
-static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict G, const float* restrict V, float* restrict C) {
+/* C (Dk, De) = a C + G V with G given transposed (GT (LC, Dk)), V (LC, De): the state update of
+   one chunk, 16 x 16 blocks */
+static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict GT, const float* restrict V, float* restrict C) {
   for (int64_t rb = 0; rb < Dk; rb += 16)
     for (int64_t eb = 0; eb < De; eb += 16) {
       v16f acc[16];
       for (int rr = 0; rr < 16; ++rr) acc[rr] = a * ld16(C + (rb + rr) * De + eb);
       for (int j = 0; j < LC; ++j) {
         v16f x = ld16(V + j * De + eb);
-        for (int rr = 0; rr < 16; ++rr) acc[rr] += G[(rb + rr) * LC + j] * x;
+        const float* restrict g = GT + j * Dk + rb;
+        for (int rr = 0; rr < 16; ++rr) acc[rr] += g[rr] * x;
       }
       for (int rr = 0; rr < 16; ++rr) st16(C + (rb + rr) * De + eb, acc[rr]);
     }
 }
 
-/* the chunk's gates: a_u, W (LC, LC) (zero above the diagonal and past U), the m_u; returns the last m */
-static double chunk_gates(int U, const double* gi, const double* gf, double m0, float* a, float* W, double* mu) {
+/* the chunk's gates: a_u, W^T (WT[j][u] = W_uj; zero for j > u and past U), the m_u; returns the last m */
+static double chunk_gates(int U, const double* gi, const double* gf, double m0, float* a, float* WT, double* mu) {
   float lf[LC], arg[LC];
   for (int u = 0; u < LC; ++u) { /* logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), 16 at once */
     float f = u < U ? (float)gf[u] : 0.0f;
@@ -272,45 +305,50 @@ static double chunk_gates(int U, const double* gi, const double* gf, double m0, 
     arg[u] = (float)(b[u] + m0 - m);
   }
   for (int u = 0; u < LC; ++u) a[u] = u < U && arg[u] > -87.0f ? vexp(arg[u]) : 0.0f;
-  for (int u = 0; u < LC; ++u) {
-    for (int j = 0; j < LC; ++j) arg[j] = u < U && j <= u ? (float)(b[u] - b[j] + gi[j] - mu[u]) : -100.0f;
-    for (int j = 0; j < LC; ++j) W[u * LC + j] = u < U && j <= u ? vexp(arg[j]) : 0.0f;
+  for (int j = 0; j < LC; ++j) {
+    for (int u = 0; u < LC; ++u) arg[u] = u < U && j <= u ? (float)(b[u] - b[j] + gi[j] - mu[u]) : -100.0f;
+    for (int u = 0; u < LC; ++u) WT[j * LC + u] = u < U && j <= u ? vexp(arg[u]) : 0.0f;
   }
   return m;
 }
 
 /* U <= LC tokens of one head: gathers q, k (scaled), v into the scratch, computes every h_u into
-   h[u] (unnormed, divided by the normaliser) and updates the state (C, n in the scratch). */
+   h[u] (divided by its normaliser) and updates the state (C, n in the scratch). Vectors run over the
+   chunk's 16 tokens (u) wherever they can: no lane sums. */
 static double chunk_head(int U, int64_t Dqk, int64_t Dv, float scale, const float* const* q, const float* const* k,
                          const float* const* v, const double* gi, const double* gf, double m0, float* sc, float* const* h) {
-  int64_t Dk = pad16(Dqk), De = pad16(Dv), K = Dk + LC;
-  float *C = sc, *V = C + Dk * De, *Q = V + LC * De, *KT = Q + LC * Dk, *A = KT + Dk * LC, *H = A + LC * K, *n = H + LC * De;
-  float a[LC] = {0.0f}, W[LC * LC], den[LC];
+  int64_t Dk = pad16(Dqk), De = pad16(Dv);
+  float *C = sc, *V = C + Dk * De, *QT = V + LC * De, *K = QT + Dk * LC, *AT = K + LC * Dk, *H = AT + LC * (Dk + LC);
+  float *n = H + LC * De, a[LC] = {0.0f}, WT[LC * LC], den[LC];
   double mu[LC];
-  memset(V, 0, sizeof(float) * (LC * De + 2 * LC * Dk)); /* V, Q and K^T: zero padding */
+  memset(V, 0, sizeof(float) * (LC * De + 2 * LC * Dk)); /* V, Q^T and K: zero padding */
   for (int u = 0; u < U; ++u) {
-    for (int64_t r = 0; r < Dqk; ++r) Q[u * Dk + r] = q[u][r], KT[r * LC + u] = k[u][r] * scale;
+    for (int64_t r = 0; r < Dqk; ++r) QT[r * LC + u] = q[u][r], K[u * Dk + r] = k[u][r] * scale;
     for (int64_t e = 0; e < Dv; ++e) V[u * De + e] = v[u][e];
   }
-  double m = chunk_gates(U, gi, gf, m0, a, W, mu);
-  for (int u = 0; u < LC; ++u) { /* A = [a_u q_u | W_u o (q_u . k_j)], den_u */
-    v16f s = {0}, qn = {0};
-    const float* qu = Q + u * Dk;
-    for (int64_t r = 0; r < Dk; ++r) s += qu[r] * ld16(KT + r * LC);
-    for (int64_t r = 0; r < Dk; r += 16) qn += ld16(qu + r) * ld16(n + r);
-    s *= ld16(W + u * LC);
-    st16(A + u * K + Dk, s);
-    den[u] = hsum16(s) + a[u] * hsum16(qn);
-    for (int64_t r = 0; r < Dk; ++r) A[u * K + r] = a[u] * qu[r];
+  double m = chunk_gates(U, gi, gf, m0, a, WT, mu);
+  v16f av = ld16(a), qn = {0}, dv = {0};
+  for (int64_t r = 0; r < Dk; ++r) { /* A^T rows 0..Dk: a_u q_u[r]; q_u . n over u */
+    v16f qr = ld16(QT + r * LC);
+    st16(AT + r * LC, av * qr);
+    qn += n[r] * qr;
   }
-  mm_lc(K, De, A, C, H); /* [C ; V] are contiguous: H = A [C ; V] */
-  float aL = a[U - 1], *G = A; /* A is no longer needed: G = K^T diag(W_L) */
-  for (int64_t r = 0; r < Dk; ++r) {
-    float t = 0.0f;
-    for (int j = 0; j < LC; ++j) G[r * LC + j] = KT[r * LC + j] * W[(U - 1) * LC + j], t += G[r * LC + j];
-    n[r] = aL * n[r] + t;
+  for (int j = 0; j < LC; ++j) { /* A^T rows Dk + j: W_uj (q_u . k_j) over u */
+    v16f sj = {0};
+    for (int64_t r = 0; r < Dk; ++r) sj += K[j * Dk + r] * ld16(QT + r * LC);
+    sj *= ld16(WT + j * LC);
+    st16(AT + (Dk + j) * LC, sj);
+    dv += sj;
   }
-  update_lc(Dk, De, aL, G, V, C);
+  st16(den, dv + av * qn);
+  mm_lc(Dk + LC, De, AT, C, H); /* [C ; V] are contiguous: H = A [C ; V] */
+  float aL = a[U - 1], *GT = AT; /* A is no longer needed: G^T = diag(W_L) K */
+  v16f wl = {0};
+  for (int j = 0; j < LC; ++j) wl[j] = WT[j * LC + U - 1];
+  for (int64_t r = 0; r < Dk; ++r) n[r] *= aL;
+  for (int j = 0; j < LC; ++j)
+    for (int64_t r = 0; r < Dk; ++r) GT[j * Dk + r] = wl[j] * K[j * Dk + r], n[r] += GT[j * Dk + r];
+  update_lc(Dk, De, aL, GT, V, C);
   for (int u = 0; u < U; ++u) {
     float lo = -mu[u] < 88.0 ? vexp((float)-mu[u]) : INFINITY, ad = fabsf(den[u]), rn = 1.0f / (ad > lo ? ad : lo);
     for (int64_t e = 0; e < Dv; ++e) h[u][e] = H[u * De + e] * rn;

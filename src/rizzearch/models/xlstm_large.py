@@ -227,7 +227,7 @@ class XLSTMLargeBlock(nn.Module):
         cfg, eps = self.cfg, self.cfg.norm_eps
         xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
         proj = _linear(xn, self.qkvo, packed)  # (B T, 2 qk + 2 v)
-        gates = _linear(xn, self.if_gate, packed)  # (B T, 2 NH)
+        gates = _gate_linear(xn, self.if_gate)  # (B T, 2 NH)
         h, new_state = nat.mlstm_layer(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
         )  # (B T, v)
@@ -241,6 +241,14 @@ def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
     LoRA-wrapped projection) always run as modules: adapters wrap them."""
     if packed and type(lin) is nn.Linear and lin.out_features >= PACKED_MIN_OUT:
         return packed_gemm.linear(x, lin.weight, lin.bias)
+    return lin(x)
+
+
+def _gate_linear(x: Tensor, lin: nn.Module) -> Tensor:
+    """The gate projection (2 NH outputs): a plain ``nn.Linear`` as C dot products (``nat.narrow_linear``),
+    any other module (a LoRA-wrapped projection) as a module."""
+    if type(lin) is nn.Linear:
+        return nat.narrow_linear(x, lin.weight, lin.bias)
     return lin(x)
 
 
