@@ -240,3 +240,14 @@ def test_bad_config_and_state_are_named():
     state["blocks"][1]["n"] = state["blocks"][1]["n"][:, :2]
     with pytest.raises(ShapeError, match=r"state\['blocks'\]\[1\]\['n'\]: expected shape \(2, 4, 8\), got \(2, 2, 8\)"):
         m(torch.randint(0, V, (2, 4)), state)
+
+
+def test_fused_forward_with_a_bfloat16_projection_takes_the_module():
+    """A projection left in bf16 (a partial cast) runs as its module in the fused path, never read as fp32 bits."""
+    m = make(use_bias=True)
+    x = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        m.blocks[0].if_gate.to(torch.bfloat16)
+        m.blocks[1].out_proj.to(torch.bfloat16)
+        with pytest.raises(RuntimeError):  # the module itself refuses fp32 inputs with bf16 weights
+            m(x)

@@ -239,15 +239,20 @@ class XLSTMLargeBlock(nn.Module):
 def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
     """lin(x); a plain ``nn.Linear`` through its packed copy when ``packed``. Other modules (a
     LoRA-wrapped projection) always run as modules: adapters wrap them."""
-    if packed and type(lin) is nn.Linear and lin.out_features >= PACKED_MIN_OUT:
+    if packed and _plain_fp32(lin) and lin.out_features >= PACKED_MIN_OUT:
         return packed_gemm.linear(x, lin.weight, lin.bias)
     return lin(x)
+
+
+def _plain_fp32(lin: nn.Module) -> bool:
+    """A plain ``nn.Linear`` with fp32 weight and bias (what the C and packed products read)."""
+    return type(lin) is nn.Linear and lin.weight.dtype == torch.float32 and (lin.bias is None or lin.bias.dtype == torch.float32)
 
 
 def _gate_linear(x: Tensor, lin: nn.Module) -> Tensor:
     """The gate projection (2 NH outputs): a plain ``nn.Linear`` as C dot products (``nat.narrow_linear``),
     any other module (a LoRA-wrapped projection) as a module."""
-    if type(lin) is nn.Linear:
+    if _plain_fp32(lin):
         return nat.narrow_linear(x, lin.weight, lin.bias)
     return lin(x)
 
@@ -256,7 +261,7 @@ def _add_linear_(x: Tensor, h: Tensor, lin: nn.Module, packed: bool = False) -> 
     """x += lin(h) in place (x is an activation the fused path made itself), the residual add fused
     into the matmul (an in-place addmm, or the packed product with beta 1) for a plain
     ``nn.Linear``; any other module (a LoRA-wrapped projection) through its own forward."""
-    if type(lin) is not nn.Linear:
+    if not _plain_fp32(lin):
         return x.add_(lin(h))
     if packed and lin.out_features >= PACKED_MIN_OUT:
         return packed_gemm.linear(h, lin.weight, lin.bias, out=x)
