@@ -36,13 +36,6 @@ typedef struct {
     int cache_bf16;                              /* KV cache dtype: 0 float32, 1 bfloat16 */
 } LModel;
 
-int llama_threads_available(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 static void rms_norm(const float *x, const float *w, float eps, int n, float *out) {
     float ss = 0.f;

@@ -406,11 +406,3 @@ void xl_mlstm_layer(int64_t B, int64_t T, int64_t NH, int64_t Dqk, int64_t Dv, f
     m_out[bh] = (float)mm;
   }
 }
-
-int xl_threads_available(void) {
-#ifdef _OPENMP
-  return 1;
-#else
-  return 0;
-#endif
-}

@@ -50,14 +50,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
 }
 
 
-int rwkv_threads_available(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* One token for B rows through the whole model.
    st_in: 5 * L pointers (att_x[0..L), num[0..L), den, max, ffn_x), each (B, C) or (B, A), read only.
    out_*: (L, B, C) or (L, B, A), written (must not alias the inputs). logits: (B, V).

@@ -19,13 +19,6 @@
 
 #include "wl_dots.h"
 
-int wl_threads_available(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* Y (M, N) = X (M, K) @ W^T, plus bias (N) when it is not NULL. wtype as above; scale (N) for int8.
    Each thread takes a contiguous share of the outputs, cut at multiples of 16 (cache lines of Y).

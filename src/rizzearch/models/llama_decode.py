@@ -67,8 +67,6 @@ def decode_library():
         lib.llama_step.restype = ctypes.c_int
         lib.llama_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4
         lib.llama_step.argtypes += [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
-        lib.llama_threads_available.restype = ctypes.c_int
-        lib.openmp = bool(lib.llama_threads_available())
         _LIB = lib
     return _LIB or None
 

@@ -126,8 +126,6 @@ def decode_library():
         lib = loaded[0]
         lib.rwkv_step.restype = ctypes.c_int
         lib.rwkv_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 9
-        lib.rwkv_threads_available.restype = ctypes.c_int
-        lib.openmp = bool(lib.rwkv_threads_available())
         _LIB = lib
     return _LIB or None
 

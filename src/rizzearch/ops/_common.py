@@ -116,12 +116,17 @@ def _cpu_model() -> str:
 
 def load_native_kernel(name: str, *, portable: bool = False) -> tuple[ctypes.CDLL, bool] | None:
     """Build (cached, ``-O3 -march=native``, per CPU model) and load ``csrc/<name>``, with OpenMP when
-    the compiler has it: ``(library, openmp)``. With ``portable`` a plain ``-O3`` build is the last
-    resort. None when there is no compiler or no flag set builds (the caller takes its reference form)."""
+    the compiler has it: ``(library, openmp)``, also as ``library.openmp``. With ``portable`` a plain
+    ``-O3`` build is the last resort. None when there is no compiler or no flag set builds (the caller
+    takes its reference form)."""
     base = ["-O3", "-march=native", "-fno-math-errno"]
     sets = [[*base, "-fopenmp"], base] + ([["-O3"]] if portable else [])
     try:
         loaded = load_c_library(name, sets, tag_extra=_cpu_model())
     except (OSError, subprocess.SubprocessError):
         return None
-    return None if loaded is None else (loaded[0], "-fopenmp" in loaded[1])
+    if loaded is None:
+        return None
+    lib, flags = loaded
+    lib.openmp = "-fopenmp" in flags
+    return lib, lib.openmp

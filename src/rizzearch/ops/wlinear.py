@@ -112,8 +112,6 @@ def library():
         lib = loaded[0]
         lib.wl_linear.restype = ctypes.c_int
         lib.wl_linear.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int]
-        lib.wl_threads_available.restype = ctypes.c_int
-        lib.openmp = bool(lib.wl_threads_available())
         _LIB = lib
     return _LIB or None
 
