@@ -49,6 +49,9 @@ static inline float vlog1p(float y) {
   return 2.0f * s * p;
 }
 
+/* logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)): the forget gate in log space, no overflow */
+static inline float vlogsigmoid(float f) { return (f < 0.0f ? f : 0.0f) - vlog1p(vexp(-fabsf(f))); }
+
 /* tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (beyond, tanh is 1 within 3e-8: x is clamped), P and Q of
    degree 4 fitted here to a relative error below 3.6e-7 in float32 arithmetic (tested): one
    division and nine multiply-adds. */
@@ -124,8 +127,7 @@ static inline float vdot(const float* restrict x, const float* restrict y, int64
 static float step_head(int64_t D, int64_t E, float scale, const float* restrict qb, const float* restrict kb,
                        const float* restrict vb, float i, float f, const float* restrict Cb, const float* restrict nb,
                        float m, float* restrict hb, float* restrict Co, float* restrict no) {
-  float logf = f >= 0.0f ? -log1pf(expf(-f)) : f - log1pf(expf(f));  /* logsigmoid */
-  float a = logf + m;                                                  /* -inf for the empty state */
+  float a = vlogsigmoid(f) + m; /* -inf for the empty state */
   float mn = a > i ? a : i;
   float fp = expf(a - mn), ip = expf(i - mn) * scale;
   for (int64_t r = 0; r < D; ++r) no[r] = fp * nb[r] + ip * kb[r];
@@ -293,10 +295,7 @@ static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict GT,
 /* the chunk's gates: a_u, W^T (WT[j][u] = W_uj; zero for j > u and past U), the m_u; returns the last m */
 static double chunk_gates(int U, const double* gi, const double* gf, double m0, float* a, float* WT, double* mu) {
   float lf[LC], arg[LC];
-  for (int u = 0; u < LC; ++u) { /* logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), 16 at once */
-    float f = u < U ? (float)gf[u] : 0.0f;
-    lf[u] = (f < 0.0f ? f : 0.0f) - vlog1p(vexp(-fabsf(f)));
-  }
+  for (int u = 0; u < LC; ++u) lf[u] = vlogsigmoid(u < U ? (float)gf[u] : 0.0f); /* 16 at once */
   double b[LC], m = m0;
   for (int u = 0; u < U; ++u) {
     b[u] = (u ? b[u - 1] : 0.0) + lf[u];
