@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from rizzearch.errors import ConfigError
-from rizzearch.ops.wlinear import optimizer_steps
+from rizzearch.ops.wlinear import weight_key
 
 __all__ = ["available", "packed", "linear", "forget", "PACK_ROWS"]
 
@@ -58,7 +58,7 @@ def available() -> bool:
 
 
 def _key(w: Tensor) -> tuple:
-    return (w.data_ptr(), w._version, optimizer_steps(), tuple(w.shape), w.dtype)
+    return (*weight_key(w), w._version)  # wlinear's key, and in-place edits seen through the version counter
 
 
 def packed(w: Tensor) -> Tensor:

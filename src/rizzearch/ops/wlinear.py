@@ -201,7 +201,8 @@ def optimizer_steps() -> int:
 _ATTR = "_rizz_packed"  # the cache lives on the parameter itself: {fmt: (key, Packed)} (tensors are not hashable keys)
 
 
-def _key(w: Tensor) -> tuple:
+def weight_key(w: Tensor) -> tuple:
+    """What a cached copy of ``w`` depends on: its storage, shape and dtype, and the optimizer steps."""
     return (w.data_ptr(), _steps, tuple(w.shape), w.dtype)
 
 
@@ -220,7 +221,7 @@ def packed_for(w: Tensor, fmt: str | None = None) -> Packed:
     if per is None:
         per = {}
         setattr(w, _ATTR, per)
-    key = _key(w)
+    key = weight_key(w)
     hit = per.get(fmt)
     if hit is None or hit[0] != key:
         per[fmt] = hit = (key, pack(w, fmt))
