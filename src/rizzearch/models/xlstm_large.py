@@ -239,9 +239,14 @@ class XLSTMLargeBlock(nn.Module):
 def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
     """lin(x); a plain ``nn.Linear`` through its packed copy when ``packed``. Other modules (a
     LoRA-wrapped projection) always run as modules: adapters wrap them."""
-    if packed and _plain_fp32(lin) and lin.out_features >= PACKED_MIN_OUT:
+    if packed and _packs(lin):
         return packed_gemm.linear(x, lin.weight, lin.bias)
     return lin(x)
+
+
+def _packs(lin: nn.Module) -> bool:
+    """Whether ``lin`` multiplies through its packed copy when packed matrices are on."""
+    return _plain_fp32(lin) and lin.out_features >= PACKED_MIN_OUT
 
 
 def _plain_fp32(lin: nn.Module) -> bool:
@@ -263,7 +268,7 @@ def _add_linear_(x: Tensor, h: Tensor, lin: nn.Module, packed: bool = False) -> 
     ``nn.Linear``; any other module (a LoRA-wrapped projection) through its own forward."""
     if not _plain_fp32(lin):
         return x.add_(lin(h))
-    if packed and lin.out_features >= PACKED_MIN_OUT:
+    if packed and _packs(lin):
         return packed_gemm.linear(h, lin.weight, lin.bias, out=x)
     if lin.bias is not None:
         x.add_(lin.bias)
@@ -401,7 +406,7 @@ class XLSTMLarge(CausalLM):
         """x (N, d) -> soft-capped logits (N, V). Packed (the head's rows cost no repacking): in
         blocks of ``HEAD_ROWS`` rows, each capped while its logits are still in cache."""
         cap, head = self.config.logit_soft_cap, self.lm_head
-        if not (packed and type(head) is nn.Linear and cap is not None):
+        if not (packed and _packs(head) and cap is not None):
             logits = _linear(x, head, packed)  # (N, V)
             return logits if cap is None else nat.soft_cap_(logits, cap)
         logits = torch.empty(x.shape[0], head.out_features)
