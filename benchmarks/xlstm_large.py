@@ -8,8 +8,9 @@ Two workloads: decoding (one token per call with the state in and out, batch 1; 
 and prefill (one forward over ``--T`` tokens from the empty state; the references' native
 chunkwise kernel), timed cold (each call after the other sides', so its weights come from memory)
 and warm (each call right after an untimed call of itself, as in a loop over prompts). ``ours`` is
-the default model; ``ours_packed`` the same model with ``set_matmul_weights("packed")`` (its
-products on MKL-packed copies of the matrices: as much memory again, opt-in). Target (issue 18): at least 2x faster, or at the memory-bandwidth bound.
+the default model; in prefill, ``ours_packed`` is the same model with ``set_matmul_weights("packed")``
+(its products on MKL-packed copies of the matrices: as much memory again, opt-in; decoding does not
+use them). Target (issue 18): at least 2x faster, or at the memory-bandwidth bound.
 
 The bound for decoding: every weight matrix is read once per token (bytes/token printed), plus
 the recurrent state (read and written). The ``bound`` row times one fp32 matrix-vector product
@@ -78,9 +79,8 @@ def build(shape: str):
     return off, from_official_xlstm_large(off), hf
 
 
-def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int, packed=None) -> dict:
-    """Each function decodes ``calls`` tokens after a prefill done once (state copies per call);
-    ``packed``: our model again with MKL-packed matrix copies (``set_matmul_weights("packed")``)."""
+def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int) -> dict:
+    """Each function decodes ``calls`` tokens after a prefill done once (state copies per call)."""
     with torch.no_grad():
         _, off_state = off(prompt)
         _, our_state = ours(prompt)
@@ -99,16 +99,13 @@ def decode_fns(off, ours, hf, prompt: torch.Tensor, calls: int, packed=None) -> 
         for _ in range(calls):
             hf(tok, cache=cache, use_cache=True)
 
-    fns = {"official": official, "transformers": transformers, "ours": lambda: _steps(ours, our_state, tok, calls)}
-    if packed is not None:
-        fns["ours_packed"] = lambda: _steps(packed, our_state, tok, calls)
-    return fns
+    @torch.no_grad()
+    def ours_fn():
+        st = our_state
+        for _ in range(calls):
+            _, st = ours.step(tok[:, 0], st)
 
-
-@torch.no_grad()
-def _steps(model, state, tok: torch.Tensor, calls: int) -> None:
-    for _ in range(calls):
-        _, state = model.step(tok[:, 0], state)
+    return {"official": official, "transformers": transformers, "ours": ours_fn}
 
 
 def check_same(off, ours, hf, x) -> float:
@@ -159,7 +156,7 @@ def bench_shape(shape: str, a) -> dict:
             assert_close(packed(probe)[0], ours(probe)[0], atol=1e-4, rtol=1e-4, name="packed vs our logits")
     prompt = torch.randint(0, V, (1, 16), generator=g)
     calls = a.calls if shape == "small" else max(1, a.calls // 10)
-    fns = decode_fns(off, ours, hf, prompt, calls, packed)
+    fns = decode_fns(off, ours, hf, prompt, calls)
     probe_w = torch.randn(decode_bytes(ours) // 4 // 1024, 1024)  # as many bytes as a decode step reads
     probe_x = torch.randn(1, 1024)
 
