@@ -178,3 +178,21 @@ def test_narrow_linear_against_f_linear(N, K, G):
     for bias in (None, b):
         want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
         assert_close(nat.narrow_linear(x, w, bias), want, atol=1e-5, rtol=1e-5, name="narrow_linear")
+
+
+@pytest.mark.parametrize("N,D,G,bias", [(256, 256, 8, False), (7, 40, 6, True), (3, 17, 1, True)])
+def test_rms_norm_gates_is_the_norm_then_the_gates(N, D, G, bias, monkeypatch):
+    """One pass over the rows gives the same bits as rms_norm then narrow_linear on its output, for
+    any thread count and for a view of the input."""
+    g = torch.Generator().manual_seed(N + D + G)
+    x, w, gw, gb = torch.randn(N, D, generator=g), torch.randn(D, generator=g), torch.randn(G, D, generator=g), torch.randn(G, generator=g)
+    b = torch.randn(D, generator=g) if bias else None
+    xn = nat.rms_norm(x, w, b, 1e-6)
+    want = (xn, nat.narrow_linear(xn, gw, gb))
+    for got in (nat.rms_norm_gates(x, w, b, 1e-6, gw, gb), nat.rms_norm_gates(x.t().contiguous().t(), w, b, 1e-6, gw, gb)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.setattr(nat, "_threads", lambda n, min_elements=0: 3)
+    got = nat.rms_norm_gates(x, w, b, 1e-6, gw, gb)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    gates_only = nat.rms_norm_gates(x, w, b, 1e-6, gw, None)[1]
+    assert_close(gates_only + gb, want[1], atol=1e-5, rtol=1e-5, name="gates without a bias")

@@ -160,40 +160,57 @@ void mlstm_step_f32(int64_t BH, int64_t D, int64_t E, float scale,
 
 /* ---- the xLSTM-7B layer pieces: row-wise (N rows), each row by one thread */
 
-/* RMSNorm of N rows of width D: out = x / sqrt(mean(x^2) + eps) * w (+ bias; bias may be NULL) */
+/* one row of RMSNorm: out (D) = x / sqrt(mean(x^2) + eps) * w (+ bias; bias may be NULL) */
+static void rms_row(int64_t D, float eps, const float* restrict xb, const float* restrict w, const float* restrict bias,
+                    float* restrict ob) {
+  float r = 1.0f / sqrtf(vdot(xb, xb, D) / (float)D + eps);
+  if (bias)
+    for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j] + bias[j];
+  else
+    for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j];
+}
+
+/* one row of a linear layer with few outputs: out (G) = W (G, K) x (K) (+ b), one 16-lane dot product
+   per output, four outputs at once (four independent sums) */
+static void narrow_row(int64_t K, int64_t G, const float* restrict xr, const float* restrict W, const float* restrict b,
+                       float* restrict out) {
+  int64_t g = 0;
+  for (; g + 4 <= G && K % 16 == 0; g += 4) {
+    v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t k = 0; k < K; k += 16) {
+      v16f xv = ld16(xr + k);
+      a0 += xv * ld16(W + g * K + k), a1 += xv * ld16(W + (g + 1) * K + k);
+      a2 += xv * ld16(W + (g + 2) * K + k), a3 += xv * ld16(W + (g + 3) * K + k);
+    }
+    out[g] = hsum16(a0) + (b ? b[g] : 0.0f), out[g + 1] = hsum16(a1) + (b ? b[g + 1] : 0.0f);
+    out[g + 2] = hsum16(a2) + (b ? b[g + 2] : 0.0f), out[g + 3] = hsum16(a3) + (b ? b[g + 3] : 0.0f);
+  }
+  for (; g < G; ++g) out[g] = vdot(xr, W + g * K, K) + (b ? b[g] : 0.0f);
+}
+
+/* RMSNorm of N rows of width D (rms_row) */
 void xl_rms_norm(int64_t N, int64_t D, float eps, const float* x, const float* w, const float* bias, float* out,
                  int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t b = 0; b < N; ++b) {
-    const float* restrict xb = x + b * D;
-    float* restrict ob = out + b * D;
-    float r = 1.0f / sqrtf(vdot(xb, xb, D) / (float)D + eps);
-    if (bias)
-      for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j] + bias[j];
-    else
-      for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j];
-  }
+  for (int64_t b = 0; b < N; ++b) rms_row(D, eps, x + b * D, w, bias, out + b * D);
 }
 
 /* out (N, G) = x (N, K) W^T (G, K) (+ b): a linear layer with few outputs (the 2 NH gate
-   pre-activations), one 16-lane dot product per output; MKL's GEMM is slow for 8 outputs */
+   pre-activations; MKL's GEMM is slow for 8 outputs) */
 void xl_narrow_linear(int64_t N, int64_t K, int64_t G, const float* x, const float* W, const float* b, float* out,
                       int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t r = 0; r < N; ++r) {
-    const float* xr = x + r * K;
-    int64_t g = 0;
-    for (; g + 4 <= G && K % 16 == 0; g += 4) { /* four outputs at once: four independent sums */
-      v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-      for (int64_t k = 0; k < K; k += 16) {
-        v16f xv = ld16(xr + k);
-        a0 += xv * ld16(W + g * K + k), a1 += xv * ld16(W + (g + 1) * K + k);
-        a2 += xv * ld16(W + (g + 2) * K + k), a3 += xv * ld16(W + (g + 3) * K + k);
-      }
-      out[r * G + g] = hsum16(a0) + (b ? b[g] : 0.0f), out[r * G + g + 1] = hsum16(a1) + (b ? b[g + 1] : 0.0f);
-      out[r * G + g + 2] = hsum16(a2) + (b ? b[g + 2] : 0.0f), out[r * G + g + 3] = hsum16(a3) + (b ? b[g + 3] : 0.0f);
-    }
-    for (; g < G; ++g) out[r * G + g] = vdot(xr, W + g * K, K) + (b ? b[g] : 0.0f);
+  for (int64_t r = 0; r < N; ++r) narrow_row(K, G, x + r * K, W, b, out + r * G);
+}
+
+/* RMSNorm of N rows (out, as xl_rms_norm) and the gate pre-activations of the normed rows (gates
+   (N, G), as xl_narrow_linear on out), each row's gates computed while the row is in cache */
+void xl_rms_norm_gates(int64_t N, int64_t D, int64_t G, float eps, const float* x, const float* w, const float* bias,
+                       const float* Wg, const float* bg, float* out, float* gates, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t b = 0; b < N; ++b) {
+    rms_row(D, eps, x + b * D, w, bias, out + b * D);
+    narrow_row(D, G, out + b * D, Wg, bg, gates + b * G);
   }
 }
 
@@ -320,11 +337,14 @@ static double chunk_head(int U, int64_t Dqk, int64_t Dv, float scale, const floa
   float *C = sc, *V = C + Dk * De, *QT = V + LC * De, *K = QT + Dk * LC, *AT = K + LC * Dk, *H = AT + LC * (Dk + LC);
   float *n = H + LC * De, a[LC] = {0.0f}, WT[LC * LC], den[LC];
   double mu[LC];
-  memset(V, 0, sizeof(float) * (LC * De + 2 * LC * Dk)); /* V, Q^T and K: zero padding */
+  if (U < LC || Dqk < Dk || Dv < De) /* V, Q^T and K have padding: zeros */
+    memset(V, 0, sizeof(float) * (LC * De + 2 * LC * Dk));
   for (int u = 0; u < U; ++u) {
-    for (int64_t r = 0; r < Dqk; ++r) QT[r * LC + u] = q[u][r], K[u * Dk + r] = k[u][r] * scale;
-    for (int64_t e = 0; e < Dv; ++e) V[u * De + e] = v[u][e];
+    for (int64_t r = 0; r < Dqk; ++r) K[u * Dk + r] = k[u][r] * scale;
+    memcpy(V + u * De, v[u], sizeof(float) * Dv);
   }
+  for (int64_t r = 0; r < Dqk; ++r)
+    for (int u = 0; u < U; ++u) QT[r * LC + u] = q[u][r];
   double m = chunk_gates(U, gi, gf, m0, a, WT, mu);
   v16f av = ld16(a), qn = {0}, dv = {0};
   for (int64_t r = 0; r < Dk; ++r) { /* A^T rows 0..Dk: a_u q_u[r]; q_u . n over u */

@@ -225,15 +225,24 @@ class XLSTMLargeBlock(nn.Module):
         x is updated in place (the residual stream of ``_fused``); ``packed``: plain ``nn.Linear``
         products against their MKL-packed copies (``ops/packed_gemm.py``)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
-        xn = nat.rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps)
+        xn, gates = self._norm_gates(x)  # (B T, d), (B T, 2 NH)
         proj = _linear(xn, self.qkvo, packed)  # (B T, 2 qk + 2 v)
-        gates = _gate_linear(xn, self.if_gate)  # (B T, 2 NH)
         h, new_state = nat.mlstm_layer(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
         )  # (B T, v)
         x = _add_linear_(x, h, self.out_proj, packed)
         gu = _linear(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps), self.ffn_up, packed)  # (B T, 2 ffn)
         return _add_linear_(x, nat.swiglu(gu), self.ffn_down, packed), new_state
+
+    def _norm_gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, d) -> the normed rows (N, d) and the gate pre-activations (N, 2 NH): a plain
+        ``nn.Linear`` gate projection as C dot products in the norm's pass over the rows (MKL's GEMM
+        is ~4x slower for 8 outputs), any other module (a LoRA-wrapped projection) as a module."""
+        norm = (x, self.norm_mlstm, self.norm_mlstm_bias, self.cfg.norm_eps)
+        if _plain_fp32(self.if_gate):
+            return nat.rms_norm_gates(*norm, self.if_gate.weight, self.if_gate.bias)
+        xn = nat.rms_norm(*norm)
+        return xn, self.if_gate(xn)
 
 
 def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
@@ -252,14 +261,6 @@ def _packs(lin: nn.Module) -> bool:
 def _plain_fp32(lin: nn.Module) -> bool:
     """A plain ``nn.Linear`` with fp32 weight and bias (what the C and packed products read)."""
     return type(lin) is nn.Linear and lin.weight.dtype == torch.float32 and (lin.bias is None or lin.bias.dtype == torch.float32)
-
-
-def _gate_linear(x: Tensor, lin: nn.Module) -> Tensor:
-    """The gate projection (2 NH outputs): a plain ``nn.Linear`` as C dot products (``nat.narrow_linear``),
-    any other module (a LoRA-wrapped projection) as a module."""
-    if _plain_fp32(lin):
-        return nat.narrow_linear(x, lin.weight, lin.bias)
-    return lin(x)
 
 
 def _add_linear_(x: Tensor, h: Tensor, lin: nn.Module, packed: bool = False) -> Tensor:

@@ -6,7 +6,9 @@ paper eqs. 19-21 or its chunkwise form, the per-head LayerNorm, the output gate)
 that is per-op overhead, not arithmetic. Here each piece is one call into C that reads its inputs
 once and writes fresh outputs (the caller's state is never modified):
 
-- ``rms_norm(x, w, b, eps)``: RMSNorm of (N, D) rows.
+- ``rms_norm(x, w, b, eps)``: RMSNorm of (N, D) rows; ``rms_norm_gates(x, w, b, eps, gw, gb)``
+  also the gate pre-activations of the normed rows (``narrow_linear``), each row's while it is in
+  cache.
 - ``mlstm_layer(proj, gates, state, ..., T, mask)``: soft-capped gates, the mLSTM (paper eqs.
   19-21) per (row, head), the per-head LayerNorm and ``sigmoid(o) *``: (B T, 2 qk + 2 v)
   projections -> (B T, v) and the state after the last token. One token is the stabilised step on
@@ -35,7 +37,7 @@ from rizzearch.ops import backends
 from rizzearch.ops._common import load_native_kernel
 from rizzearch.ops.wlinear import threads_for
 
-__all__ = ["decode_lib", "rms_norm", "mlstm_layer", "swiglu", "soft_cap_", "narrow_linear", "PAD_IGATE", "PAD_FGATE"]
+__all__ = ["decode_lib", "rms_norm", "rms_norm_gates", "mlstm_layer", "swiglu", "soft_cap_", "narrow_linear", "PAD_IGATE", "PAD_FGATE"]
 
 # A padded token's gates (after the cap): a closed input gate (exp(-1e4 - m) is exactly 0 in fp32)
 # and an open forget gate (logsigmoid(1e4) = 0): the state passes through unchanged.
@@ -48,6 +50,7 @@ _SIGNATURES = {
     "xl_mlstm_layer": [_I] * 5 + [_F] * 4 + [_P] * 13 + [_T],
     "xl_swiglu": [_I, _I, _P, _P, _T],
     "xl_narrow_linear": [_I, _I, _I, _P, _P, _P, _P, _T],
+    "xl_rms_norm_gates": [_I, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _T],
     "xl_soft_cap": [_I, _I, _F, _P, _T],
     "mlstm_step_f32": [_I] * 3 + [_F] + [_P] * 12,  # the op mlstm_step's fast form (``ops.mlstm``)
 }
@@ -93,6 +96,19 @@ def rms_norm(x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
     out = torch.empty_like(x)
     _lib.xl_rms_norm(x.shape[0], x.shape[1], eps, x.data_ptr(), w.data_ptr(), _ptr(b), out.data_ptr(), _threads(x.numel(), 32_768))
     return out
+
+
+def rms_norm_gates(x: Tensor, w: Tensor, b: Tensor | None, eps: float, gw: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x (N, D) -> ``rms_norm(x, w, b, eps)`` (N, D) and ``narrow_linear`` of it by ``gw`` (G, D) (+ ``gb``)
+    (N, G): the same values as the two calls, in one pass over the rows."""
+    x, gw = x.contiguous(), gw.contiguous()
+    N, D = x.shape
+    out, gates = torch.empty_like(x), torch.empty(N, gw.shape[0])
+    _lib.xl_rms_norm_gates(
+        N, D, gw.shape[0], eps, x.data_ptr(), w.data_ptr(), _ptr(b), gw.data_ptr(), _ptr(gb), out.data_ptr(), gates.data_ptr(),
+        _threads(x.numel(), 32_768),
+    )
+    return out, gates
 
 
 def mlstm_layer(proj: Tensor, gates: Tensor, state: dict, head_w: Tensor, head_b: Tensor | None,
