@@ -18,8 +18,10 @@ the recurrent state (read and written). The ``bound`` row times one fp32 matrix-
 loop (so under the same machine load); its bytes / time is the measured read bandwidth. The bound
 for prefill is compute: the ``floor`` row runs only the model's projections (every ``nn.Linear``
 of ours on ``T`` rows), the GEMMs all three implementations share; a prefill cannot be 2x faster
-than a reference that spends less than half its time outside them. Every comparison first checks
-that the three sides compute the same logits.
+than a reference that spends less than half its time outside them. ``floor_packed`` is the same
+products through the packed copies ``ours_packed`` uses (its own floor); the summary says how much
+time 2x the official speed leaves beside it for the mLSTM cells, norms, SwiGLU and cap. Every
+comparison first checks that the three sides compute the same logits.
 
     python benchmarks/xlstm_large.py [--repeats 5] [--T 256] [--threads 1,2] [--skip_7b]
 """
@@ -43,6 +45,7 @@ from common import emit_json, interleaved, load_average, print_header, print_tab
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from rizzearch.models.convert import from_official_xlstm_large  # noqa: E402
+from rizzearch.models.xlstm_large import PACKED_MIN_OUT  # noqa: E402
 from rizzearch.ops import backends, packed_gemm  # noqa: E402
 from rizzearch.testing import assert_close  # noqa: E402
 
@@ -126,17 +129,20 @@ def decode_bytes(ours) -> int:
     return 4 * (weights + 2 * state)
 
 
-def prefill_floor(ours, T: int):
+def prefill_floor(ours, T: int, packed: bool = False):
     """The matmul floor of a prefill: every projection of the model (our weights, fp32) applied to
     ``T`` rows, and nothing else; the three models run exactly these GEMMs plus their mLSTM cells
-    and elementwise ops."""
+    and elementwise ops. ``packed``: the products ``ours_packed`` runs on packed copies (the
+    projections with at least ``PACKED_MIN_OUT`` outputs) through them, its own floor."""
     lins = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
     xs = {n: torch.randn(T, n) for n in {lin.in_features for lin in lins}}
+    on_packed = [packed and lin.out_features >= PACKED_MIN_OUT for lin in lins]
 
     @torch.no_grad()
     def floor():
-        for lin in lins:
-            torch.nn.functional.linear(xs[lin.in_features], lin.weight, lin.bias)
+        for lin, p in zip(lins, on_packed):
+            f = packed_gemm.linear if p else torch.nn.functional.linear
+            f(xs[lin.in_features], lin.weight, lin.bias)
 
     return floor
 
@@ -177,6 +183,7 @@ def bench_shape(shape: str, a) -> dict:
            "floor": prefill_floor(ours, a.T)}
     if packed is not None:
         fns["ours_packed"] = lambda: packed(x)
+        fns["floor_packed"] = prefill_floor(packed, a.T, packed=True)
     repeats = a.repeats if shape == "small" else max(2, a.repeats // 2)
     with torch.no_grad():  # cold: each call after the others (their weights in cache); warm: after itself
         pre = interleaved(fns, repeats=repeats, warmup=1)
@@ -197,6 +204,11 @@ def summarise(shape: str, r: dict, threads: int) -> tuple[dict, list[dict]]:
     for work in ("prefill", "prefill_warm"):
         res[f"{work}_floor_ms"] = statistics.median(r[work]["floor"]) * 1e3
         res[f"{work}_time_over_floor"] = statistics.median(r[work]["ours"]) / statistics.median(r[work]["floor"])
+        if "floor_packed" in r[work]:  # the packed path against its own floor; what 2x official leaves beside it
+            fp = statistics.median(r[work]["floor_packed"])
+            res[f"{work}_packed_floor_ms"] = fp * 1e3
+            res[f"{work}_packed_time_over_floor"] = statistics.median(r[work]["ours_packed"]) / fp
+            res[f"{work}_half_official_minus_packed_floor_ms"] = (statistics.median(r[work]["official"]) / 2 - fp) * 1e3
     rows = []
     for work in ("decode", "prefill", "prefill_warm"):
         ts = r[work]
@@ -241,7 +253,9 @@ def main() -> None:
                   f"{res[f'{work}_speedup_vs_official']:.2f}x official, {res[f'{work}_speedup_vs_transformers']:.2f}x transformers")
             if f"{work}_packed_speedup_vs_official" in res:
                 print(f"  {key}: {work} with packed matrices: {res[f'{work}_packed_speedup_vs_official']:.2f}x official, "
-                      f"{res[f'{work}_packed_speedup_vs_transformers']:.2f}x transformers")
+                      f"{res[f'{work}_packed_speedup_vs_transformers']:.2f}x transformers; floor with packed matrices "
+                      f"{res[f'{work}_packed_floor_ms']:.1f} ms, ours_packed at {res[f'{work}_packed_time_over_floor']:.2f}x it; "
+                      f"2x official leaves {res[f'{work}_half_official_minus_packed_floor_ms']:.2f} ms beside it for everything else")
     load_end = load_average()
     print(f"  load average (1 min) at end: {load_end}")
     emit_json({
