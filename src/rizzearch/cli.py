@@ -73,11 +73,17 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 # command -> parameters that may also be given positionally, in order, anywhere among the options
-# (``rizz rag ask "QUESTION" --k 6``, ``rizz reproduce rwkv``, ``rizz bench rwkv xlstm``). Each keeps
-# its ``--name`` form (and its YAML key); a list-typed last one takes every remaining value.
+# (``rizz rag ask "QUESTION" --k 6``, ``rizz reproduce rwkv``, ``rizz bench rwkv xlstm``, ``rizz
+# generate RUN --prompt ...``). Each keeps its ``--name`` form (and its YAML key); a list-typed last
+# one takes every remaining value.
 POSITIONALS: dict[str, tuple[str, ...]] = {
     "rag ask": ("question",),
     "import": ("source",),
+    "generate": ("checkpoint",),
+    "chat": ("checkpoint",),
+    "eval": ("checkpoint",),
+    "export": ("checkpoint",),
+    "memorization": ("checkpoint",),
     "reproduce": ("study",),
     "bench": ("names",),
 }

@@ -197,6 +197,19 @@ def test_bench_names_are_positional_anywhere_or_an_option(args, names):
     assert cfg.names == names and cfg.timeout_s == 5
 
 
+@pytest.mark.parametrize("command, extra", [
+    ("generate", ["--prompt", "Hi"]), ("chat", ["--system", "Be brief."]), ("eval", ["--seq_len", "64"]),
+    ("export", ["--out", "hf"]), ("memorization", ["--out", "m"]),
+])
+def test_the_model_is_positional_anywhere_or_an_option(command, extra):
+    """``rizz generate RUN --prompt ...`` (and eval, export, chat, memorization) read RUN as --checkpoint,
+    before or after the options; the option form is unchanged."""
+    for args in (["runs/x", *extra], [*extra, "runs/x"], ["--checkpoint", "runs/x", *extra]):
+        _, _, cfg = parse_command(command, args)
+        assert cfg.checkpoint == "runs/x"
+        assert str(getattr(cfg, extra[0][2:])) == extra[1]
+
+
 def test_positionals_keep_yaml_values_and_reject_extra_values(tmp_path, capsys):
     cfg_file = tmp_path / "b.yaml"
     cfg_file.write_text("names: [rwkv]\ntimeout_s: 7\n")
