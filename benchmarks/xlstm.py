@@ -13,6 +13,10 @@ Targets (issue 3), measured in this process, interleaved, median of several runs
   NH=4, head dim 64 (d=256), T=1024: at least 3x. Ours is the ``mixer`` of an sLSTM block (conv,
   gates, cell, group norm) loaded with the same weights.
 
+The xLSTM-7B architecture as a whole model (issue 18: decode and prefill against the official
+``xLSTMLarge`` and transformers' ``xLSTMForCausalLM``, small config and one 7B block) is
+``benchmarks/xlstm_large.py`` (``rizz bench xlstm_large``).
+
 Every comparison first checks that both sides compute the same numbers (our reference form is
 also timed, for context). With a CUDA device every op also runs there and is checked against the
 CPU reference (and timed against the official mLSTM kernels on the same device).
