@@ -63,61 +63,31 @@ static inline float vtanh(float x) {
   return x * p / q;
 }
 
-/* 16 floats as one vector (the GCC/Clang vector extension): one AVX-512 register, or split by the
-   compiler on narrower machines; loads and stores go through memcpy (no alignment needed). The
-   helpers are static, so the vector-ABI note GCC gives without AVX-512 does not apply. */
+/* 16-wide float vectors (vf, vload, vstore) and their lane sum (vsum: a fixed order, the same bits for
+   the same input) from the header the decode kernels share; the vector-ABI note GCC gives without
+   AVX-512 does not apply to these static helpers. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-typedef float v16f __attribute__((vector_size(64)));
-
-static inline v16f ld16(const float* p) {
-  v16f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-/* the 16 lanes summed as a tree, halves first (a fixed order: the same bits for the same input);
-   lanes by shuffles, not through memory (a vector whose address is taken lives on the stack) */
-static inline float hsum16(v16f v) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-#else
-  v8f a, b;
-  memcpy(&a, &v, sizeof a);
-  memcpy(&b, (const char*)&v + sizeof a, sizeof b);
-  a += b;
-  v4f c, d;
-  memcpy(&c, &a, sizeof c);
-  memcpy(&d, (const char*)&a + sizeof c, sizeof d);
-  c += d;
-#endif
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
+#include "wl_dots.h"
 
 /* sum of x[0:n] in 16 lanes, then the lanes */
-static inline float vsum(const float* restrict x, int64_t n) {
-  v16f acc = {0};
+static inline float asum(const float* restrict x, int64_t n) {
+  vf acc = {0};
   float s = 0.0f;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) acc += ld16(x + j);
+  for (; j + 16 <= n; j += 16) acc += vload(x + j);
   for (; j < n; ++j) s += x[j];
-  return hsum16(acc) + s;
+  return vsum(acc) + s;
 }
 
 static inline float vdot(const float* restrict x, const float* restrict y, int64_t n) {
-  v16f acc = {0};
+  vf acc = {0};
   float s = 0.0f;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) acc += ld16(x + j) * ld16(y + j);
+  for (; j + 16 <= n; j += 16) acc += vload(x + j) * vload(y + j);
   for (; j < n; ++j) s += x[j] * y[j];
-  return hsum16(acc) + s;
+  return vsum(acc) + s;
 }
 
 /* ---- the mLSTM step (paper eqs. 19-21, stabilised) */
@@ -176,14 +146,14 @@ static void narrow_row(int64_t K, int64_t G, const float* restrict xr, const flo
                        float* restrict out) {
   int64_t g = 0;
   for (; g + 4 <= G && K % 16 == 0; g += 4) {
-    v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     for (int64_t k = 0; k < K; k += 16) {
-      v16f xv = ld16(xr + k);
-      a0 += xv * ld16(W + g * K + k), a1 += xv * ld16(W + (g + 1) * K + k);
-      a2 += xv * ld16(W + (g + 2) * K + k), a3 += xv * ld16(W + (g + 3) * K + k);
+      vf xv = vload(xr + k);
+      a0 += xv * vload(W + g * K + k), a1 += xv * vload(W + (g + 1) * K + k);
+      a2 += xv * vload(W + (g + 2) * K + k), a3 += xv * vload(W + (g + 3) * K + k);
     }
-    out[g] = hsum16(a0) + (b ? b[g] : 0.0f), out[g + 1] = hsum16(a1) + (b ? b[g + 1] : 0.0f);
-    out[g + 2] = hsum16(a2) + (b ? b[g + 2] : 0.0f), out[g + 3] = hsum16(a3) + (b ? b[g + 3] : 0.0f);
+    out[g] = vsum(a0) + (b ? b[g] : 0.0f), out[g + 1] = vsum(a1) + (b ? b[g + 1] : 0.0f);
+    out[g + 2] = vsum(a2) + (b ? b[g + 2] : 0.0f), out[g + 3] = vsum(a3) + (b ? b[g + 3] : 0.0f);
   }
   for (; g < G; ++g) out[g] = vdot(xr, W + g * K, K) + (b ? b[g] : 0.0f);
 }
@@ -240,15 +210,15 @@ static float cap_of(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / ca
    output gate of the xLSTM-7B layer */
 static void head_norm_gate(int64_t E, float eps, float* restrict h, const float* restrict w, const float* restrict b,
                            const float* restrict o) {
-  float mean = vsum(h, E) / (float)E, var = 0.0f;
-  v16f acc = {0};
+  float mean = asum(h, E) / (float)E, var = 0.0f;
+  vf acc = {0};
   int64_t e = 0;
   for (; e + 16 <= E; e += 16) {
-    v16f d = ld16(h + e) - mean;
+    vf d = vload(h + e) - mean;
     acc += d * d;
   }
   for (; e < E; ++e) var += (h[e] - mean) * (h[e] - mean);
-  var += hsum16(acc);
+  var += vsum(acc);
   float r = 1.0f / sqrtf(var / (float)E + eps);
   if (b)
     for (e = 0; e < E; ++e) h[e] = ((h[e] - mean) * r * w[e] + b[e]) * vsigmoid(o[e]);
@@ -283,13 +253,13 @@ int64_t xl_mlstm_scratch(int64_t Dqk, int64_t Dv) {
    the 16 multipliers of a step are consecutive (AT's row), so one base address serves them all */
 static void mm_lc(int64_t K, int64_t De, const float* restrict AT, const float* restrict X, float* restrict Y) {
   for (int64_t eb = 0; eb < De; eb += 16) {
-    v16f acc[LC] = {0};
+    vf acc[LC] = {0};
     for (int64_t kk = 0; kk < K; ++kk) {
-      v16f x = ld16(X + kk * De + eb);
+      vf x = vload(X + kk * De + eb);
       const float* restrict ak = AT + kk * LC;
       for (int u = 0; u < LC; ++u) acc[u] += ak[u] * x;
     }
-    for (int u = 0; u < LC; ++u) st16(Y + u * De + eb, acc[u]);
+    for (int u = 0; u < LC; ++u) vstore(Y + u * De + eb, acc[u]);
   }
 }
 
@@ -298,14 +268,14 @@ static void mm_lc(int64_t K, int64_t De, const float* restrict AT, const float* 
 static void update_lc(int64_t Dk, int64_t De, float a, const float* restrict GT, const float* restrict V, float* restrict C) {
   for (int64_t rb = 0; rb < Dk; rb += 16)
     for (int64_t eb = 0; eb < De; eb += 16) {
-      v16f acc[16];
-      for (int rr = 0; rr < 16; ++rr) acc[rr] = a * ld16(C + (rb + rr) * De + eb);
+      vf acc[16];
+      for (int rr = 0; rr < 16; ++rr) acc[rr] = a * vload(C + (rb + rr) * De + eb);
       for (int j = 0; j < LC; ++j) {
-        v16f x = ld16(V + j * De + eb);
+        vf x = vload(V + j * De + eb);
         const float* restrict g = GT + j * Dk + rb;
         for (int rr = 0; rr < 16; ++rr) acc[rr] += g[rr] * x;
       }
-      for (int rr = 0; rr < 16; ++rr) st16(C + (rb + rr) * De + eb, acc[rr]);
+      for (int rr = 0; rr < 16; ++rr) vstore(C + (rb + rr) * De + eb, acc[rr]);
     }
 }
 
@@ -346,23 +316,23 @@ static double chunk_head(int U, int64_t Dqk, int64_t Dv, float scale, const floa
   for (int64_t r = 0; r < Dqk; ++r)
     for (int u = 0; u < U; ++u) QT[r * LC + u] = q[u][r];
   double m = chunk_gates(U, gi, gf, m0, a, WT, mu);
-  v16f av = ld16(a), qn = {0}, dv = {0};
+  vf av = vload(a), qn = {0}, dv = {0};
   for (int64_t r = 0; r < Dk; ++r) { /* A^T rows 0..Dk: a_u q_u[r]; q_u . n over u */
-    v16f qr = ld16(QT + r * LC);
-    st16(AT + r * LC, av * qr);
+    vf qr = vload(QT + r * LC);
+    vstore(AT + r * LC, av * qr);
     qn += n[r] * qr;
   }
   for (int j = 0; j < LC; ++j) { /* A^T rows Dk + j: W_uj (q_u . k_j) over u */
-    v16f sj = {0};
-    for (int64_t r = 0; r < Dk; ++r) sj += K[j * Dk + r] * ld16(QT + r * LC);
-    sj *= ld16(WT + j * LC);
-    st16(AT + (Dk + j) * LC, sj);
+    vf sj = {0};
+    for (int64_t r = 0; r < Dk; ++r) sj += K[j * Dk + r] * vload(QT + r * LC);
+    sj *= vload(WT + j * LC);
+    vstore(AT + (Dk + j) * LC, sj);
     dv += sj;
   }
-  st16(den, dv + av * qn);
+  vstore(den, dv + av * qn);
   mm_lc(Dk + LC, De, AT, C, H); /* [C ; V] are contiguous: H = A [C ; V] */
   float aL = a[U - 1], *GT = AT; /* A is no longer needed: G^T = diag(W_L) K */
-  v16f wl = {0};
+  vf wl = {0};
   for (int j = 0; j < LC; ++j) wl[j] = WT[j * LC + U - 1];
   for (int64_t r = 0; r < Dk; ++r) n[r] *= aL;
   for (int j = 0; j < LC; ++j)

@@ -1,5 +1,5 @@
-/* Shared by csrc/wlinear.c, csrc/rwkv_decode.c and csrc/llama_decode.c (copied beside each source
-   when it is built): 16-wide float vectors, the weight-only matrix products dots_{f32,bf16,i8} /
+/* Shared by csrc/wlinear.c, csrc/rwkv_decode.c, csrc/llama_decode.c and csrc/mlstm_step.c (copied
+   beside each source when it is built): 16-wide float vectors, the weight-only matrix products dots_{f32,bf16,i8} /
    dots() of one weight format each (0 fp32, 1 bf16, 2 int8 with per-row scales), tested against the
    reference forms in ops/wlinear.py, models/rwkv_decode.py and the Llama modules, and the threads'
    split of the outputs (share, THREAD_IDS). Needs <stdint.h>, <stddef.h>, <string.h>. */
@@ -12,6 +12,7 @@ typedef uint32_t vu __attribute__((vector_size(64)));
 typedef int8_t vb __attribute__((vector_size(16)));    /* 16 int8 */
 
 static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* The sum of the 16 lanes, folded in halves (t[l] + t[l + 8], then + 4, then (t0 + t2) + (t1 + t3)):
    the same additions in the same order with or without AVX-512, so the results are the same bits. */
@@ -23,6 +24,14 @@ static inline float vsum(vf v) {
     const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+#elif defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float vsum(vf v) { /* lanes by shuffles, not through memory (an address-taken vector lives on the stack) */
+    const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 #else
 static inline float vsum(vf v) {
