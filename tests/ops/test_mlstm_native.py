@@ -170,29 +170,20 @@ def test_views_are_read_as_their_values():
     assert_close(nat.soft_cap_(x.t() * 40, 30.0), nat.soft_cap_((x.t() * 40).contiguous(), 30.0), atol=1e-5, rtol=1e-5, name="cap of a view")
 
 
-@pytest.mark.parametrize("N,K,G", [(256, 256, 8), (5, 40, 6), (3, 17, 1), (33, 64, 13)])
-def test_narrow_linear_against_f_linear(N, K, G):
-    """The gate projection's dot products (groups of four outputs, then the rest; K not a multiple of 16 included)."""
-    g = torch.Generator().manual_seed(N + K + G)
-    x, w, b = torch.randn(N, K, generator=g), torch.randn(G, K, generator=g), torch.randn(G, generator=g)
-    for bias in (None, b):
-        want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-        assert_close(nat.narrow_linear(x, w, bias), want, atol=1e-5, rtol=1e-5, name="narrow_linear")
-
-
-@pytest.mark.parametrize("N,D,G,bias", [(256, 256, 8, False), (7, 40, 6, True), (3, 17, 1, True)])
+@pytest.mark.parametrize("N,D,G,bias", [(256, 256, 8, False), (7, 40, 6, True), (3, 17, 1, True), (33, 64, 13, False)])
 def test_rms_norm_gates_is_the_norm_then_the_gates(N, D, G, bias, monkeypatch):
-    """One pass over the rows gives the same bits as rms_norm then narrow_linear on its output, for
-    any thread count and for a view of the input."""
+    """One pass over the rows: the normed rows are rms_norm's bits and the gates equal F.linear of them
+    (groups of four outputs, then the rest; D not a multiple of 16 included), for any thread count
+    and for a view of the input (the same bits)."""
     g = torch.Generator().manual_seed(N + D + G)
     x, w, gw, gb = torch.randn(N, D, generator=g), torch.randn(D, generator=g), torch.randn(G, D, generator=g), torch.randn(G, generator=g)
     b = torch.randn(D, generator=g) if bias else None
-    xn = nat.rms_norm(x, w, b, 1e-6)
-    want = (xn, nat.narrow_linear(xn, gw, gb))
-    for got in (nat.rms_norm_gates(x, w, b, 1e-6, gw, gb), nat.rms_norm_gates(x.t().contiguous().t(), w, b, 1e-6, gw, gb)):
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    xn, gates = nat.rms_norm_gates(x, w, b, 1e-6, gw, gb)
+    assert torch.equal(xn, nat.rms_norm(x, w, b, 1e-6))
+    for gate_bias in (None, gb):
+        want = F.linear(xn.double(), gw.double(), None if gate_bias is None else gate_bias.double())
+        assert_close(nat.rms_norm_gates(x, w, b, 1e-6, gw, gate_bias)[1], want, atol=1e-5, rtol=1e-5, name="gates")
+    view = nat.rms_norm_gates(x.t().contiguous().t(), w, b, 1e-6, gw, gb)
     monkeypatch.setattr(nat, "_threads", lambda n, min_elements=0: 3)
-    got = nat.rms_norm_gates(x, w, b, 1e-6, gw, gb)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    gates_only = nat.rms_norm_gates(x, w, b, 1e-6, gw, None)[1]
-    assert_close(gates_only + gb, want[1], atol=1e-5, rtol=1e-5, name="gates without a bias")
+    for got in (view, nat.rms_norm_gates(x, w, b, 1e-6, gw, gb)):
+        assert torch.equal(got[0], xn) and torch.equal(got[1], gates)

@@ -140,24 +140,6 @@ static void rms_row(int64_t D, float eps, const float* restrict xb, const float*
     for (int64_t j = 0; j < D; ++j) ob[j] = xb[j] * r * w[j];
 }
 
-/* one row of a linear layer with few outputs: out (G) = W (G, K) x (K) (+ b), one 16-lane dot product
-   per output, four outputs at once (four independent sums) */
-static void narrow_row(int64_t K, int64_t G, const float* restrict xr, const float* restrict W, const float* restrict b,
-                       float* restrict out) {
-  int64_t g = 0;
-  for (; g + 4 <= G && K % 16 == 0; g += 4) {
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t k = 0; k < K; k += 16) {
-      vf xv = vload(xr + k);
-      a0 += xv * vload(W + g * K + k), a1 += xv * vload(W + (g + 1) * K + k);
-      a2 += xv * vload(W + (g + 2) * K + k), a3 += xv * vload(W + (g + 3) * K + k);
-    }
-    out[g] = vsum(a0) + (b ? b[g] : 0.0f), out[g + 1] = vsum(a1) + (b ? b[g + 1] : 0.0f);
-    out[g + 2] = vsum(a2) + (b ? b[g + 2] : 0.0f), out[g + 3] = vsum(a3) + (b ? b[g + 3] : 0.0f);
-  }
-  for (; g < G; ++g) out[g] = vdot(xr, W + g * K, K) + (b ? b[g] : 0.0f);
-}
-
 /* RMSNorm of N rows of width D (rms_row) */
 void xl_rms_norm(int64_t N, int64_t D, float eps, const float* x, const float* w, const float* bias, float* out,
                  int threads) {
@@ -165,22 +147,16 @@ void xl_rms_norm(int64_t N, int64_t D, float eps, const float* x, const float* w
   for (int64_t b = 0; b < N; ++b) rms_row(D, eps, x + b * D, w, bias, out + b * D);
 }
 
-/* out (N, G) = x (N, K) W^T (G, K) (+ b): a linear layer with few outputs (the 2 NH gate
-   pre-activations; MKL's GEMM is slow for 8 outputs) */
-void xl_narrow_linear(int64_t N, int64_t K, int64_t G, const float* x, const float* W, const float* b, float* out,
-                      int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t r = 0; r < N; ++r) narrow_row(K, G, x + r * K, W, b, out + r * G);
-}
-
-/* RMSNorm of N rows (out, as xl_rms_norm) and the gate pre-activations of the normed rows (gates
-   (N, G), as xl_narrow_linear on out), each row's gates computed while the row is in cache */
+/* RMSNorm of N rows (out, as xl_rms_norm) and the gate pre-activations of the normed rows: gates (N, G)
+   = out Wg^T (G, D) (+ bg), each row's computed while the row is in cache (wl_dots.h's products, four
+   gate rows at a time; MKL's GEMM is slow for the 2 NH = 8 outputs) */
 void xl_rms_norm_gates(int64_t N, int64_t D, int64_t G, float eps, const float* x, const float* w, const float* bias,
                        const float* Wg, const float* bg, float* out, float* gates, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t b = 0; b < N; ++b) {
     rms_row(D, eps, x + b * D, w, bias, out + b * D);
-    narrow_row(D, G, out + b * D, Wg, bg, gates + b * G);
+    dots_f32(Wg, NULL, (int)D, out + b * D, 1, 0, (int)G, gates + b * G, (int)G);
+    for (int64_t g = 0; bg && g < G; ++g) gates[b * G + g] += bg[g];
   }
 }
 

@@ -7,8 +7,8 @@ that is per-op overhead, not arithmetic. Here each piece is one call into C that
 once and writes fresh outputs (the caller's state is never modified):
 
 - ``rms_norm(x, w, b, eps)``: RMSNorm of (N, D) rows; ``rms_norm_gates(x, w, b, eps, gw, gb)``
-  also the gate pre-activations of the normed rows (``narrow_linear``), each row's while it is in
-  cache.
+  also the gate pre-activations of the normed rows (a linear layer with few outputs: the 2 NH gates),
+  each row's while it is in cache.
 - ``mlstm_layer(proj, gates, state, ..., T, mask)``: soft-capped gates, the mLSTM (paper eqs.
   19-21) per (row, head), the per-head LayerNorm and ``sigmoid(o) *``: (B T, 2 qk + 2 v)
   projections -> (B T, v) and the state after the last token. One token is the stabilised step on
@@ -16,7 +16,6 @@ once and writes fresh outputs (the caller's state is never modified):
   register blocks (the state is rounded once a chunk: the fp32 recurrent form, rounded every
   token, was 4x less accurate on ill-conditioned heads).
 - ``swiglu(gu)``: ``silu(gate) * up`` of a (N, 2F) ``[gate | up]`` projection.
-- ``narrow_linear(x, w, b)``: a linear layer with few outputs (the 2 NH gate pre-activations).
 - ``soft_cap_(x, cap)``: ``cap tanh(x / cap)`` in place.
 
 Inference only: float32, contiguous, CPU tensors, no gradient. ``decode_lib()`` is None when no C
@@ -37,7 +36,7 @@ from rizzearch.ops import backends
 from rizzearch.ops._common import load_native_kernel
 from rizzearch.ops.wlinear import threads_for
 
-__all__ = ["decode_lib", "rms_norm", "rms_norm_gates", "mlstm_layer", "swiglu", "soft_cap_", "narrow_linear", "PAD_IGATE", "PAD_FGATE"]
+__all__ = ["decode_lib", "rms_norm", "rms_norm_gates", "mlstm_layer", "swiglu", "soft_cap_", "PAD_IGATE", "PAD_FGATE"]
 
 # A padded token's gates (after the cap): a closed input gate (exp(-1e4 - m) is exactly 0 in fp32)
 # and an open forget gate (logsigmoid(1e4) = 0): the state passes through unchanged.
@@ -49,7 +48,6 @@ _SIGNATURES = {
     "xl_rms_norm": [_I, _I, _F, _P, _P, _P, _P, _T],
     "xl_mlstm_layer": [_I] * 5 + [_F] * 4 + [_P] * 13 + [_T],
     "xl_swiglu": [_I, _I, _P, _P, _T],
-    "xl_narrow_linear": [_I, _I, _I, _P, _P, _P, _P, _T],
     "xl_rms_norm_gates": [_I, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _T],
     "xl_soft_cap": [_I, _I, _F, _P, _T],
     "mlstm_step_f32": [_I] * 3 + [_F] + [_P] * 12,  # the op mlstm_step's fast form (``ops.mlstm``)
@@ -99,8 +97,8 @@ def rms_norm(x: Tensor, w: Tensor, b: Tensor | None, eps: float) -> Tensor:
 
 
 def rms_norm_gates(x: Tensor, w: Tensor, b: Tensor | None, eps: float, gw: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor]:
-    """x (N, D) -> ``rms_norm(x, w, b, eps)`` (N, D) and ``narrow_linear`` of it by ``gw`` (G, D) (+ ``gb``)
-    (N, G): the same values as the two calls, in one pass over the rows."""
+    """x (N, D) -> ``rms_norm(x, w, b, eps)`` (N, D) and its product with ``gw`` (G, D) (+ ``gb``) (N, G),
+    for few outputs G (the gate pre-activations; MKL's GEMM is ~4x slower for 8), in one pass over the rows."""
     x, gw = x.contiguous(), gw.contiguous()
     N, D = x.shape
     out, gates = torch.empty_like(x), torch.empty(N, gw.shape[0])
@@ -143,16 +141,6 @@ def mlstm_layer(proj: Tensor, gates: Tensor, state: dict, head_w: Tensor, head_b
         m_out.data_ptr(), _ptr(scratch), out.data_ptr(), _threads(B * NH * T * Dqk * Dv) if B * NH > 1 else 1,
     )
     return out, {"C": C_out, "n": n_out, "m": m_out}
-
-
-def narrow_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """x (N, K) -> x w^T (+ b) (N, G) for a weight w (G, K) with few rows (the gate projection): one
-    dot product per output (MKL's GEMM takes ~4x as long for 8 outputs)."""
-    x, w = x.contiguous(), w.contiguous()
-    N, K = x.shape
-    out = torch.empty(N, w.shape[0])
-    _lib.xl_narrow_linear(N, K, w.shape[0], x.data_ptr(), w.data_ptr(), _ptr(b), out.data_ptr(), _threads(x.numel()))
-    return out
 
 
 def swiglu(gu: Tensor) -> Tensor:
