@@ -44,6 +44,55 @@ def test_forward_equals_prefill_then_step(model):
     assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4, name="prefill+step logits")
 
 
+@pytest.mark.parametrize("length", [1, 9, 37])
+def test_prefill_is_the_forward_last_position(model, length):
+    """``prefill`` == ``forward``'s last position with an equivalent state (the next step agrees), from
+    the empty state and after one, with and without gradient (the fused inference paths), padded."""
+    x = torch.randint(0, V, (B, length))
+    mask = torch.ones(B, length, dtype=torch.long)
+    mask[0, : length // 2] = 0  # a left-padded row
+    nxt = torch.randint(0, V, (B,))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            _, before = model(torch.randint(0, V, (B, 4)))
+            for state, am in ((None, None), (before, None), (None, mask)):
+                full, st_full = model(x, state, attention_mask=am)
+                last, st_last = model.prefill(x, state, attention_mask=am)
+                assert last.shape == (B, V)
+                assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5, name=f"prefill logits, T={length}, grad={grad}")
+                a, _ = model.step(nxt, st_full)
+                b, _ = model.step(nxt, st_last)
+                assert_close(b, a, atol=1e-5, rtol=1e-5, name=f"step after prefill, T={length}, grad={grad}")
+
+
+def test_prefill_runs_the_head_on_the_last_position_only(model):
+    """Inside ``prefill`` the LM head multiplies one row per sequence (with and without gradient);
+    ``forward`` still gets every position, after a failed prefill too, and so does another model
+    run while this one prefills."""
+    head = model.lm_head if hasattr(model, "lm_head") else model.head
+    rows = []
+    hook = head.register_forward_hook(lambda mod, inp, out: rows.append(out.numel() // V))
+    x = torch.randint(0, V, (B, 9))
+    try:
+        with torch.no_grad():
+            model.prefill(x)
+        model.prefill(x)
+        assert rows == [B, B], f"head rows in prefill: {rows}"
+        with pytest.raises(ShapeError):
+            model.prefill(x[0])  # (T,) tokens: refused inside prefill
+        assert model(x)[0].shape == (B, 9, V)
+        other = make(model_names()[0])  # a second model, run from inside this one's prefill
+        seen = []
+        pre = model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(other(x)[0].shape), with_kwargs=True)
+        try:
+            model.prefill(x)
+        finally:
+            pre.remove()
+        assert seen == [(B, 9, V)]
+    finally:
+        hook.remove()
+
+
 def test_init_state_is_the_empty_prefix(model):
     x = torch.randint(0, V, (B, 11))
     a, _ = model(x)

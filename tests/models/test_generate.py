@@ -124,3 +124,25 @@ def test_generate_checks_memory_before_decoding(monkeypatch):
     with pytest.raises(ConfigError, match="GiB for decoding buffers"):
         generate(model, torch.zeros(2, 3, dtype=torch.long), 200_000, num_beams=8)
     assert generate(model, torch.zeros(1, 3, dtype=torch.long), 4).shape == (1, 4)  # small requests still run
+
+
+def test_generate_accepts_a_wrapper_without_prefill():
+    """A wrapper with ``forward`` and ``step`` only (DDP, a user's module) generates through its forward's
+    last position: the same tokens as the model's own ``prefill``."""
+    torch.manual_seed(0)
+    lm = BigramLM(torch.softmax(torch.randn(6, 6), -1))
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens, state=None, attention_mask=None):
+            return self.inner(tokens, state, attention_mask=attention_mask)
+
+        def step(self, token, state):
+            return self.inner.step(token, state)
+
+    prompt = torch.randint(0, 6, (2, 5))
+    assert not hasattr(Wrapper(lm), "prefill")
+    assert torch.equal(generate(Wrapper(lm), prompt, 7), generate(lm, prompt, 7))

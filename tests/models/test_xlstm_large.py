@@ -147,7 +147,9 @@ def test_packed_matmul_weights_give_the_same_logits():
             logits, st = model(x[:, :30])
             step, _ = model(x[:, 30:], st)  # 14 rows: below PACKED_MIN_ROWS
             full, _ = model(x)  # 74 rows: the packed head in two blocks of rows
-        return logits, step, st["blocks"][1]["C"], full
+            last, _ = model.prefill(x)  # the head on 2 rows (F.linear), the blocks on 74 packed ones
+        assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5, name=f"prefill, matmul weights {fmt}")
+        return logits, step, st["blocks"][1]["C"], full, last
 
     for a, b in zip(run("packed"), run(None)):
         assert_close(a, b, atol=1e-5, rtol=1e-5, name="packed vs F.linear")

@@ -137,8 +137,8 @@ class RizzLM(LM):
     def _generate_one(self, context: str, until: list[str], max_gen: int, temperature: float) -> str:
         ids = self.tok.encode(context) or [self.tok.eot_id]
         self._check_length(len(ids) + max_gen, f"generate_until request {context[:40]!r}... (+ max_gen_toks={max_gen})")
-        logits, state = self.model(torch.tensor([ids], device=self._device))
-        logits, new = logits[:, -1], []
+        logits, state = self.model.prefill(torch.tensor([ids], device=self._device))  # (1, V)
+        new = []
         for _ in range(max_gen):
             if temperature > 0:
                 nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]

@@ -6,6 +6,9 @@ Contract (DESIGN.md). Every model is a plain ``nn.Module`` with a frozen datacla
   ``state`` carries everything needed to continue (recurrent states, conv buffers, KV cache).
 - ``init_state(batch_size, device=None, dtype=None) -> state`` (the state before any token).
 - ``step(token[B], state, attention_mask=None) -> (logits[B, V], state)``.
+- ``prefill(tokens[B, T], state=None, attention_mask=None) -> (logits[B, V], state)``: ``forward``
+  keeping only the last position's logits, whose head (and final norm) each model computes for that
+  position only (``_head_rows``): what ``generate`` needs before its first ``step``.
 - Invariant, tested for every registered model: one ``forward`` over a sequence equals a chunked
   prefill followed by token-by-token ``step``, for batch > 1, to fp32 tolerance.
 - ``attention_mask[B, T]`` (1 = real token, 0 = padding): padded positions leave the state
@@ -21,6 +24,7 @@ Models return logits only; losses live in ``rizzearch.objectives``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -34,6 +38,9 @@ from torch import Tensor, nn
 from rizzearch.errors import CheckpointError, ConfigError, ShapeError
 
 State = Any  # nested dict / list / tuple of tensors, batch on dim 0
+
+# The model whose ``prefill`` is running in this thread / task (its ``_head_rows`` keeps the last position)
+_PREFILLING: contextvars.ContextVar = contextvars.ContextVar("rizz_prefilling", default=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +116,27 @@ class CausalLM(nn.Module):
         mask = None if attention_mask is None else attention_mask.view(-1, 1)
         logits, state = self(token[:, None], state, attention_mask=mask)
         return logits[:, 0], state
+
+    def prefill(self, tokens: Tensor, state: State = None, attention_mask: Tensor | None = None):
+        """Consume a prompt: ``tokens[B, T] -> (logits[B, V] of the last position, state)``, equal to
+        ``forward(tokens, state, attention_mask)`` with ``logits[:, -1]`` kept (tested for every model).
+
+        The model runs its final norm and LM head on the last position only (``_head_rows``), so the
+        (B, T, V) logits of a prompt are never built (T x 49152 floats per row for SmolLM2) and the
+        head's T - 1 unused rows are never multiplied (a quarter of the matmul work of the small
+        xLSTM-7B-shape config at T = 256). ``generate`` and the other decoding loops start with it.
+        """
+        token = _PREFILLING.set(self)
+        try:
+            logits, state = self(tokens, state, attention_mask=attention_mask)
+        finally:
+            _PREFILLING.reset(token)
+        return logits[:, -1], state
+
+    def _head_rows(self, x: Tensor) -> Tensor:
+        """The positions the final norm and LM head see: x (B, T, C) itself, or (B, 1, C), its last
+        position, inside this model's ``prefill``."""
+        return x[:, -1:] if _PREFILLING.get() is self else x
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -432,8 +460,8 @@ def generate(
     - ``attention_mask`` marks left padding of ``prompt`` (1 = token, 0 = pad).
     - After ``eos_id`` a row keeps emitting ``eos_id``.
 
-    The prompt is consumed by one ``forward`` (prefill), then the model ``step``s one token at a
-    time, so recurrent models decode with constant memory per token.
+    The prompt is consumed by one ``prefill`` (the last position's logits only), then the model
+    ``step``s one token at a time, so recurrent models decode with constant memory per token.
     """
     if prompt.dim() != 2:
         raise ShapeError(f"prompt: expected shape (B, T), got {tuple(prompt.shape)}")
@@ -441,8 +469,8 @@ def generate(
         raise ShapeError("prompt: needs at least one token")
     _check_generation_settings(prompt, max_new_tokens, temperature, top_k, top_p, num_beams, int(getattr(model, "vocab_size", 0) or 0))
     with eval_mode(model):
-        logits, state = model(prompt, None, attention_mask=attention_mask)
-        last = logits[:, -1].float()  # (B, V)
+        last, state = _prefill(model, prompt, attention_mask)
+        last = last.float()  # (B, V)
         if num_beams > 1:
             return _beam_search(model, last, state, max_new_tokens, num_beams, length_penalty, eos_id)
         B = prompt.shape[0]
@@ -462,6 +490,15 @@ def generate(
                 last, state = model.step(nxt, state)
                 last = last.float()
         return out
+
+
+def _prefill(model, prompt: Tensor, attention_mask: Tensor | None):
+    """``model.prefill`` (every CausalLM), or the last position of the forward of a model without one
+    (a DDP or other wrapper)."""
+    if hasattr(model, "prefill"):
+        return model.prefill(prompt, None, attention_mask=attention_mask)
+    logits, state = model(prompt, None, attention_mask=attention_mask)
+    return logits[:, -1], state
 
 
 def _beam_search(model, last: Tensor, state: State, n_new: int, W: int, length_penalty: float, eos_id):

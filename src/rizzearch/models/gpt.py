@@ -197,7 +197,7 @@ class GPT(CausalLM):
             x, k, v = block(x, rot, ck, cv, None if simple else key_valid, S)
             new_k.append(k)
             new_v.append(v)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(self._head_rows(x)))  # (B, T, V); (B, 1, V) in prefill
         new_state = {"k": new_k, "v": new_v, "valid": key_valid, "pos": pos0 + mask.long().sum(1)}
         return logits, new_state
 

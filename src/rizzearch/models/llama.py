@@ -405,6 +405,7 @@ class Llama(CausalLM):
             new_k.append(k)
             new_v.append(v)
         tip[0] = n + T
+        x = self._head_rows(x)  # (B, T or 1, C): the last position only in prefill
         if lin is None:
             logits = self.lm_head(rms_norm(self.norm, x, dtype))  # (B, T, V)
         else:

@@ -304,7 +304,7 @@ class RWKV(CausalLM):
             x, st = block(x, {k: state[k][i] for k in STATE_KEYS}, mask)
             for k in STATE_KEYS:
                 new[k].append(st[k])
-        logits = self.head(self.ln_out(x))  # (B, T, V)
+        logits = self.head(self.ln_out(self._head_rows(x)))  # (B, T, V); (B, 1, V) in prefill
         return logits, new
 
     # -- decoding -----------------------------------------------------------------------------

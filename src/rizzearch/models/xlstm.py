@@ -470,7 +470,7 @@ class XLSTM(CausalLM):
         for i, block in enumerate(self.blocks):
             x, st = block(x, None if state is None else state["blocks"][i], mask)
             states.append(st)
-        logits = self.lm_head(layer_norm(x, self.norm, self.config.norm_eps))  # (B, T, V)
+        logits = self.lm_head(layer_norm(self._head_rows(x), self.norm, self.config.norm_eps))  # (B, T, V); (B, 1, V) in prefill
         return logits, {"blocks": states}
 
     # -- sizes ----------------------------------------------------------------------------------

@@ -399,9 +399,11 @@ class XLSTMLarge(CausalLM):
         for block, st in zip(self.blocks, state["blocks"]):
             x, st = block.fused(x, _fp32_state(st), T, mask, packed)
             states.append(st)
+        x = self._head_rows(x.view(B, T, -1)).reshape(-1, x.shape[-1])  # (B T, d); (B, d) in prefill
         if self.out_norm is not None:
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        return self._capped_head(x, packed).view(B, T, -1), {"blocks": states}
+        logits = self._capped_head(x, packed and x.shape[0] >= PACKED_MIN_ROWS)  # (B T, V); (B, V) in prefill
+        return logits.view(B, -1, logits.shape[-1]), {"blocks": states}
 
     def _capped_head(self, x: Tensor, packed: bool) -> Tensor:
         """x (N, d) -> soft-capped logits (N, V). Packed (the head's rows cost no repacking): in
@@ -424,6 +426,7 @@ class XLSTMLarge(CausalLM):
         for i, block in enumerate(self.blocks):
             x, st = block(x, None if state is None else state["blocks"][i], mask)
             states.append(st)
+        x = self._head_rows(x)  # (B, T, d); (B, 1, d) in prefill
         if self.out_norm is not None:
             x = rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
         logits, cap = self.lm_head(x), self.config.logit_soft_cap  # (B, T, V)

@@ -26,7 +26,6 @@ import hashlib
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -34,7 +33,7 @@ from rizzearch.errors import ConfigError
 from rizzearch.legal.corpus import Passage
 from rizzearch.legal.text import content_set, content_tokens, corpus_idf, idf_table, split_sentences, weighted_recall
 from rizzearch.rag.endpoint import EndpointError, EndpointGenerator  # noqa: F401  (re-exported: the client lives there)
-from rizzearch.rag.generation_helpers import get_threads, last_position_head, set_threads
+from rizzearch.rag.generation_helpers import get_threads, set_threads
 
 SYSTEM_PROMPT = (
     "You are a careful legal research assistant. Answer the question in one or two sentences. "
@@ -435,10 +434,8 @@ class PretrainedGenerator:
         eos = self.tokenizer.eos_id
         t0 = time.perf_counter()
         with torch.no_grad():
-            # the prefill only (a one-token prompt is already a decode step, which uses the model's own head)
-            with last_position_head(self.model) if T > 1 else nullcontext():
-                logits, state = self.model(x, None, attention_mask=None if mask.all() else mask)  # (B, 1, V)
-            last = logits[:, -1].float()  # (B, V)
+            last, state = self.model.prefill(x, None, attention_mask=None if mask.all() else mask)  # (B, V)
+            last = last.float()
             t1 = time.perf_counter()
             out: list[list[int]] = [[] for _ in prompts]
             done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)

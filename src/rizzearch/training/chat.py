@@ -41,8 +41,8 @@ def stream_tokens(model, ids: list[int], max_new_tokens: int, *, eos_ids=(), tem
     (not yielded) or ``max_new_tokens``. Greedy at temperature 0, else sampled like ``models.base.generate``."""
     device = next(model.parameters()).device
     with eval_mode(model):
-        logits, state = model(torch.tensor([ids], device=device), None)
-        last = logits[:, -1].float()  # (1, V)
+        last, state = model.prefill(torch.tensor([ids], device=device), None)
+        last = last.float()  # (1, V)
         for i in range(max_new_tokens):
             if temperature > 0:
                 nxt = torch.multinomial(_filter_logits(last / temperature, top_k, top_p).softmax(-1), 1, generator=generator)[:, 0]
