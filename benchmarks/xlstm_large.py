@@ -20,8 +20,17 @@ for prefill is compute: the ``floor`` row runs only the model's projections (eve
 of ours on ``T`` rows), the GEMMs all three implementations share; a prefill cannot be 2x faster
 than a reference that spends less than half its time outside them. ``floor_packed`` is the same
 products through the packed copies ``ours_packed`` uses (its own floor); the summary says how much
-time 2x the official speed leaves beside it for the mLSTM cells, norms, SwiGLU and cap. Every
-comparison first checks that the three sides compute the same logits.
+time 2x the official speed leaves beside it for the mLSTM cells, norms, SwiGLU and cap.
+
+A third workload, ``gen_prefill`` (cold and warm), is the prefill of a generation: a prompt of
+``--T`` tokens to the state and the next token's logits, what ``generate`` needs before its first
+step. ``ours`` is ``prefill()``, which runs the final norm and LM head on the last position only.
+The official model and transformers' have no way to skip the other positions (their ``forward``s,
+and the official ``generate``, compute the logits of every position and keep the last), so
+``official`` and ``transformers`` are their forwards; ``official_last`` is the official model's own
+modules (embedding, backbone, head, soft cap) called here with the head on the last position, what
+a user of the official code could write: the comparison on exactly the same work. Every comparison
+first checks that the sides compute the same logits.
 
     python benchmarks/xlstm_large.py [--repeats 5] [--T 256] [--threads 1,2] [--skip_7b]
 """
@@ -51,6 +60,7 @@ from rizzearch.testing import assert_close  # noqa: E402
 
 warnings.filterwarnings("ignore")
 TARGET_SPEEDUP = 2.0
+WORKS = ("decode", "prefill", "prefill_warm", "gen_prefill", "gen_prefill_warm")
 KERNELS = dict(
     chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native", step_kernel="native",
     mode="inference", autocast_kernel_dtype="float32", inference_state_dtype="float32",
@@ -147,6 +157,25 @@ def prefill_floor(ours, T: int, packed: bool = False):
     return floor
 
 
+def gen_prefill_fns(off, ours, hf, packed, x: torch.Tensor) -> dict:
+    """Generation prefill: the prompt ``x`` (1, T) to the state and the last position's logits."""
+    from xlstm.xlstm_large.model import soft_cap
+
+    def official_last():  # the official modules, the head on the last position only (written here)
+        h, _state = off.backbone(off.embedding(x), None)
+        return soft_cap(off.lm_head(h[:, -1:]), off.config.output_logit_soft_cap)[:, -1]
+
+    fns = {"official": lambda: off(x)[0][:, -1], "official_last": official_last, "transformers": lambda: hf(x).logits[:, -1],
+           "ours": lambda: ours.prefill(x)[0]}
+    if packed is not None:
+        fns["ours_packed"] = lambda: packed.prefill(x)[0]
+    with torch.no_grad():
+        want = fns["official"]()
+        for name, f in fns.items():
+            assert_close(f(), want, atol=1e-3, rtol=1e-3, name=f"next-token logits, {name} vs official")
+    return fns
+
+
 def bench_shape(shape: str, a) -> dict:
     off, ours, hf = build(shape)
     packed = None
@@ -188,7 +217,11 @@ def bench_shape(shape: str, a) -> dict:
     with torch.no_grad():  # cold: each call after the others (their weights in cache); warm: after itself
         pre = interleaved(fns, repeats=repeats, warmup=1)
         pre_warm = interleaved(fns, repeats=repeats, warmup=0, warm=True)
-    out = {"max_abs_logit_err": err, "decode": dec, "prefill": pre, "prefill_warm": pre_warm, "decode_bytes_per_token": decode_bytes(ours)}
+        fns = gen_prefill_fns(off, ours, hf, packed, x)
+        gen = interleaved(fns, repeats=repeats, warmup=1)
+        gen_warm = interleaved(fns, repeats=repeats, warmup=0, warm=True)
+    out = {"max_abs_logit_err": err, "decode": dec, "prefill": pre, "prefill_warm": pre_warm, "gen_prefill": gen,
+           "gen_prefill_warm": gen_warm, "decode_bytes_per_token": decode_bytes(ours)}
     del off, ours, hf, packed
     return out
 
@@ -210,7 +243,7 @@ def summarise(shape: str, r: dict, threads: int) -> tuple[dict, list[dict]]:
             res[f"{work}_packed_time_over_floor"] = statistics.median(r[work]["ours_packed"]) / fp
             res[f"{work}_half_official_minus_packed_floor_ms"] = (statistics.median(r[work]["official"]) / 2 - fp) * 1e3
     rows = []
-    for work in ("decode", "prefill", "prefill_warm"):
+    for work in WORKS:
         ts = r[work]
         ours_med = statistics.median(ts["ours"])
         for impl, v in ts.items():
@@ -219,9 +252,13 @@ def summarise(shape: str, r: dict, threads: int) -> tuple[dict, list[dict]]:
                          "min_ms": s["min_s"] * 1e3, "spread": s["spread"], "ours_speedup": statistics.median(v) / ours_med})
         res[f"{work}_speedup_vs_official"] = statistics.median(ts["official"]) / ours_med
         res[f"{work}_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / ours_med
+        if "official_last" in ts:
+            res[f"{work}_speedup_vs_official_last"] = statistics.median(ts["official_last"]) / ours_med
         if "ours_packed" in ts:
             res[f"{work}_packed_speedup_vs_official"] = statistics.median(ts["official"]) / statistics.median(ts["ours_packed"])
             res[f"{work}_packed_speedup_vs_transformers"] = statistics.median(ts["transformers"]) / statistics.median(ts["ours_packed"])
+            if "official_last" in ts:
+                res[f"{work}_packed_speedup_vs_official_last"] = statistics.median(ts["official_last"]) / statistics.median(ts["ours_packed"])
     return res, rows
 
 
@@ -256,6 +293,11 @@ def main() -> None:
                       f"{res[f'{work}_packed_speedup_vs_transformers']:.2f}x transformers; floor with packed matrices "
                       f"{res[f'{work}_packed_floor_ms']:.1f} ms, ours_packed at {res[f'{work}_packed_time_over_floor']:.2f}x it; "
                       f"2x official leaves {res[f'{work}_half_official_minus_packed_floor_ms']:.2f} ms beside it for everything else")
+        for work in ("gen_prefill", "gen_prefill_warm"):
+            for label, side in (("ours", ""), ("ours_packed", "packed_")):
+                if f"{work}_{side}speedup_vs_official" in res:
+                    line = ", ".join(f"{res[f'{work}_{side}speedup_vs_{ref}']:.2f}x {ref}" for ref in ("official", "official_last", "transformers"))
+                    print(f"  {key}: {work} (state + next-token logits): {label} {line}")
     load_end = load_average()
     print(f"  load average (1 min) at end: {load_end}")
     emit_json({
