@@ -127,6 +127,30 @@ def test_fused_forward_runs_lora_wrapped_projections():
     assert (got - base).abs().max() > 1e-3  # the adapters are in the fused path
 
 
+def test_prefill_runs_the_last_block_past_its_cell_on_one_position():
+    """In ``prefill`` the last block's feed-forward sees one row per sequence (only the last position's
+    output is read), its projections to q, k, v, o every position (the state needs every k, v), the
+    other blocks every position; the fused path and the module path alike, the same logits and state
+    as ``forward`` (the contract test covers masks and states)."""
+    m = make(n_blocks=3)
+    rows = []
+    watched = (m.blocks[0].ffn_up, m.blocks[-1].qkvo, m.blocks[-1].ffn_up)
+    hooks = [mod.register_forward_hook(lambda mod, i, o, k=k: rows.append((k, o.numel() // o.shape[-1]))) for k, mod in enumerate(watched)]
+    x = torch.randint(0, V, (2, 21))
+    try:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                rows.clear()
+                last, st = m.prefill(x)
+                assert sorted(rows) == [(0, 42), (1, 42), (2, 2)], f"rows per product (grad={grad}): {rows}"
+                full, want = m(x)
+                assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5, name=f"prefill logits, grad={grad}")
+                assert_close(st["blocks"][-1]["C"], want["blocks"][-1]["C"], atol=1e-6, rtol=1e-6, name="last block's state")
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_packed_matmul_weights_give_the_same_logits():
     """``set_matmul_weights("packed")``: the same logits and states as the parameters through
     ``F.linear`` (prefill and decoding), adapters still applied, copies current after a training

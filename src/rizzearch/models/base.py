@@ -133,10 +133,14 @@ class CausalLM(nn.Module):
             _PREFILLING.reset(token)
         return logits[:, -1], state
 
+    def _prefilling(self) -> bool:
+        """Whether this model's ``prefill`` is running: only the last position's outputs are read."""
+        return _PREFILLING.get() is self
+
     def _head_rows(self, x: Tensor) -> Tensor:
         """The positions the final norm and LM head see: x (B, T, C) itself, or (B, 1, C), its last
         position, inside this model's ``prefill``."""
-        return x[:, -1:] if _PREFILLING.get() is self else x
+        return x[:, -1:] if self._prefilling() else x
 
     # -- checkpoints ------------------------------------------------------------------------
 

@@ -25,6 +25,10 @@ skip: the projections act on the normed residual stream directly, and the cell r
   T, state in and out). Without gradient (fp32 on the CPU) the model runs ``_fused`` instead: the
   same matmuls with one C call for each piece between them (``ops/mlstm/native.py``: the chunkwise
   mLSTM for T > 1, the step for one token), for prefill and decoding alike.
+- ``prefill`` (the prompt of a generation: the state and the last position's logits) runs the last
+  block past its cell, the final norm and the head on the last position only: the state needs every
+  position's k, v and gates, nothing reads the other positions' outputs (llama.cpp skips the same
+  rows). At the small benchmark config that is the head's 1/4 and the last block's feed-forward.
 
 Weights are stored fused (the official ``weight_mode="fused"`` layout): ``qkvo`` is one
 ``d_model -> 2 qk_dim + 2 v_dim`` projection, ``if_gate`` one ``d_model -> 2 NH`` projection with
@@ -212,24 +216,33 @@ class XLSTMLargeBlock(nn.Module):
         h = head_layer_norm(h, self.head_norm, self.head_norm_bias, cfg.norm_eps)  # (B, T, v_dim)
         return self.out_proj(torch.sigmoid(o) * h), {"C": C, "n": n, "m": m}
 
-    def forward(self, x: Tensor, state: dict | None, mask: Tensor | None) -> tuple[Tensor, dict]:
+    def forward(self, x: Tensor, state: dict | None, mask: Tensor | None, last_only: bool = False) -> tuple[Tensor, dict]:
+        """x (B, T, d) -> (B, T, d), new state; ``last_only``: (B, 1, d), the last position's output
+        (the state still takes every position; the output projection and feed-forward run on one row)."""
         eps = self.cfg.norm_eps
         y, new_state = self.mlstm(rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps), state, mask)
+        if last_only:
+            x, y = x[:, -1:], y[:, -1:]
         x = x + y
         gate, up = self.ffn_up(rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps)).chunk(2, -1)  # (B, T, ffn)
         return x + self.ffn_down(F.silu(gate) * up), new_state
 
-    def fused(self, x: Tensor, state: dict, T: int, mask: Tensor | None, packed: bool = False) -> tuple[Tensor, dict]:
+    def fused(self, x: Tensor, state: dict, T: int, mask: Tensor | None, packed: bool = False,
+              last_only: bool = False) -> tuple[Tensor, dict]:
         """T tokens of B rows, no gradient, fp32 CPU, C kernels between the matmuls: x (B T, d) ->
         (B T, d), new state (the same function as ``forward``; tests/models/test_xlstm_large.py).
         x is updated in place (the residual stream of ``_fused``); ``packed``: plain ``nn.Linear``
-        products against their MKL-packed copies (``ops/packed_gemm.py``)."""
+        products against their MKL-packed copies (``ops/packed_gemm.py``); ``last_only``: (B, d),
+        the last position's output (``forward``'s)."""
         cfg, eps = self.cfg, self.cfg.norm_eps
         xn, gates = self._norm_gates(x)  # (B T, d), (B T, 2 NH)
         proj = _linear(xn, self.qkvo, packed)  # (B T, 2 qk + 2 v)
         h, new_state = nat.mlstm_layer(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
         )  # (B T, v)
+        if last_only:  # (B, d), (B, v); the products below on B rows take F.linear
+            B = x.shape[0] // T
+            x, h, packed = x.view(B, T, -1)[:, -1].contiguous(), h.view(B, T, -1)[:, -1].contiguous(), packed and B >= PACKED_MIN_ROWS
         x = _add_linear_(x, h, self.out_proj, packed)
         gu = _linear(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps), self.ffn_up, packed)  # (B T, 2 ffn)
         return _add_linear_(x, nat.swiglu(gu), self.ffn_down, packed), new_state
@@ -395,12 +408,11 @@ class XLSTMLarge(CausalLM):
         state = state if state is not None else self.init_state(B, tokens.device)
         x = F.embedding(tokens.reshape(B * T), self.embed.weight)  # (B T, d)
         packed = self.matmul_weights == "packed" and B * T >= PACKED_MIN_ROWS
-        states = []
-        for block, st in zip(self.blocks, state["blocks"]):
-            x, st = block.fused(x, _fp32_state(st), T, mask, packed)
+        states, last = [], len(self.blocks) - 1 if self._prefilling() else -1  # prefill: the last block's output at one position
+        for i, (block, st) in enumerate(zip(self.blocks, state["blocks"])):
+            x, st = block.fused(x, _fp32_state(st), T, mask, packed, last_only=i == last)
             states.append(st)
-        x = self._head_rows(x.view(B, T, -1)).reshape(-1, x.shape[-1])  # (B T, d); (B, d) in prefill
-        if self.out_norm is not None:
+        if self.out_norm is not None:  # x (B T, d); (B, d) in prefill
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
         logits = self._capped_head(x, packed and x.shape[0] >= PACKED_MIN_ROWS)  # (B T, V); (B, V) in prefill
         return logits.view(B, -1, logits.shape[-1]), {"blocks": states}
@@ -422,12 +434,11 @@ class XLSTMLarge(CausalLM):
         if self._fused_ok(tokens.shape[1]):
             return self._fused(tokens, state, mask)
         x = self.embed(tokens)  # (B, T, d)
-        states = []
+        states, last = [], len(self.blocks) - 1 if self._prefilling() else -1  # prefill: the last block's output at one position
         for i, block in enumerate(self.blocks):
-            x, st = block(x, None if state is None else state["blocks"][i], mask)
+            x, st = block(x, None if state is None else state["blocks"][i], mask, last_only=i == last)
             states.append(st)
-        x = self._head_rows(x)  # (B, T, d); (B, 1, d) in prefill
-        if self.out_norm is not None:
+        if self.out_norm is not None:  # x (B, T, d); (B, 1, d) in prefill
             x = rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
         logits, cap = self.lm_head(x), self.config.logit_soft_cap  # (B, T, V)
         if cap is not None and not torch.is_grad_enabled():  # in place: no (B, T, V) temporaries
