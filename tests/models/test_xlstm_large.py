@@ -123,7 +123,9 @@ def test_fused_forward_runs_lora_wrapped_projections():
             want, _ = m(x)
         with adapters_disabled(m):
             base, _ = m(x)
+        last, _ = m.prefill(x)  # the last block's wrapped out_proj / feed-forward on one row
     assert_close(got, want, atol=1e-5, rtol=1e-5, name="fused logits with LoRA")
+    assert_close(last, want[:, -1], atol=1e-5, rtol=1e-5, name="fused prefill with LoRA")
     assert (got - base).abs().max() > 1e-3  # the adapters are in the fused path
 
 
