@@ -28,7 +28,7 @@ skip: the projections act on the normed residual stream directly, and the cell r
 - ``prefill`` (the prompt of a generation: the state and the last position's logits) runs the last
   block past its cell, the final norm and the head on the last position only: the state needs every
   position's k, v and gates, nothing reads the other positions' outputs (llama.cpp skips the same
-  rows). At the small benchmark config that is the head's 1/4 and the last block's feed-forward.
+  rows): 39% of the matmul work of the small benchmark config at T = 256, ~5% of the 7B model's.
 
 Weights are stored fused (the official ``weight_mode="fused"`` layout): ``qkvo`` is one
 ``d_model -> 2 qk_dim + 2 v_dim`` projection, ``if_gate`` one ``d_model -> 2 NH`` projection with
