@@ -240,9 +240,9 @@ class XLSTMLargeBlock(nn.Module):
         h, new_state = nat.mlstm_layer(
             proj, gates, state, self.head_norm, self.head_norm_bias, (self.NH, self.Dqk, self.Dv), cfg.gate_soft_cap, eps, T, mask
         )  # (B T, v)
-        if last_only:  # (B, d), (B, v); the products below on B rows take F.linear
+        if last_only:  # (B, d), (B, v)
             B = x.shape[0] // T
-            x, h, packed = x.view(B, T, -1)[:, -1].contiguous(), h.view(B, T, -1)[:, -1].contiguous(), packed and B >= PACKED_MIN_ROWS
+            x, h = x.view(B, T, -1)[:, -1].contiguous(), h.view(B, T, -1)[:, -1].contiguous()
         x = _add_linear_(x, h, self.out_proj, packed)
         gu = _linear(nat.rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps), self.ffn_up, packed)  # (B T, 2 ffn)
         return _add_linear_(x, nat.swiglu(gu), self.ffn_down, packed), new_state
@@ -261,14 +261,14 @@ class XLSTMLargeBlock(nn.Module):
 def _linear(x: Tensor, lin: nn.Module, packed: bool) -> Tensor:
     """lin(x); a plain ``nn.Linear`` through its packed copy when ``packed``. Other modules (a
     LoRA-wrapped projection) always run as modules: adapters wrap them."""
-    if packed and _packs(lin):
+    if packed and _packs(lin, x.shape[0]):
         return packed_gemm.linear(x, lin.weight, lin.bias)
     return lin(x)
 
 
-def _packs(lin: nn.Module) -> bool:
-    """Whether ``lin`` multiplies through its packed copy when packed matrices are on."""
-    return _plain_fp32(lin) and lin.out_features >= PACKED_MIN_OUT
+def _packs(lin: nn.Module, rows: int) -> bool:
+    """Whether ``lin`` multiplies ``rows`` rows through its packed copy when packed matrices are on."""
+    return _plain_fp32(lin) and lin.out_features >= PACKED_MIN_OUT and rows >= PACKED_MIN_ROWS
 
 
 def _plain_fp32(lin: nn.Module) -> bool:
@@ -282,7 +282,7 @@ def _add_linear_(x: Tensor, h: Tensor, lin: nn.Module, packed: bool = False) -> 
     ``nn.Linear``; any other module (a LoRA-wrapped projection) through its own forward."""
     if not _plain_fp32(lin):
         return x.add_(lin(h))
-    if packed and _packs(lin):
+    if packed and _packs(lin, h.shape[0]):
         return packed_gemm.linear(h, lin.weight, lin.bias, out=x)
     if lin.bias is not None:
         x.add_(lin.bias)
@@ -407,21 +407,21 @@ class XLSTMLarge(CausalLM):
         B, T = tokens.shape
         state = state if state is not None else self.init_state(B, tokens.device)
         x = F.embedding(tokens.reshape(B * T), self.embed.weight)  # (B T, d)
-        packed = self.matmul_weights == "packed" and B * T >= PACKED_MIN_ROWS
+        packed = self.matmul_weights == "packed"  # (for products of at least PACKED_MIN_ROWS rows: _packs)
         states, last = [], len(self.blocks) - 1 if self._prefilling() else -1  # prefill: the last block's output at one position
         for i, (block, st) in enumerate(zip(self.blocks, state["blocks"])):
             x, st = block.fused(x, _fp32_state(st), T, mask, packed, last_only=i == last)
             states.append(st)
         if self.out_norm is not None:  # x (B T, d); (B, d) in prefill
             x = nat.rms_norm(x, self.out_norm, self.out_norm_bias, self.config.norm_eps)
-        logits = self._capped_head(x, packed and x.shape[0] >= PACKED_MIN_ROWS)  # (B T, V); (B, V) in prefill
+        logits = self._capped_head(x, packed)  # (B T, V); (B, V) in prefill
         return logits.view(B, -1, logits.shape[-1]), {"blocks": states}
 
     def _capped_head(self, x: Tensor, packed: bool) -> Tensor:
         """x (N, d) -> soft-capped logits (N, V). Packed (the head's rows cost no repacking): in
         blocks of ``HEAD_ROWS`` rows, each capped while its logits are still in cache."""
         cap, head = self.config.logit_soft_cap, self.lm_head
-        if not (packed and _packs(head) and cap is not None):
+        if not (packed and _packs(head, x.shape[0]) and cap is not None):
             logits = _linear(x, head, packed)  # (N, V)
             return logits if cap is None else nat.soft_cap_(logits, cap)
         logits = torch.empty(x.shape[0], head.out_features)
