@@ -130,8 +130,8 @@ def test_fused_forward_runs_lora_wrapped_projections():
 
 
 def test_prefill_runs_the_last_block_past_its_cell_on_one_position():
-    """In ``prefill`` the last block's feed-forward sees one row per sequence (only the last position's
-    output is read), its projections to q, k, v, o every position (the state needs every k, v), the
+    """In ``prefill`` the last block's output projection and feed-forward see one row per sequence (only
+    the last position's output is read), its projections to q, k, v, o every position (the state needs every k, v), the
     other blocks every position; the fused path and the module path alike, the same logits and state
     as ``forward`` (the contract test covers masks and states)."""
     m = make(n_blocks=3)
@@ -145,6 +145,12 @@ def test_prefill_runs_the_last_block_past_its_cell_on_one_position():
                 rows.clear()
                 last, st = m.prefill(x)
                 assert sorted(rows) == [(0, 42), (1, 42), (2, 2)], f"rows per product (grad={grad}): {rows}"
+                if grad:  # the module path calls out_proj as a module (the fused one folds it into addmm)
+                    seen = []
+                    hook = m.blocks[-1].out_proj.register_forward_hook(lambda mod, i, o: seen.append(o.numel() // o.shape[-1]))
+                    m.prefill(x)
+                    hook.remove()
+                    assert seen == [2], f"the last block's output projection rows: {seen}"
                 full, want = m(x)
                 assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5, name=f"prefill logits, grad={grad}")
                 assert_close(st["blocks"][-1]["C"], want["blocks"][-1]["C"], atol=1e-6, rtol=1e-6, name="last block's state")

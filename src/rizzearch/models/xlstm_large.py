@@ -191,8 +191,8 @@ class XLSTMLargeBlock(nn.Module):
             "m": torch.full((B, self.NH), float("-inf"), device=device),
         }
 
-    def mlstm(self, xn: Tensor, state: dict | None, mask: Tensor | None) -> tuple[Tensor, dict]:
-        """The mLSTM layer on the normed input xn (B, T, d) -> (B, T, d), new state."""
+    def mlstm(self, xn: Tensor, state: dict | None, mask: Tensor | None, last_only: bool = False) -> tuple[Tensor, dict]:
+        """The mLSTM layer on the normed input xn (B, T, d) -> (B, T, d) ((B, 1, d) with ``last_only``), new state."""
         B, T, _ = xn.shape
         cfg, NH, Dqk, Dv = self.cfg, self.NH, self.Dqk, self.Dv
         q, k, v, o = self.qkvo(xn).split([cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim], -1)
@@ -214,16 +214,16 @@ class XLSTMLargeBlock(nn.Module):
             )
             h = h.transpose(1, 2)  # (B, T, NH, Dv)
         h = head_layer_norm(h, self.head_norm, self.head_norm_bias, cfg.norm_eps)  # (B, T, v_dim)
+        if last_only:
+            o, h = o[:, -1:], h[:, -1:]
         return self.out_proj(torch.sigmoid(o) * h), {"C": C, "n": n, "m": m}
 
     def forward(self, x: Tensor, state: dict | None, mask: Tensor | None, last_only: bool = False) -> tuple[Tensor, dict]:
         """x (B, T, d) -> (B, T, d), new state; ``last_only``: (B, 1, d), the last position's output
         (the state still takes every position; the output projection and feed-forward run on one row)."""
         eps = self.cfg.norm_eps
-        y, new_state = self.mlstm(rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps), state, mask)
-        if last_only:
-            x, y = x[:, -1:], y[:, -1:]
-        x = x + y
+        y, new_state = self.mlstm(rms_norm(x, self.norm_mlstm, self.norm_mlstm_bias, eps), state, mask, last_only)
+        x = (x[:, -1:] if last_only else x) + y
         gate, up = self.ffn_up(rms_norm(x, self.norm_ffn, self.norm_ffn_bias, eps)).chunk(2, -1)  # (B, T, ffn)
         return x + self.ffn_down(F.silu(gate) * up), new_state
 
